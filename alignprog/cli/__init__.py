@@ -1,0 +1,36 @@
+"""The `alignprog` command line: one module per subcommand; the only package using typer/rich."""
+
+from __future__ import annotations
+
+import typer
+
+from alignprog import __version__
+from alignprog.cli import data as data_cmd
+
+app = typer.Typer(
+    name="alignprog",
+    help="Train and evaluate self-supervised video-alignment models (TCC, GTCC, LAV, VAVA) with "
+    "a learnable action-progress head. Runs on an embedded synthetic dataset when no dataset is "
+    "named.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.add_typer(data_cmd.app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"alignprog {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """alignprog command line."""
+
+
+def main() -> None:
+    app()

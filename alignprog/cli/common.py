@@ -1,0 +1,50 @@
+"""Shared CLI plumbing: consoles, config resolution, and error -> exit code mapping."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from alignprog.config import Config, load_config, parse_overrides
+from alignprog.errors import AlignprogError
+
+console = Console()                   # results: stdout
+err_console = Console(stderr=True)    # diagnostics: stderr
+
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="YAML or JSON config file (see `alignprog/config.py` for every key).",
+    show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override any setting by its dotted key, e.g. --set data.split.seed=3 "
+    "(repeatable; applied after --config, before the other flags).", show_default=False)]
+
+
+def resolve_config(config: Path | None, sets: list[str] | None, flags: dict[str, Any]) -> Config:
+    """Defaults < config file < --set < explicit flags (those not None), then validation."""
+    overrides = parse_overrides(sets or [])
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(config, overrides)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable) -> Callable:
+    """Report AlignprogError as one line on stderr with its exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AlignprogError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper

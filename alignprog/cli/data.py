@@ -1,0 +1,190 @@
+"""`alignprog data synth` and `alignprog data check`."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from alignprog.cli.common import ConfigOpt, SetOpt, console, err_console, guarded, resolve_config
+from alignprog.data.dataset import DatasetErrors, load_dataset, scan_arrays
+from alignprog.data.splits import write_splits
+from alignprog.data.write import write_synthetic_root
+
+app = typer.Typer(help="Create and validate datasets.", no_args_is_help=True,
+                  rich_markup_mode="rich")
+
+
+class SynthLayout(str, Enum):
+    features = "features"
+    frames = "frames"
+    both = "both"
+
+
+class Dtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class FpsPreset(str, Enum):
+    none = "none"
+    egoprocel = "egoprocel"
+
+
+@app.command(epilog="Example: alignprog data synth data/synth --tasks 3 --videos-per-task 10 "
+             "--dim 256")
+@guarded
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create (must be new or empty).",
+                                            show_default=False)],
+    tasks: Annotated[Optional[int], typer.Option(
+        help="Number of tasks.", show_default="4")] = None,
+    videos_per_task: Annotated[Optional[int], typer.Option(
+        help="Videos per task.", show_default="20")] = None,
+    dim: Annotated[Optional[int], typer.Option(
+        help="Feature dimension of features/*.npy.", show_default="2048")] = None,
+    layout: Annotated[SynthLayout, typer.Option(
+        help="Which arrays to write: features (T, D), frames (T, C, S, S) or both. frames is "
+        "large: about 400 KB per frame at 1024x14x14 float16.")] = SynthLayout.features,
+    frame_channels: Annotated[Optional[int], typer.Option(
+        help="Channels C of the frames layout.", show_default="1024")] = None,
+    frame_size: Annotated[Optional[int], typer.Option(
+        help="Spatial size S of the frames layout.", show_default="14")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Generator seed: the same seed writes the same dataset.", show_default="0")] = None,
+    dtype: Annotated[Optional[Dtype], typer.Option(
+        help="Array dtype on disk.", show_default="float32 for features, float16 for frames")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it is not empty.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write the synthetic procedural dataset as a dataset root.
+
+    The root holds dataset.json (EgoProceL format), id2action.txt, splits.json and
+    features/<handle>.npy (and/or frames/<handle>.npy): exactly what --dataset ROOT reads.
+    """
+    cfg = resolve_config(config, set_, {
+        "data.synthetic.tasks": tasks, "data.synthetic.videos_per_task": videos_per_task,
+        "data.synthetic.dim": dim, "data.synthetic.frame_channels": frame_channels,
+        "data.synthetic.frame_size": frame_size, "data.synthetic.seed": seed,
+    })
+    layouts = ["features", "frames"] if layout is SynthLayout.both else [layout.value]
+    array_dtype = dtype.value if dtype else ("float16" if layouts == ["frames"] else "float32")
+    with Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        job = bar.add_task("videos", total=None)
+        n = write_synthetic_root(cfg.data, out_dir, layouts=layouts, dtype=array_dtype,
+                                 overwrite=overwrite,
+                                 progress=lambda done, total: bar.update(job, completed=done,
+                                                                         total=total))
+    s = cfg.data.synthetic
+    console.print(f"wrote {n} videos ({s.tasks} tasks, layout {'+'.join(layouts)}, "
+                  f"{array_dtype}, seed {s.seed}) to {out_dir}")
+
+
+@app.command(epilog="Examples:\n\n  alignprog data check\n\n  alignprog data check data/synth\n\n"
+             "  alignprog data check data/ego --annotations ../shared/data/egoprocel.json "
+             "--fps-preset egoprocel --lenient")
+@guarded
+def check(
+    root: Annotated[Optional[Path], typer.Argument(
+        help="Dataset root. Omit to check the embedded synthetic dataset.",
+        show_default=False)] = None,
+    annotations: Annotated[Optional[Path], typer.Option(
+        help="Annotation JSON to use instead of ROOT/dataset.json.", show_default=False)] = None,
+    id2action: Annotated[Optional[Path], typer.Option(
+        help="Action vocabulary (`<id> <name>` lines). Default: <json stem>-id2action.txt beside "
+        "the JSON, else ROOT/id2action.txt.", show_default=False)] = None,
+    tasks: Annotated[Optional[list[str]], typer.Option(
+        "--task", help="Keep only this task (name or pattern like '*.egtea'; repeatable).",
+        show_default=False)] = None,
+    lenient: Annotated[bool, typer.Option(
+        "--lenient", help="Pair unequal handle/annotation lists by position with a warning "
+        "instead of failing (needed for the EgoProceL CMU tasks).")] = False,
+    fps_preset: Annotated[Optional[FpsPreset], typer.Option(
+        help="Frame units of the annotations: none (annotation frames are feature frames) or "
+        "egoprocel (source fps per EgoProceL source, features at --feature-fps).", show_default="none")] = None,
+    feature_fps: Annotated[Optional[float], typer.Option(
+        help="Frame rate of the feature files.", show_default="1.0")] = None,
+    split_file: Annotated[Optional[Path], typer.Option(
+        help="Explicit split file ([F] data_splits.json format). Default: ROOT/splits.json if "
+        "present, else the configured fractions and seed.", show_default=False)] = None,
+    write_split: Annotated[Optional[Path], typer.Option(
+        help="Write the split actually used to this file (with its SHA-256).",
+        show_default=False)] = None,
+    scan: Annotated[bool, typer.Option(
+        help="Read every array in full to find NaN/Inf and unreadable data.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate a dataset and print a summary (tasks, videos, lengths, background, repairs).
+
+    Every layout present (features/, frames/) is opened; every problem is printed on one line
+    naming the file, task and handle, and the exit code is 1 if there is any.
+    """
+    cfg = resolve_config(config, set_, {
+        "data.root": root, "data.annotations": annotations, "data.id2action": id2action,
+        "data.tasks": tasks, "data.strict": False if lenient else None,
+        "data.fps.preset": fps_preset.value if fps_preset else None,
+        "data.fps.feature": feature_fps, "data.split.file": split_file,
+    })
+    try:
+        ds = load_dataset(cfg.data, all_layouts=True, collect=True)
+    except DatasetErrors as exc:
+        for err in exc.errors:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"{len(exc.errors)} problem(s) found", highlight=False)
+        raise typer.Exit(1)
+    problems = scan_arrays(ds) if scan else []
+    summary = ds.summary()
+    for warning in summary["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if write_split is not None:
+        write_splits(ds.splits, write_split)
+        err_console.print(f"split written to {write_split}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(summary | {"problems": [str(p) for p in problems]}, indent=2))
+    else:
+        _print_summary(summary)
+    for problem in problems:
+        err_console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        err_console.print(f"{len(problems)} problem(s) found", highlight=False)
+        raise typer.Exit(1)
+
+
+def _print_summary(s: dict) -> None:
+    shapes = ", ".join(f"{k} {tuple(v)}" for k, v in s["shapes"].items())
+    console.print(f"[bold]{s['name']}[/]  annotations: {s['annotations']}  layouts: {shapes}",
+                  highlight=False)
+    table = Table(title="tasks", title_justify="left")
+    for col, justify in [("task", "left"), ("videos", "right"), ("train/val/test", "right"),
+                         ("frames min/med/max", "right"), ("background", "right"),
+                         ("actions", "right"), ("fg segments", "right"),
+                         ("fg seg len (med)", "right")]:
+        table.add_column(col, justify=justify)
+    for row in s["tasks"] + [dict(s["total"], task="[bold]total[/]")]:
+        table.add_row(row["task"], str(row["videos"]),
+                      f"{row['train']}/{row['val']}/{row['test']}",
+                      f"{row['length_min']}/{row['length_median']:g}/{row['length_max']}",
+                      f"{row['background_fraction']:.0%}", str(row["actions"]),
+                      str(row["foreground_segments"]), f"{row['segment_length_median']:g}")
+    console.print(table)
+    console.print(f"split: {s['split']['description']} (sha256 {s['split']['sha256'][:12]})",
+                  highlight=False)
+    if s["repairs"]:
+        repairs = Table(title="repairs (annotation fitted to the feature length)",
+                        title_justify="left")
+        for col in ("repair", "count", "example"):
+            repairs.add_column(col)
+        for r in s["repairs"]:
+            repairs.add_row(r["kind"], str(r["count"]), r["example"])
+        console.print(repairs)
+    else:
+        console.print("repairs: none")

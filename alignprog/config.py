@@ -1,0 +1,310 @@
+"""Every setting of alignprog as pydantic v2 models, and the one way to load them.
+
+Order of precedence (STYLE habit 2): model defaults, then a config file (YAML or JSON), then
+dotted overrides (CLI flags and ``--set key=value``), then one validation of the result.
+Unknown keys are errors that name the key and suggest the closest valid one. No torch here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from alignprog.errors import ConfigError
+from alignprog.fileio import atomic_write_text
+
+# Spec DATA_AND_EVAL 1.2: the background set used by every component (pitfall P1).
+DEFAULT_BACKGROUND = ("0", "SIL", "background")
+
+# Spec DATA_AND_EVAL 1.3: native fps of the EgoProceL sources; [F] extracted features at 1 fps.
+# Patterns are matched against task names with fnmatch, first match wins.
+EGOPROCEL_SOURCE_FPS: dict[str, float] = {
+    "*.egtea": 24.0,
+    "*.cmu": 30.0,
+    "tent": 60.0,
+    "meccano": 12.0,
+    "pc_*": 12.0,
+}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(StrictModel):
+    """How videos are divided into train / val / test (spec DATA_AND_EVAL 1.8)."""
+
+    mode: Literal["random", "ordered"] = Field(
+        "random",
+        description="random: per task, shuffle the handles with `seed` and cut by the fractions "
+        "(the [F] data_splits.json procedure); ordered: the original code's split, the first "
+        "round(train*n) handles of each task in JSON order are train and the rest test.",
+    )
+    train: float = Field(0.75, description="Fraction of each task's videos used for training.")
+    val: float = Field(0.10, description="Fraction of each task's videos used for validation.")
+    test: float = Field(0.15, description="Fraction of each task's videos used for testing.")
+    seed: int = Field(42, description="Seed of the per-task shuffle (random mode).")
+    file: Path | None = Field(
+        None,
+        description="Explicit split file ([F] data_splits.json format). Overrides the fractions. "
+        "When unset, `<root>/splits.json` is used if present.",
+    )
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "SplitConfig":
+        for name in ("train", "val", "test"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.split.{name} must be in [0, 1], got {value}")
+        if self.train <= 0.0:
+            raise ValueError(f"data.split.train must be > 0, got {self.train}")
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"data.split fractions must sum to 1, got train+val+test = {total:g}")
+        return self
+
+
+class FpsConfig(StrictModel):
+    """What the numbers in the annotation JSON mean (spec DATA_AND_EVAL 1.5, pitfall P11).
+
+    By default annotation frames are feature frames (identity). With a source-fps table, a bound
+    ``t`` becomes ``floor(t * feature / source_fps(task))``; with ``unit: seconds`` it becomes
+    ``floor(t * feature)``.
+    """
+
+    preset: Literal["none", "egoprocel"] = Field(
+        "none",
+        description="none: annotation frames are feature frames unless `source` says otherwise; "
+        "egoprocel: the EgoProceL sources' native fps (EGTEA 24, CMU 30, tent 60, MECCANO 12, "
+        "PC 12) mapped to `feature` fps.",
+    )
+    source: dict[str, float] = Field(
+        default_factory=dict,
+        description="Task name or fnmatch pattern -> fps of the annotation frame numbers of that "
+        "task. Checked before the preset's entries; every task must match one when the table is "
+        "not empty.",
+    )
+    feature: float = Field(1.0, description="Frame rate of the feature files (frames per second).")
+    unit: Literal["frames", "seconds"] = Field(
+        "frames", description="Unit of the annotation bounds: source frames or seconds."
+    )
+    tolerance_s: float = Field(
+        2.0,
+        description="Warn when the annotated length and the feature length differ by more than "
+        "this many seconds of video (spec 1.6).",
+    )
+
+    @field_validator("feature")
+    @classmethod
+    def _positive_feature(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"data.fps.feature must be > 0, got {value}")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _positive_source(cls, value: dict[str, float]) -> dict[str, float]:
+        for pattern, fps in value.items():
+            if not fps > 0:
+                raise ValueError(f"data.fps.source['{pattern}'] must be > 0, got {fps}")
+        return value
+
+    @field_validator("tolerance_s")
+    @classmethod
+    def _nonneg_tolerance(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(f"data.fps.tolerance_s must be >= 0, got {value}")
+        return value
+
+    def table(self) -> list[tuple[str, float]]:
+        """The source-fps patterns in match order: user entries, then the preset's."""
+        entries = list(self.source.items())
+        if self.preset == "egoprocel":
+            entries += list(EGOPROCEL_SOURCE_FPS.items())
+        return entries
+
+    @property
+    def tolerance_frames(self) -> int:
+        return int(math.ceil(self.tolerance_s * self.feature))
+
+
+class SyntheticConfig(StrictModel):
+    """The embedded procedural dataset used when no dataset is named."""
+
+    tasks: int = Field(4, ge=1, le=64, description="Number of tasks (procedures).")
+    videos_per_task: int = Field(20, ge=1, le=10_000, description="Videos generated per task.")
+    dim: int = Field(2048, ge=1, description="Feature dimension of the `features` layout.")
+    frame_channels: int = Field(1024, ge=1, description="Channels of the `frames` layout.")
+    frame_size: int = Field(14, ge=1, description="Spatial size of the `frames` layout maps.")
+    seed: int = Field(0, description="Seed of the generator; the same seed gives the same data.")
+
+
+class DataConfig(StrictModel):
+    """Where the videos come from and how they become batches (spec DATA_AND_EVAL 1)."""
+
+    root: Path | None = Field(
+        None,
+        description="Dataset root holding dataset.json, features/ and/or frames/. "
+        "Unset: the embedded synthetic dataset.",
+    )
+    annotations: Path | None = Field(
+        None, description="Annotation JSON to use instead of <root>/dataset.json."
+    )
+    id2action: Path | None = Field(
+        None,
+        description="Action vocabulary file (`<id> <name>` per line). Unset: "
+        "<annotations stem>-id2action.txt beside the JSON, else <root>/id2action.txt, else none "
+        "(any label accepted).",
+    )
+    layout: Literal["features", "frames"] = Field(
+        "features",
+        description="Which arrays the encoder reads: features/<handle>.npy (T, D) or "
+        "frames/<handle>.npy (T, C, H, W).",
+    )
+    tasks: list[str] | None = Field(
+        None, description="Task names or fnmatch patterns to keep (e.g. ['*.egtea']). Unset: all."
+    )
+    background_labels: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_BACKGROUND),
+        description="Labels treated as background everywhere (sampler, metrics, statistics).",
+    )
+    strict: bool = Field(
+        True,
+        description="Unequal numbers of handles and annotation lists in a task are an error. "
+        "False pairs them by position with a warning (the EgoProceL CMU tasks need this).",
+    )
+    fps: FpsConfig = Field(default_factory=FpsConfig, description="Annotation frame units.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Train/val/test split.")
+    batch_size: int = Field(2, ge=1, description="Videos per batch; a batch holds one task only.")
+    multi_task: bool = Field(
+        True,
+        description="True: one loader over all tasks, batches shuffled across tasks. "
+        "False: single-task mode, one task at a time.",
+    )
+    synthetic: SyntheticConfig = Field(
+        default_factory=SyntheticConfig, description="The synthetic default dataset."
+    )
+
+    @field_validator("background_labels")
+    @classmethod
+    def _some_background(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("data.background_labels must name at least one label")
+        return value
+
+
+class Config(StrictModel):
+    """The whole configuration; later parts (model, progress, train) are added beside `data`."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset and batching.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`["data.split.seed=3", "data.tasks=[a, b]"]` -> dotted dict; values are read as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. data.split.seed=3")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from None
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(
+    file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    model: type[StrictModel] = Config,
+) -> Any:
+    """Defaults, then `file`, then dotted `overrides`, then validation. Raises ConfigError."""
+    tree: dict[str, Any] = read_config_file(file) if file is not None else {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, source=file)) from None
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, dotted + ".")
+    return keys
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], source: Path | None
+                            ) -> str:
+    known = _known_keys(model)
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
+            msg = f"unknown setting '{loc}'"
+            if hint:
+                msg += f" (did you mean '{hint[0]}'?)"
+            lines.append(msg)
+        else:
+            text = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            if text.startswith(loc.split(".")[0] + ".") or not loc:
+                lines.append(text)
+            else:
+                lines.append(f"{loc}: {text}" + (f", got {got!r}" if not isinstance(got, dict)
+                                                  else ""))
+    where = f"{source}: " if source is not None else ""
+    return where + "; ".join(lines)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: BaseModel, path: Path) -> None:
+    atomic_write_text(path, dump_config(cfg))
