@@ -121,7 +121,7 @@ class Dataset:
         where = dict(file=_array_name(source, layout, video.handle), task=video.task,
                      handle=video.handle)
         try:
-            array = np.asarray(source.load(), dtype=np.float32)
+            array = np.array(source.load(), dtype=np.float32)  # a copy, never the memmap
         except (OSError, ValueError) as exc:
             raise DataError(f"truncated or unreadable array ({exc})", **where) from None
         if not np.isfinite(array).all():
