@@ -117,3 +117,15 @@ def test_float16_arrays_are_read_lazily_as_float32(tmp_path: Path):
     src = ds.videos[0].arrays["features"].load()
     assert isinstance(src, np.memmap) and src.dtype == np.float16
     assert ds.load(0).dtype == np.float32
+
+
+def test_make_loaders_modes():
+    from alignprog.data import make_loaders
+    ds = load_dataset(DataConfig(synthetic=SyntheticConfig(tasks=3, videos_per_task=5, dim=8)))
+    multi = make_loaders(ds, "test", batch_size=2, multi_task=True, train=False)
+    assert list(multi) == ["all"]
+    assert sorted(i for b in multi["all"] for i in b.indices) == ds.indices("test")
+    single = make_loaders(ds, "train", batch_size=2, multi_task=False, train=True)
+    assert list(single) == ds.tasks
+    for task, loader in single.items():
+        assert {b.task for b in loader} == {task}

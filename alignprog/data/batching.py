@@ -181,3 +181,19 @@ def make_loader(dataset: Dataset, split: str | None, *, batch_size: int, shuffle
                                seed=seed)
     return DataLoader(_Arrays(dataset), batch_sampler=sampler, collate_fn=Collator(dataset),
                       num_workers=num_workers, pin_memory=pin_memory)
+
+
+def make_loaders(dataset: Dataset, split: str | None, *, batch_size: int, multi_task: bool,
+                 train: bool, seed: int = 0, num_workers: int = 0) -> dict[str, DataLoader]:
+    """Loaders for the two modes of spec 1.9.
+
+    Multi-task: ``{"all": loader}`` whose batches (each single-task) cover every task, shuffled
+    together when training. Single-task: ``{task: loader}``, one per task, each task trained and
+    evaluated on its own. ``train`` shuffles and drops incomplete batches; otherwise every video
+    is visited once in dataset order.
+    """
+    kw = dict(batch_size=batch_size, shuffle=train, drop_last=train, seed=seed,
+              num_workers=num_workers)
+    if multi_task:
+        return {"all": make_loader(dataset, split, **kw)}
+    return {task: make_loader(dataset, split, tasks=[task], **kw) for task in dataset.tasks}
