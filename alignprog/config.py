@@ -229,6 +229,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read config file (not UTF-8 text)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -278,6 +280,16 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _flatten(value: Any, prefix: str = "") -> list[str]:
+    """Dotted leaf keys of a nested mapping ([] for a non-mapping)."""
+    if not isinstance(value, dict):
+        return []
+    out = []
+    for key, sub in value.items():
+        out += _flatten(sub, f"{prefix}{key}.") or [f"{prefix}{key}"]
+    return out
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel], source: Path | None
                             ) -> str:
     known = _known_keys(model)
@@ -285,11 +297,15 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            hint = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
-            msg = f"unknown setting '{loc}'"
-            if hint:
-                msg += f" (did you mean '{hint[0]}'?)"
-            lines.append(msg)
+            # Name the whole key the user typed (data.splt.seed, not data.splt) and suggest the
+            # closest valid key of the same depth.
+            typed = [f"{loc}.{sub}" for sub in _flatten(err.get("input"))] or [loc]
+            for key in typed:
+                hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                msg = f"unknown setting '{key}'"
+                if hint:
+                    msg += f" (did you mean '{hint[0]}'?)"
+                lines.append(msg)
         else:
             text = err["msg"].removeprefix("Value error, ")
             got = err.get("input")

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from alignprog.config import Config, load_config, parse_overrides
 from alignprog.errors import AlignprogError
@@ -30,8 +31,15 @@ def resolve_config(config: Path | None, sets: list[str] | None, flags: dict[str,
     return load_config(config, overrides)
 
 
+def report(kind: str, message: object) -> None:
+    """One diagnostic line on stderr; the message is plain text (paths may hold '[...]')."""
+    style = "bold red" if kind == "error" else "yellow"
+    err_console.print(f"[{style}]{kind}:[/] {escape(str(message))}", highlight=False,
+                      soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    report("error", message)
     raise typer.Exit(code)
 
 

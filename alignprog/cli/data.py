@@ -11,7 +11,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from alignprog.cli.common import ConfigOpt, SetOpt, console, err_console, guarded, resolve_config
+from rich.markup import escape
+
+from alignprog.cli.common import (ConfigOpt, SetOpt, console, err_console, guarded, report,
+                                   resolve_config)
 from alignprog.data.dataset import DatasetErrors, load_dataset, scan_arrays
 from alignprog.data.splits import write_splits
 from alignprog.data.write import write_synthetic_root
@@ -84,7 +87,7 @@ def synth(
                                                                          total=total))
     s = cfg.data.synthetic
     console.print(f"wrote {n} videos ({s.tasks} tasks, layout {'+'.join(layouts)}, "
-                  f"{array_dtype}, seed {s.seed}) to {out_dir}")
+                  f"{array_dtype}, seed {s.seed}) to {escape(str(out_dir))}", highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  alignprog data check\n\n  alignprog data check data/synth\n\n"
@@ -138,22 +141,22 @@ def check(
         ds = load_dataset(cfg.data, all_layouts=True, collect=True)
     except DatasetErrors as exc:
         for err in exc.errors:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            report("error", err)
         err_console.print(f"{len(exc.errors)} problem(s) found", highlight=False)
         raise typer.Exit(1)
     problems = scan_arrays(ds) if scan else []
     summary = ds.summary()
     for warning in summary["warnings"]:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        report("warning", warning)
     if write_split is not None:
         write_splits(ds.splits, write_split)
-        err_console.print(f"split written to {write_split}", highlight=False)
+        err_console.print(f"split written to {escape(str(write_split))}", highlight=False)
     if as_json:
         typer.echo(json.dumps(summary | {"problems": [str(p) for p in problems]}, indent=2))
     else:
         _print_summary(summary)
     for problem in problems:
-        err_console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        report("error", problem)
     if problems:
         err_console.print(f"{len(problems)} problem(s) found", highlight=False)
         raise typer.Exit(1)
@@ -161,30 +164,31 @@ def check(
 
 def _print_summary(s: dict) -> None:
     shapes = ", ".join(f"{k} {tuple(v)}" for k, v in s["shapes"].items())
-    console.print(f"[bold]{s['name']}[/]  annotations: {s['annotations']}  layouts: {shapes}",
-                  highlight=False)
+    console.print(f"[bold]{escape(s['name'])}[/]  annotations: {escape(s['annotations'])}  "
+                  f"layouts: {shapes}", highlight=False)
     table = Table(title="tasks", title_justify="left")
     for col, justify in [("task", "left"), ("videos", "right"), ("train/val/test", "right"),
                          ("frames min/med/max", "right"), ("background", "right"),
                          ("actions", "right"), ("fg segments", "right"),
                          ("fg seg len (med)", "right")]:
         table.add_column(col, justify=justify)
-    for row in s["tasks"] + [dict(s["total"], task="[bold]total[/]")]:
-        table.add_row(row["task"], str(row["videos"]),
+    total = dict(s["total"], task="[bold]total[/]")
+    for row in s["tasks"] + [total]:
+        table.add_row(row["task"] if row is total else escape(row["task"]), str(row["videos"]),
                       f"{row['train']}/{row['val']}/{row['test']}",
                       f"{row['length_min']}/{row['length_median']:g}/{row['length_max']}",
                       f"{row['background_fraction']:.0%}", str(row["actions"]),
                       str(row["foreground_segments"]), f"{row['segment_length_median']:g}")
     console.print(table)
-    console.print(f"split: {s['split']['description']} (sha256 {s['split']['sha256'][:12]})",
-                  highlight=False)
+    console.print(f"split: {escape(s['split']['description'])} "
+                  f"(sha256 {s['split']['sha256'][:12]})", highlight=False)
     if s["repairs"]:
         repairs = Table(title="repairs (annotation fitted to the feature length)",
                         title_justify="left")
         for col in ("repair", "count", "example"):
             repairs.add_column(col)
         for r in s["repairs"]:
-            repairs.add_row(r["kind"], str(r["count"]), r["example"])
+            repairs.add_row(r["kind"], str(r["count"]), escape(r["example"]))
         console.print(repairs)
     else:
         console.print("repairs: none")

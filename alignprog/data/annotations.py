@@ -16,6 +16,7 @@ import numpy as np
 from alignprog.errors import DataError
 
 RECORD_KEYS = ("handles", "hdl_actions", "hdl_start_times", "hdl_end_times")
+MAX_BOUND = 2**53
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,9 @@ def _number(value: Any, what: str, unit: str, *, file: str, task: str, handle: s
         kind = "integer frame" if unit == "frames" else "number of seconds"
         raise DataError(f"{what} must be an {kind}, got {value!r}", file=file, task=task,
                         handle=handle)
-    if not math.isfinite(value) or value < 0:
-        raise DataError(f"{what} must be finite and >= 0, got {value!r}", file=file, task=task,
+    # Bounded so that every later float operation is exact and cannot overflow (2**53).
+    if not (0 <= value < MAX_BOUND):
+        raise DataError(f"{what} must be in [0, 2**53), got {value!r}", file=file, task=task,
                         handle=handle)
     return value
 
@@ -134,12 +136,14 @@ def parse_task_record(
     strict: bool = True,
     vocabulary: Iterable[str] | None = None,
     warnings: list[str] | None = None,
+    errors: list[DataError] | None = None,
 ) -> list[RawAnnotation]:
     """Check one task record of the annotation JSON and return its videos (spec 1.1 invariants).
 
     With ``strict=False``, unequal numbers of handles and annotation lists are paired by position
     (the first ``min(n)`` of each) and a warning naming the task and the counts is appended to
-    ``warnings``; inner lists must always agree.
+    ``warnings``; inner lists must always agree. A malformed video raises, or, when ``errors``
+    is given, is appended there and skipped so that the other videos are still checked.
     """
     if not isinstance(record, dict):
         raise DataError(f"task record must be an object, got {type(record).__name__}",
@@ -165,43 +169,56 @@ def parse_task_record(
     out = []
     seen: set[str] = set()
     for i in range(n):
-        handle = lists["handles"][i]
-        if not isinstance(handle, str) or not handle or "/" in handle or "\\" in handle:
-            raise DataError(f"handle #{i} must be a non-empty file name, got {handle!r}",
-                            file=file, task=task)
-        if handle in seen:
-            raise DataError("handle listed twice", file=file, task=task, handle=handle)
-        seen.add(handle)
-        where = dict(file=file, task=task, handle=handle)
-        labels = _as_list(lists["hdl_actions"][i], "hdl_actions entry", **where)
-        starts = _as_list(lists["hdl_start_times"][i], "hdl_start_times entry", **where)
-        ends = _as_list(lists["hdl_end_times"][i], "hdl_end_times entry", **where)
-        if not (len(labels) == len(starts) == len(ends)):
-            raise DataError(
-                f"unequal list lengths: {len(labels)} actions, {len(starts)} starts, "
-                f"{len(ends)} ends", **where)
-        if not labels:
-            raise DataError("empty video: no segments annotated", **where)
-        norm_labels = []
-        for lab in labels:
-            if isinstance(lab, int) and not isinstance(lab, bool):
-                lab = str(lab)
-            if not isinstance(lab, str):
-                raise DataError(f"label {lab!r} must be a string", **where)
-            if vocab is not None and lab not in vocab:
-                raise DataError(f"unknown label {lab!r} (not in the action vocabulary)", **where)
-            norm_labels.append(lab)
-        s = [_number(v, "start", unit, **where) for v in starts]
-        e = [_number(v, "end", unit, **where) for v in ends]
-        for k, (sk, ek) in enumerate(zip(s, e)):
-            if ek < sk:
-                raise DataError(f"segment {k} ends before it starts (start {sk}, end {ek})",
-                                **where)
-            if k and sk < s[k - 1]:
-                raise DataError(f"starts must not decrease: segment {k} starts at {sk} "
-                                f"after {s[k - 1]}", **where)
-        out.append(RawAnnotation(task, handle, tuple(norm_labels), tuple(s), tuple(e)))
+        try:
+            video = _parse_video(task, i, lists, seen, file=file, unit=unit, vocab=vocab)
+        except DataError as err:
+            if errors is None:
+                raise
+            errors.append(err)
+            continue
+        out.append(video)
     return out
+
+
+def _parse_video(task: str, i: int, lists: dict[str, list], seen: set[str], *, file: str,
+                 unit: str, vocab: set[str] | None) -> RawAnnotation:
+    """Check video ``i`` of a task record (handle name, equal inner lists, numbers, order)."""
+    handle = lists["handles"][i]
+    if not isinstance(handle, str) or not handle or "/" in handle or "\\" in handle:
+        raise DataError(f"handle #{i} must be a non-empty file name, got {handle!r}",
+                        file=file, task=task)
+    if handle in seen:
+        raise DataError("handle listed twice", file=file, task=task, handle=handle)
+    seen.add(handle)
+    where = dict(file=file, task=task, handle=handle)
+    labels = _as_list(lists["hdl_actions"][i], "hdl_actions entry", **where)
+    starts = _as_list(lists["hdl_start_times"][i], "hdl_start_times entry", **where)
+    ends = _as_list(lists["hdl_end_times"][i], "hdl_end_times entry", **where)
+    if not (len(labels) == len(starts) == len(ends)):
+        raise DataError(
+            f"unequal list lengths: {len(labels)} actions, {len(starts)} starts, "
+            f"{len(ends)} ends", **where)
+    if not labels:
+        raise DataError("empty video: no segments annotated", **where)
+    norm_labels = []
+    for lab in labels:
+        if isinstance(lab, int) and not isinstance(lab, bool):
+            lab = str(lab)
+        if not isinstance(lab, str):
+            raise DataError(f"label {lab!r} must be a string", **where)
+        if vocab is not None and lab not in vocab:
+            raise DataError(f"unknown label {lab!r} (not in the action vocabulary)", **where)
+        norm_labels.append(lab)
+    s = [_number(v, "start", unit, **where) for v in starts]
+    e = [_number(v, "end", unit, **where) for v in ends]
+    for k, (sk, ek) in enumerate(zip(s, e)):
+        if ek < sk:
+            raise DataError(f"segment {k} ends before it starts (start {sk}, end {ek})",
+                            **where)
+        if k and sk < s[k - 1]:
+            raise DataError(f"starts must not decrease: segment {k} starts at {sk} "
+                            f"after {s[k - 1]}", **where)
+    return RawAnnotation(task, handle, tuple(norm_labels), tuple(s), tuple(e))
 
 
 def map_bounds(values: Iterable[float], *, unit: str, feature_fps: float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import statistics
 from collections import Counter
@@ -210,7 +211,9 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     if dtype.hasobject:
         raise DataError("holds Python objects; only float16/float32 arrays are read "
                         "(never unpickled)", file=str(path))
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if any(s < 0 for s in shape):
+        raise DataError(f"invalid shape {tuple(shape)} in the .npy header", file=str(path))
+    expected = offset + math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     actual = os.path.getsize(path)
     if actual < expected:
         raise DataError(f"truncated array: header says {shape} {dtype} ({expected} bytes with "
@@ -228,12 +231,16 @@ def read_vocabulary(path: Path) -> dict[str, str]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        ident, _, name = line.strip().partition(" ")
-        if not ident.isdigit() or not name.strip():
+        ident, name = (line.split(maxsplit=1) + [""])[:2]  # "<id> <name>", any whitespace
+        if not (ident.isascii() and ident.isdigit()) or not name.strip():
             raise DataError(f"line {lineno}: expected '<id> <name>', got {line!r}", file=str(path))
-        if ident in vocab:
-            raise DataError(f"line {lineno}: id {ident} defined twice", file=str(path))
-        vocab[str(int(ident))] = name.strip()
+        key = str(int(ident))  # labels in the JSON are plain decimal strings: "01" is "1"
+        if key in vocab:
+            raise DataError(f"line {lineno}: id {key} defined twice", file=str(path))
+        vocab[key] = name.strip()
+    if not vocab:
+        raise DataError("action vocabulary is empty (expected '<id> <name>' lines)",
+                        file=str(path))
     return vocab
 
 
@@ -331,7 +338,7 @@ def load_dataset(cfg: DataConfig, *, all_layouts: bool = False, collect: bool = 
         try:
             parsed = parse_task_record(task, data[task], file=str(ann_path), unit=cfg.fps.unit,
                                        strict=cfg.strict, vocabulary=accepted,
-                                       warnings=warnings)
+                                       warnings=warnings, errors=errors if collect else None)
         except DataError as err:
             fail(err)
             continue
@@ -360,7 +367,7 @@ def load_dataset(cfg: DataConfig, *, all_layouts: bool = False, collect: bool = 
             if dtype not in ARRAY_DTYPES:
                 fail(DataError(f"dtype {dtype}: arrays must be float16 or float32", **where))
                 continue
-            if len(shape) != ARRAY_RANK[layout]:
+            if len(shape) != ARRAY_RANK[layout] or 0 in shape[1:]:
                 want = "(T, D)" if layout == "features" else "(T, C, H, W)"
                 fail(DataError(f"expected a {want} array for the '{layout}' layout, got shape "
                                f"{shape}", **where))

@@ -131,6 +131,8 @@ def read_splits(path: Path, task_handles: Mapping[str, Sequence[str]]) -> tuple[
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise DataError(f"cannot read split file ({exc.strerror})", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise DataError("cannot read split file (not UTF-8 text)", file=str(path)) from None
     except json.JSONDecodeError as exc:
         raise DataError(f"unreadable JSON ({exc.msg} at line {exc.lineno})",
                         file=str(path)) from None

@@ -10,8 +10,8 @@ Latent model (LATENT_DIM dims) of frame t in segment k with label a:
     background:  z_t = m_0                               + s_k + BG_NOISE * e_t
 with p_t the relative position inside the segment (so the visual state moves monotonically through
 every action), s_k a per-segment offset (no two executions look alike), then a per-video camera
-offset. `features` = gain_v * relu(W z + b + noise) with W fixed by cfg.seed only, so values look like
-pooled ReLU activations; `frames` renders the same latent through per-latent spatial patterns.
+offset. `features` = gain_v * relu(W z + b + noise) with W fixed by cfg.seed only, so values look
+like pooled ReLU activations; `frames` renders the same latent through per-latent spatial patterns.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ P_SHARED = 0.35  # chance that a task uses a given shared action
 VERBS = ("pour", "cut", "mix", "stir", "fold", "attach", "open", "close", "peel", "spread",
          "screw", "insert", "remove", "place", "heat", "press")
 P_OPTIONAL, P_SKIP = 0.3, 0.4  # share of steps that are optional; chance an optional one is skipped
-SWAP_RANGE = (0.05, 0.2)  # per-task chance of swapping a pair of adjacent steps (spec 2.3 disc 0-0.3)
+SWAP_RANGE = (0.05, 0.2)  # per-task chance of swapping adjacent steps (spec 2.3: disc 0-0.3)
 REPEAT_RANGE = (0.1, 0.45)  # per-action chance of each extra occurrence (geometric)
 MAX_OCCURRENCES = 8  # spec 2.4: 1-4 occurrences, heavy tail up to ~8
 P_DIRECT = 0.06  # per fg->fg gap; about 3% of all label transitions (spec 2.3)
@@ -41,17 +41,21 @@ FIRST_BG, LAST_BG = 0.14, 0.09  # spec 2.1: median first / last background share
 # Foreground durations in frames: log-normal (spec 2.1). The per-video speed and per-segment
 # factors make the same action's length vary strongly between videos (CV ~0.8), so counting
 # frames alone does not tell progress.
-FG_MEDIAN, TASK_SIGMA, ACTION_SIGMA = 12.0, 0.2, 0.5
-SPEED_SIGMA, SEGMENT_SIGMA = 0.35, 0.65
+FG_MEDIAN, TASK_SIGMA, ACTION_SIGMA = 12.0, 0.2, 0.4
+SPEED_SIGMA, SEGMENT_SIGMA = 0.4, 0.8
 MIN_FG = 2
 # Drawn video lengths are squashed smoothly into this range (frames) by rescaling the whole video,
 # i.e. by adjusting its speed factor: keeps the default videos at roughly 100-400 frames.
 LENGTH_RANGE = (60.0, 500.0)
-# Appearance, in units of the N(0, 1) action means.
-PROGRESS_SCALE = 3.0  # length of the monotonic state change through an action
-FG_SEGMENT, BG_SEGMENT = 0.3, 0.7  # per-segment offset std: background is more varied...
-FG_NOISE, BG_NOISE = 0.4, 0.7  # ...and noisier per frame
-CAMERA, GAIN_SIGMA = 0.4, 0.25  # per-video latent offset std; log-std of the per-video gain
+# Appearance, in latent units (per-dimension stds).
+MEAN_SCALE = 0.7  # std of the per-action latent means
+PROGRESS_SCALE = 6.0  # length of the monotonic state change through an action
+# Share of each action's progress direction common to all actions (hands approach, objects end
+# up finished), so part of progress reads the same way in every action.
+PROGRESS_SHARED = 0.7
+FG_SEGMENT, BG_SEGMENT = 0.4, 0.8  # per-segment offset std: background is more varied...
+FG_NOISE, BG_NOISE = 0.6, 0.9  # ...and noisier per frame
+CAMERA, GAIN_SIGMA = 0.5, 0.25  # per-video latent offset std; log-std of the per-video gain
 FEATURE_NOISE = 0.3  # per-dimension noise before the ReLU
 FRAME_CHUNK = 64  # frames rendered at once by `frames`, bounding the (chunk, C, L) temporary
 
@@ -90,6 +94,8 @@ class _Look:
 
 @dataclass(frozen=True)
 class SyntheticDataset:
+    """Annotations drawn by `generate`; `features` and `frames` render one video on demand."""
+
     config: SyntheticConfig
     annotations: dict  # EgoProceL-format JSON object, tasks in index order
     id2action: dict[int, str]  # 0 -> "background"
@@ -130,7 +136,7 @@ class SyntheticDataset:
         return gain * np.maximum(h, 0.0)
 
     def frames(self, handle: str) -> np.ndarray:
-        """(T, config.frame_channels, config.frame_size, config.frame_size) float32, non-negative."""
+        """(T, C, S, S) float32, non-negative; C = config.frame_channels, S = config.frame_size."""
         video = self._video(handle)
         z, gain = self._latent(video)  # (T, L)
         look, cfg = self._look, self.config
@@ -142,25 +148,30 @@ class SyntheticDataset:
             zc = z[t0:t0 + FRAME_CHUNK]  # (t, L)
             a = zc[:, None, :] * look.chan  # (t, C, L)
             x = a.reshape(-1, LATENT_DIM) @ look.patterns  # (t*C, S*S)
-            x = x.reshape(len(zc), C, S * S) + (look.chan_bias + noise[t0:t0 + FRAME_CHUNK])[..., None]
+            x = x.reshape(len(zc), C, S * S)  # (t, C, S*S)
+            x += (look.chan_bias + noise[t0:t0 + FRAME_CHUNK])[..., None]
             out[t0:t0 + FRAME_CHUNK] = gain * np.maximum(x, 0.0)
         return out.reshape(T, C, S, S)
 
 
 def _make_look(cfg: SyntheticConfig, num_actions: int) -> _Look:
-    rng = _rng(cfg.seed, _ALL, _ALL, 0)
+    # One stream per part, and rows drawn in id / dimension order, so that e.g. more tasks or a
+    # larger `dim` extend these arrays without changing what existing actions and dims look like.
+    streams = [_rng(cfg.seed, _ALL, _ALL, k) for k in range(4)]
     L, S = LATENT_DIM, cfg.frame_size
-    means = rng.standard_normal((num_actions, L))
-    dirs = rng.standard_normal((num_actions, L))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    means = MEAN_SCALE * streams[0].standard_normal((num_actions, L))  # (A, L)
+    common = unit(streams[1].standard_normal(L))  # (L,)
+    own = unit(streams[1].standard_normal((num_actions, L)))  # (A, L)
+    dirs = unit(PROGRESS_SHARED * common + np.sqrt(1 - PROGRESS_SHARED**2) * own)  # (A, L)
     # 1/sqrt(L) keeps pre-activations ~unit scale; the negative bias makes them sparse like ReLU.
-    proj = rng.standard_normal((cfg.dim, L)) / np.sqrt(L)
-    bias = rng.normal(-0.3, 0.3, cfg.dim)
-    chan = rng.standard_normal((cfg.frame_channels, L)) / np.sqrt(L)
-    chan_bias = rng.normal(-0.3, 0.3, cfg.frame_channels)
+    wb = streams[2].standard_normal((cfg.dim, L + 1))  # (dim, L+1)
+    proj, bias = wb[:, :L] / np.sqrt(L), 0.3 * wb[:, L] - 0.3
+    cb = streams[3].standard_normal((cfg.frame_channels, L + 1))  # (C, L+1)
+    chan, chan_bias = cb[:, :L] / np.sqrt(L), 0.3 * cb[:, L] - 0.3
     # Each latent owns a smooth separable spatial pattern: cosines of 0-2 cycles per axis.
     grid = (np.arange(S) + 0.5) / S  # (S,)
-    freq, phase = rng.integers(0, 3, (2, L)), rng.uniform(0, 2 * np.pi, (2, L))
+    freq, phase = streams[3].integers(0, 3, (2, L)), streams[3].uniform(0, 2 * np.pi, (2, L))
     wave = np.cos(2 * np.pi * freq[..., None] * grid + phase[..., None])  # (2, L, S)
     patterns = wave[0][:, :, None] * wave[1][:, None, :]  # (L, S, S)
     patterns /= np.sqrt((patterns**2).mean(axis=(1, 2), keepdims=True)) + 1e-6
