@@ -198,10 +198,105 @@ class DataConfig(StrictModel):
         return value
 
 
+class ModelConfig(StrictModel):
+    """The encoder: base model, multi-head attention fusion (MCN), embedding width.
+
+    Spec ALGORITHMS 1-2 and the defaults table (section 9), except the default base encoder:
+    `stacking` (fast on a CPU) instead of the document's `resnet50`.
+    """
+
+    encoder: Literal["stacking", "temporal_stacking", "resnet50", "naive"] = Field(
+        "stacking",
+        description="Base encoder: stacking (1-D temporal convs over features/ (T, 2048)), "
+        "resnet50 (3-D convs over frames/ (T, 1024, 14, 14) layer3 maps, the document's "
+        "pipeline), naive (per-frame MLP over features/). temporal_stacking = stacking.",
+    )
+    mcn: bool = Field(True, description="Multi-head attention fusion (MCN) over the base output; "
+                      "False: the base encoder's output is the embedding.")
+    num_heads: int | None = Field(
+        None, ge=1, description="MCN heads. Unset: one per task of the dataset (16 on EgoProceL).")
+    output_dim: int = Field(128, ge=2, description="Width D of the aligned embeddings.")
+    temporal_depth: int = Field(2, ge=1, description="Temporal window k of resnet50 and the "
+                                "first stacking conv.")
+    conv_channels: int = Field(256, ge=2, description="stacking: channels of the first conv.")
+    stacking_layers: int = Field(7, ge=2, description="stacking: number of convs in total.")
+    naive_layers: list[int] = Field(default_factory=lambda: [1024, 512, 512, 256],
+                                    description="naive: hidden widths of the per-frame MLP.")
+    head_layers: list[int] = Field(default_factory=lambda: [512, 128, 256],
+                                   description="MCN: hidden widths of each head's MLP.")
+    attn_layers: list[int] = Field(default_factory=lambda: [512, 1024, 512, 512],
+                                   description="MCN: hidden widths of the attention network.")
+    drop_layers: list[int] = Field(default_factory=lambda: [256, 1024, 512, 256],
+                                   description="Hidden widths of the GTCC drop branch.")
+    dropping: bool | None = Field(None, description="Build the drop branch. Unset: only for "
+                                  "GTCC, the one loss that uses it.")
+    reference_window: bool = Field(
+        False, description="resnet50: reproduce the reference's temporal window r-k..r-1 (bug "
+        "B5) instead of r-k+1..r. Only for reproducing published numbers.")
+
+
+class LearnableProgressConfig(StrictModel):
+    """The learnable progress head and how it is taught (the document's `learnable` block)."""
+
+    arch: Literal["gru", "mean", "transformer", "dilated_conv"] = Field(
+        "gru", description="Head architecture: gru (the document's), mean (mean pooling), "
+        "transformer (causal, ALiBi), dilated_conv (causal dilated convolutions).")
+    hidden_dim: int = Field(64, ge=1, description="Width of the head: GRU hidden size, first "
+                            "MLP width of mean, d_model of transformer, channels of dilated_conv.")
+    use_gru: bool = Field(True, description="The document's switch: False means arch 'mean'.")
+    position: Literal["relative", "count", "none"] = Field(
+        "relative", description="Per-frame position feature: relative = tau/T (the document's; "
+        "online use re-runs each prefix), count = log(2+tau)/log(1+frame_count_max) (causal: "
+        "gru/transformer/dilated_conv step in O(1) per frame), none.")
+    learnable_h0: bool = Field(True, description="GRU: learnable initial hidden state (zeros init).")
+    frame_count_max: int = Field(300, ge=1, description="Normaliser of the count position feature.")
+    min_segment_len: int = Field(3, ge=1, description="Minimum frames of a sampled segment.")
+    samples_per_video: int = Field(10, ge=1, description="Actions sampled per video per step.")
+    frames_per_segment: int = Field(5, ge=1, description="Target frames per sampled action.")
+    stratified_sampling: bool = Field(True, description="Cover the early/mid/late progress bins.")
+    weighted_loss: bool = Field(True, description="Weight = min(1/gt, weight_cap) in the L1 loss.")
+    weight_cap: float = Field(10.0, description="Largest weight of the weighted loss.")
+
+    @field_validator("weight_cap")
+    @classmethod
+    def _cap(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError(f"progress.learnable.weight_cap must be >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _gru_switch(self) -> "LearnableProgressConfig":
+        if not self.use_gru and self.arch != "gru" and self.arch != "mean":
+            raise ValueError(f"progress.learnable.use_gru=false means arch 'mean', but arch is "
+                             f"'{self.arch}'")
+        return self
+
+    @property
+    def head_arch(self) -> str:
+        return "mean" if not self.use_gru else self.arch
+
+
+class ProgressConfig(StrictModel):
+    """Progress learning (the document's PROGRESS_LOSS block; defaults as its training command)."""
+
+    enabled: bool = Field(True, description="Train a progress predictor with the encoder.")
+    method: Literal["learnable", "cumulative_l2"] = Field(
+        "learnable", description="learnable: the progress head; cumulative_l2: cumulative "
+        "embedding distance, normalised per action (no head).")
+    lambda_fixed: float | None = Field(
+        None, ge=0, description="Weight of the progress loss in total = alignment + lambda * "
+        "progress. Unset: the per-method default.")
+    learnable: LearnableProgressConfig = Field(
+        default_factory=LearnableProgressConfig, description="The learnable head.")
+
+
 class Config(StrictModel):
-    """The whole configuration; later parts (model, progress, train) are added beside `data`."""
+    """The whole configuration; later parts (losses, train) are added beside these."""
 
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and batching.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The encoder.")
+    progress: ProgressConfig = Field(default_factory=ProgressConfig,
+                                     description="Progress learning.")
 
 
 # ----------------------------------------------------------------------------------------------

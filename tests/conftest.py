@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The project's shared/ folder lies beside the repository (as in CI); ALIGNPROG_SHARED overrides.
+SHARED_DATA = Path(os.environ.get("ALIGNPROG_SHARED",
+                                  Path(__file__).resolve().parents[2] / "shared")) / "data"
 
 
 def write_root(root: Path, annotations: dict, lengths: dict[str, int], *, dim: int = 8,

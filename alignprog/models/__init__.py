@@ -1,0 +1,77 @@
+"""Encoders, multi-head attention fusion and progress heads; `build_model(config)`."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from alignprog.config import ModelConfig, ProgressConfig
+from alignprog.models.encoders import BaseEncoder, build_encoder
+from alignprog.models.mcn import EncoderOutput, MultiHeadEncoder, SingleHeadEncoder
+from alignprog.models.progress_heads import ProgressHead, build_progress_head
+
+__all__ = ["AlignmentModel", "BaseEncoder", "EncoderOutput", "MultiHeadEncoder", "ProgressHead",
+           "SingleHeadEncoder", "build_encoder", "build_model", "build_progress_head"]
+
+# Which data layout each base encoder reads (spec DATA_AND_EVAL 1.4).
+ENCODER_LAYOUT = {"stacking": "features", "temporal_stacking": "features", "naive": "features",
+                  "resnet50": "frames"}
+
+
+class AlignmentModel(nn.Module):
+    """The encoder and the progress head, trained together (the document's architecture)."""
+
+    def __init__(self, encoder: MultiHeadEncoder | SingleHeadEncoder,
+                 progress_head: ProgressHead | None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.progress_head = progress_head
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> EncoderOutput:
+        return self.encoder(x, mask)
+
+
+def build_model(model: ModelConfig, progress: ProgressConfig | None = None, *,
+                input_shape: Sequence[int], num_tasks: int = 1, method: str | None = None
+                ) -> AlignmentModel:
+    """Build the model a config describes.
+
+    ``input_shape`` is one frame's array shape, (D_in,) for features or (C, H, W) for frames;
+    ``num_tasks`` sets the MCN head count when ``model.num_heads`` is unset; ``method`` switches
+    the drop branch on for GTCC when ``model.dropping`` is unset.
+    """
+    layout = ENCODER_LAYOUT[model.encoder]
+    rank = 1 if layout == "features" else 3
+    if len(input_shape) != rank:
+        raise ValueError(f"encoder '{model.encoder}' reads the {layout} layout, frames of rank "
+                         f"{rank}, got frames of shape {tuple(input_shape)}")
+    if model.encoder == "resnet50":
+        base = build_encoder("resnet50", in_channels=input_shape[0],
+                             temporal_depth=model.temporal_depth, out_dim=model.output_dim,
+                             reference_window=model.reference_window)
+    elif model.encoder == "naive":
+        base = build_encoder("naive", in_dim=input_shape[0], layers=tuple(model.naive_layers),
+                             out_dim=model.output_dim)
+    else:
+        base = build_encoder("stacking", in_dim=input_shape[0], channels=model.conv_channels,
+                             out_dim=model.output_dim, temporal_depth=model.temporal_depth,
+                             num_layers=model.stacking_layers)
+    dropping = model.dropping if model.dropping is not None else method == "gtcc"
+    drop_layers = model.drop_layers if dropping else None
+    if model.mcn:
+        encoder: MultiHeadEncoder | SingleHeadEncoder = MultiHeadEncoder(
+            base, model.num_heads or num_tasks, out_dim=model.output_dim,
+            head_layers=model.head_layers, attn_layers=model.attn_layers,
+            drop_layers=drop_layers)
+    else:
+        encoder = SingleHeadEncoder(base, drop_layers=drop_layers)
+    head = None
+    if progress is not None and progress.enabled and progress.method == "learnable":
+        lc = progress.learnable
+        head = build_progress_head(lc.head_arch, in_dim=model.output_dim,
+                                   hidden_dim=lc.hidden_dim, position=lc.position,
+                                   learnable_h0=lc.learnable_h0,
+                                   frame_count_max=lc.frame_count_max)
+    return AlignmentModel(encoder, head)
