@@ -90,6 +90,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    args.frames = tuple(args.frames)
     results: dict = {"device": name, "torch": torch.__version__, "frames": list(args.frames),
                      "segments": args.segments}
     for enc in ("stacking", "resnet50"):

@@ -1,0 +1,98 @@
+"""Shared pieces of the alignment losses: padding, pair enumeration, distances, the
+intra-video contrastive regulariser (spec ALGORITHMS 6.1, 6.4).
+
+Pure tensor functions: no config import (STYLE habit 6). Every loss has a padded-batch core
+``*_loss_batch(x (B, T, D), mask (B, T), ...)`` and the list form ``*_loss(seqs, ...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+Compat = Literal["fixed", "reference"]
+# "reference": the reference's reduction (spec 6.1: TCC a mean over pairs, the others a sum over
+# ordered pairs; frames summed, nothing length-normalised), which the document's lambda values
+# assume (B20). "mean": the mean over ordered pairs and over the frames of each pair's sum, so
+# that values are O(1) whatever the lengths and batch size.
+Reduction = Literal["reference", "mean"]
+
+# Numerical floor under square roots: keeps d||x|| / dx finite at x = 0 (identical frames).
+SQRT_EPS = 1e-12
+
+
+def check_compat(compat: str, reduction: str) -> None:
+    if compat not in ("fixed", "reference"):
+        raise ValueError(f"compat must be 'fixed' or 'reference', got {compat!r}")
+    if reduction not in ("reference", "mean"):
+        raise ValueError(f"reduction must be 'reference' or 'mean', got {reduction!r}")
+
+
+def pad_sequences(seqs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (T_i, D) tensors -> zero-padded (B, T_max, D) and the (B, T_max) bool mask."""
+    if len(seqs) == 0:
+        raise ValueError("need at least one sequence")
+    dims = {s.shape[-1] for s in seqs}
+    if any(s.dim() != 2 for s in seqs) or len(dims) != 1:
+        raise ValueError("every sequence must be a (T_i, D) tensor with the same D, got shapes "
+                         f"{[tuple(s.shape) for s in seqs]}")
+    lengths = torch.tensor([len(s) for s in seqs], device=seqs[0].device)
+    x = torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True)       # (B, T, D)
+    mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # (B, T)
+    return x, mask
+
+
+def ordered_pairs(batch: int, *, include_self: bool = False,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (i, j) of the ordered pairs of a batch, row-major: (P,), (P,).
+
+    ``include_self`` adds i == j (the reference TCC's B^2 pairs; spec 6.1)."""
+    i, j = torch.meshgrid(torch.arange(batch, device=device), torch.arange(batch, device=device),
+                          indexing="ij")
+    keep = torch.ones_like(i, dtype=torch.bool) if include_self else i != j
+    return i[keep], j[keep]
+
+
+def pairwise_sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances, x (..., N, D), y (..., M, D) -> (..., N, M), exact >= 0.
+
+    Computed from differences, not the ||x||^2 + ||y||^2 - 2xy expansion, whose cancellation
+    gives negative values and wrong gradients for near-identical frames."""
+    diff = x.unsqueeze(-2) - y.unsqueeze(-3)                                   # (..., N, M, D)
+    return diff.square().sum(-1)                                               # (..., N, M)
+
+
+def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (..., N, M) with a finite gradient at 0 (sqrt of a floored square)."""
+    return pairwise_sq_distances(x, y).clamp_min(SQRT_EPS).sqrt()
+
+
+def intra_contrast(x: torch.Tensor, mask: torch.Tensor, *, window: int = 15, margin: float = 2.0,
+                   compat: Compat = "fixed") -> torch.Tensor:
+    """The intra-video regulariser C(U) of LAV and VAVA for every video: (B, T, D) -> (B,).
+
+    Spec 6.4, with d_ab = ||u_a - u_b||, w_ab = (a - b)^2 + 1, y_ab = [|a - b| < window]:
+
+    * push (both modes): sum_ab (1 - y_ab) w_ab max(0, margin - d_ab), far-apart frames pushed
+      at least ``margin`` apart;
+    * ``compat="reference"``: plus sum_ab y_ab w_ab margin, a constant with no gradient (B17);
+    * ``compat="fixed"``: plus sum_ab y_ab w_ab d_ab, the LAV paper's pull of in-window frames
+      together (the diagonal, d_aa = 0, adds nothing).
+
+    Only real frames (mask True) take part; sums are unnormalised as in the reference.
+    """
+    t = x.shape[1]
+    idx = torch.arange(t, device=x.device)
+    gap = (idx[:, None] - idx[None, :]).to(x.dtype)                            # (T, T)
+    weight = gap.square() + 1.0                                                # (T, T) w_ab
+    in_window = gap.abs() < window                                             # (T, T) y_ab
+    valid = mask[:, :, None] & mask[:, None, :]                                # (B, T, T)
+    d = pairwise_distances(x, x)                                               # (B, T, T)
+    push = torch.where(valid & ~in_window, weight * torch.relu(margin - d), 0.0).sum((1, 2))
+    if compat == "reference":
+        near = torch.where(valid & in_window, weight * margin, 0.0).sum((1, 2))
+    else:
+        off_diag = gap != 0
+        near = torch.where(valid & in_window & off_diag, weight * d, 0.0).sum((1, 2))
+    return push + near                                                         # (B,)
