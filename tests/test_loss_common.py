@@ -69,3 +69,21 @@ def test_distances():
     assert d[0, 0].item() == pytest.approx(5.0)
     d.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_distance_gradients(squared):
+    from alignprog.losses.common import _Distances
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _Distances.apply(a, b, squared), (x, y))
+    # the same tensor on both sides (the intra-video regulariser) and broadcast batch dims
+    z = torch.randn(1, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: _Distances.apply(a, a + 0.5, squared), (z,))
+    w = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _Distances.apply(a, b, squared), (x, w))
+    # against the plain difference form
+    diff = (x.unsqueeze(-2) - y.unsqueeze(-3)).square().sum(-1)
+    want = diff if squared else diff.sqrt()
+    torch.testing.assert_close(_Distances.apply(x, y, squared), want)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 Compat = Literal["fixed", "reference"]
 # "reference": the reference's reduction (spec 6.1: TCC a mean over pairs, the others a sum over
@@ -54,19 +55,46 @@ def ordered_pairs(batch: int, *, include_self: bool = False,
     return i[keep], j[keep]
 
 
-def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances, x (..., N, D), y (..., M, D) -> (..., N, M), exact and >= 0.
+class _Distances(torch.autograd.Function):
+    """Euclidean (or squared) distances with an exact, memory-light backward.
 
-    ``torch.cdist`` without the ||x||^2 + ||y||^2 - 2xy expansion: that expansion cancels
-    catastrophically for near-identical frames (negative squares, wrong gradients), and the
-    naive difference form materialises an (..., N, M, D) tensor (25x slower on a CPU, D times the
-    memory). Its gradient at distance 0 (identical frames) is 0, not NaN."""
-    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    Forward: ``torch.cdist`` without the ||x||^2 + ||y||^2 - 2xy expansion, which cancels
+    catastrophically for near-identical frames. Backward: the gradient of sum_nm G_nm d_nm is
+    linear in the inputs, sum_m W_nm (x_n - y_m) with W = G / d (2G when squared), so it is two
+    matmuls; ``torch.cdist``'s own CUDA backward materialises a (..., M, N, D) buffer instead,
+    which runs out of memory (and overflows 32-bit indexing) for long videos. The gradient at
+    d = 0 (identical frames) is 0, as cdist's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, squared: bool):
+        d = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")    # (..., N, M)
+        ctx.save_for_backward(x, y, d)
+        ctx.squared = squared
+        return d.square() if squared else d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, y, d = ctx.saved_tensors
+        if ctx.squared:
+            w = 2.0 * grad                                                   # (..., N, M)
+        else:
+            w = torch.where(d > 0, grad / torch.where(d > 0, d, 1.0), 0.0)   # (..., N, M)
+        grad_x = w.sum(-1, keepdim=True) * x - w @ y                         # (..., N, D)
+        grad_y = w.sum(-2).unsqueeze(-1) * y - w.transpose(-1, -2) @ x       # (..., M, D)
+        return grad_x.sum_to_size(x.shape), grad_y.sum_to_size(y.shape), None
+
+
+def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances, x (..., N, D), y (..., M, D) -> (..., N, M), exact and >= 0,
+    with gradient 0 at distance 0 (identical frames) and no (..., N, M, D) temporary."""
+    return _Distances.apply(x, y, False)
 
 
 def pairwise_sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances (..., N, M) (soft-DTW's cost, spec 6.4)."""
-    return pairwise_distances(x, y).square()
+    return _Distances.apply(x, y, True)
 
 
 def intra_contrast(x: torch.Tensor, mask: torch.Tensor, *, window: int = 15, margin: float = 2.0,
