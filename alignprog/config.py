@@ -254,7 +254,11 @@ class LearnableProgressConfig(StrictModel):
     samples_per_video: int = Field(10, ge=1, description="Actions sampled per video per step.")
     frames_per_segment: int = Field(5, ge=1, description="Target frames per sampled action.")
     stratified_sampling: bool = Field(True, description="Cover the early/mid/late progress bins.")
-    weighted_loss: bool = Field(True, description="Weight = min(1/gt, weight_cap) in the L1 loss.")
+    weighted_loss: bool = Field(True, description="Weight each sample by min(1/gt, weight_cap) "
+                                "and take the weighted mean (the document's loss); false: plain "
+                                "mean.")
+    loss: Literal["l1", "mse"] = Field("l1", description="Per-sample error: l1 |pred - gt| (the "
+                                       "document's) or mse (pred - gt)^2.")
     weight_cap: float = Field(10.0, description="Largest weight of the weighted loss.")
 
     @field_validator("weight_cap")
@@ -276,6 +280,11 @@ class LearnableProgressConfig(StrictModel):
         return "mean" if not self.use_gru else self.arch
 
 
+# Default lambda per alignment method (the document's table, section "Loss Scales": GTCC
+# 1e5-1e6, LAV 1e6, VAVA 1e4-1e5, TCC 1e4-1e5): total = alignment + lambda * progress.
+DEFAULT_LAMBDA = {"tcc": 1e4, "gtcc": 1e5, "lav": 1e6, "vava": 1e5}
+
+
 class ProgressConfig(StrictModel):
     """Progress learning (the document's PROGRESS_LOSS block; defaults as its training command)."""
 
@@ -285,9 +294,16 @@ class ProgressConfig(StrictModel):
         "embedding distance, normalised per action (no head).")
     lambda_fixed: float | None = Field(
         None, ge=0, description="Weight of the progress loss in total = alignment + lambda * "
-        "progress. Unset: the per-method default.")
+        "progress. Unset: the per-method default, tcc 1e4, gtcc 1e5, lav 1e6, vava 1e5.")
+    cumulative_normaliser: Literal["self", "class"] = Field(
+        "class", description="cumulative_l2: divide the cumulative distance within an action by "
+        "the mean path length of its action class (causal; the same normaliser in training and "
+        "evaluation) or by the action's own total (the reference's, non-causal).")
     learnable: LearnableProgressConfig = Field(
         default_factory=LearnableProgressConfig, description="The learnable head.")
+
+    def lambda_for(self, method: str) -> float:
+        return self.lambda_fixed if self.lambda_fixed is not None else DEFAULT_LAMBDA[method]
 
 
 class Config(StrictModel):
