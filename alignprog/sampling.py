@@ -8,7 +8,8 @@ Candidates are t >= s + min_segment_len - 1, so every segment has at least ``min
 frames. Stratified mode (the reference's rule, spec 4 step 5): each non-empty progress bin,
 early q <= 0.33 < mid <= 0.67 < late, gets max(1, n // 3) targets, the rest are drawn uniformly
 from the candidates left; with n = 5 that is one per non-empty bin plus two extras, which the
-document describes as "~2/~2/~1". Uniform mode draws all n uniformly.
+document describes as "~2/~2/~1" (with n < 3 the rule still takes one per non-empty bin, so a
+draw may hold up to 3 targets, as the reference's). Uniform mode draws all n uniformly.
 
 Everything is batched over videos and draws with random keys and sorts (no Python loop over
 videos, draws or frames), on the CPU, from a ``torch.Generator``: the same seed gives the same
