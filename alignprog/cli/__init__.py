@@ -6,6 +6,7 @@ import typer
 
 from alignprog import __version__
 from alignprog.cli import data as data_cmd
+from alignprog.cli import sample_inspect as sample_inspect_cmd
 
 app = typer.Typer(
     name="alignprog",
@@ -18,6 +19,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(data_cmd.app, name="data")
+app.command("sample-inspect", epilog=sample_inspect_cmd.EPILOG)(sample_inspect_cmd.sample_inspect)
 
 
 def _version(value: bool) -> None:
