@@ -310,13 +310,94 @@ class ProgressConfig(StrictModel):
         return self.lambda_fixed if self.lambda_fixed is not None else DEFAULT_LAMBDA[method]
 
 
+class TCCLossConfig(StrictModel):
+    softmax_temp: float = Field(0.1, gt=0, description="Softmax temperature tau (spec 6.2).")
+    alignment_variance: float = Field(0.001, ge=0, description="Weight of the log-variance term.")
+
+
+class GTCCLossConfig(StrictModel):
+    n_components: int = Field(15, ge=1, description="GMM components K (EgoProceL: 15).")
+    delta: float = Field(0.2, ge=0.05, le=1.0, description="Cycle-back window width, a fraction "
+                         "of the video.")
+    gamma: float = Field(0.95, gt=0, le=1.0, description="Drop-floor decay; < 1 turns the drop "
+                         "term on.")
+    softmax_temp: float = Field(0.1, gt=0, description="Softmax temperature tau.")
+    max_gmm_iters: int = Field(8, ge=1, description="Outer L-BFGS steps of each GMM fit.")
+    alignment_variance: float = Field(0.0, ge=0, description="Weight of the log-variance term.")
+
+
+class LAVLossConfig(StrictModel):
+    min_temp: float = Field(0.1, gt=0, description="Soft-DTW smoothing gamma.")
+    cr_coefficient: float = Field(0.01, ge=0, description="Weight of the intra-video regulariser.")
+
+
+class VAVALossConfig(StrictModel):
+    max_iter: int = Field(20, ge=1, description="Sinkhorn iterations.")
+    lambda1: float = Field(1.0, description="Weight of the inverse-difference-moment reward.")
+    lambda2: float = Field(0.1, description="Weight of the KL to the prior.")
+    gamma: float = Field(0.5, ge=0, description="Weight of the contrastive part.")
+    zeta: float = Field(0.5, description="Cost of the virtual (drop) row and column.")
+    delta: float = Field(0.6, gt=0, description="Width of the Gaussian priors.")
+
+
+class LossConfig(StrictModel):
+    """Alignment-loss settings (spec ALGORITHMS 6 and the defaults table)."""
+
+    compat: Literal["fixed", "reference"] = Field(
+        "fixed", description="fixed: the spec's corrected behaviour for every listed bug; "
+        "reference: reproduce the reference's numbers, bugs included.")
+    reduction: Literal["reference", "mean"] = Field(
+        "reference", description="reference: the reference's unnormalised sums (the lambda "
+        "defaults assume it); mean: per pair and frame.")
+    tcc: TCCLossConfig = Field(default_factory=TCCLossConfig, description="TCC settings.")
+    gtcc: GTCCLossConfig = Field(default_factory=GTCCLossConfig, description="GTCC settings.")
+    lav: LAVLossConfig = Field(default_factory=LAVLossConfig, description="LAV settings.")
+    vava: VAVALossConfig = Field(default_factory=VAVALossConfig, description="VAVA settings.")
+
+
+class TrainConfig(StrictModel):
+    """The training run (spec ALGORITHMS 7 and the defaults table)."""
+
+    method: Literal["tcc", "gtcc", "lav", "vava"] = Field("lav", description="Alignment method.")
+    epochs: int = Field(10, ge=1, description="Epochs over the training split (the document "
+                        "trains 50 on EgoProceL; 10 suffice on the synthetic default).")
+    steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides epochs.")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate of the encoder (and of the "
+                      "head unless head_lr is set).")
+    head_lr: float | None = Field(None, gt=0, description="Adam learning rate of the progress "
+                                  "head. Unset: lr.")
+    clip_mode: Literal["global", "separate", "none"] = Field(
+        "separate", description="global: one clip over all parameters at encoder_clip (the "
+        "document's); separate: encoder at encoder_clip, head at head_clip (see the README for "
+        "why this is the default); none.")
+    encoder_clip: float = Field(1e-5, gt=0, description="Max gradient norm of the encoder (and "
+                                "of everything in global mode).")
+    head_clip: float = Field(1.0, gt=0, description="Max gradient norm of the progress head "
+                             "(separate mode).")
+    seed: int = Field(0, description="Seed of weights, batch order and progress sampling.")
+    device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast for the "
+                                                "model; losses stay in fp32.")
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    max_bad_steps: int = Field(20, ge=1, description="Stop after this many consecutive steps "
+                               "with a non-finite loss (each is skipped and counted).")
+    two_stage: bool = Field(False, description="Train alignment first (epochs), then the "
+                            "progress head alone on the frozen encoder (head_epochs).")
+    head_epochs: int = Field(10, ge=1, description="Epochs of the second stage.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    runs_dir: Path = Field(Path("runs"), description="Folder of the run directories.")
+    name: str | None = Field(None, description="Run name. Unset: <method>-<timestamp>.")
+
+
 class Config(StrictModel):
-    """The whole configuration; later parts (losses, train) are added beside these."""
+    """The whole configuration."""
 
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and batching.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The encoder.")
     progress: ProgressConfig = Field(default_factory=ProgressConfig,
                                      description="Progress learning.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Alignment losses.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training run.")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def _weights(gt: np.ndarray, cfg: Config) -> np.ndarray:
 
 
 def _run(batches: list[Batch], dataset: Dataset, cfg: Config, *, stratified: bool, seed: int
-         ) -> tuple[dict[str, Any], list[tuple[int, SegmentSamples, Batch]]]:
+         ) -> tuple[dict[str, Any], list[tuple[SegmentSamples, Batch]]]:
     """Counts of one sampled epoch, and the raw samples (for the timeline)."""
     labels = dataset.labels
     vocab = dataset.vocabulary or {}
@@ -76,9 +76,11 @@ def _run(batches: list[Batch], dataset: Dataset, cfg: Config, *, stratified: boo
     per_video: dict[int, int] = {}
     per_label: Counter[int] = Counter()
     stats: Counter[str] = Counter()
+    missing = extra = 0
+    n, spv = cfg.progress.learnable.frames_per_segment, cfg.progress.learnable.samples_per_video
     raw = []
     for batch, samples in zip(batches, _draw(batches, cfg, stratified=stratified, seed=seed)):
-        raw.append((len(raw), samples, batch))
+        raw.append((samples, batch))
         gts.append(samples.gt.double().numpy())
         bins.append(samples.bin.numpy())
         counts = torch.bincount(samples.video, minlength=batch.size)                # (B,)
@@ -86,6 +88,14 @@ def _run(batches: list[Batch], dataset: Dataset, cfg: Config, *, stratified: boo
             per_video[index] = per_video.get(index, 0) + int(counts[row])
         per_label.update(batch.seg_label[samples.video, samples.action].tolist())
         stats.update({k: int(samples.stats.get(k, 0)) for k in STAT_KEYS})
+        # Targets per draw against frames_per_segment: short actions give fewer; stratified
+        # mode with frames_per_segment < 3 gives one per non-empty bin, i.e. more (spec 4.5).
+        per_draw = torch.bincount(samples.video * spv + samples.draw,
+                                  minlength=batch.size * spv)                     # (B*S,)
+        per_draw = per_draw[per_draw > 0]                                           # (D',)
+        missing += int((n - per_draw).clamp(min=0).sum())
+        missing += n * (int(samples.stats.get("draws", 0)) - len(per_draw))
+        extra += int((per_draw - n).clamp(min=0).sum())
     gt = np.concatenate(gts) if gts else np.zeros(0)                                # (Q,)
     bin_ = np.concatenate(bins) if bins else np.zeros(0, dtype=np.int64)            # (Q,)
     w = _weights(gt, cfg)                                                           # (Q,)
@@ -94,17 +104,17 @@ def _run(batches: list[Batch], dataset: Dataset, cfg: Config, *, stratified: boo
     by_bin = []
     for j, name in enumerate(BIN_NAMES):
         sel = bin_ == j
-        n = int(sel.sum())
+        count = int(sel.sum())
         by_bin.append({
-            "bin": name, "low": edges[j], "high": edges[j + 1], "count": n,
-            "share": n / total if total else 0.0,
-            "mean_weight": float(w[sel].mean()) if n else None,
+            "bin": name, "low": edges[j], "high": edges[j + 1], "count": count,
+            "share": count / total if total else 0.0,
+            "mean_weight": float(w[sel].mean()) if count else None,
             "weight_share": float(w[sel].sum()) / total_w if total_w else 0.0,
         })
     hist, hist_edges = np.histogram(gt, bins=HIST_BINS, range=(0.0, 1.0))
     counts = list(per_video.values())
-    actions = [{"label": labels[k], "name": vocab.get(labels[k], labels[k]), "count": n}
-               for k, n in per_label.items()]
+    actions = [{"label": labels[k], "name": vocab.get(labels[k], labels[k]), "count": c}
+               for k, c in per_label.items()]
     actions.sort(key=lambda a: (-a["count"], a["label"]))
     return {
         "stratified": stratified,
@@ -118,17 +128,19 @@ def _run(batches: list[Batch], dataset: Dataset, cfg: Config, *, stratified: boo
                       "min": min(counts, default=0), "max": max(counts, default=0)},
         "per_action": actions,
         "stats": {k: stats[k] for k in STAT_KEYS},
+        "missing_targets": missing,
+        "extra_targets": extra,
     }, raw
 
 
-def _timeline(dataset: Dataset, index: int, raw: list[tuple[int, SegmentSamples, Batch]]
+def _timeline(dataset: Dataset, index: int, raw: list[tuple[SegmentSamples, Batch]]
               ) -> dict[str, Any]:
     video = dataset.videos[index]
     ann = video.annotation
     vocab = dataset.vocabulary or {}
     fg = ann.is_foreground
     samples = []
-    for _, s, batch in raw:
+    for s, batch in raw:
         if index not in batch.indices:
             continue
         row = batch.indices.index(index)
@@ -140,7 +152,7 @@ def _timeline(dataset: Dataset, index: int, raw: list[tuple[int, SegmentSamples,
         break  # a video is in at most one batch of an epoch
     return {
         "handle": video.handle, "task": video.task, "num_frames": video.num_frames,
-        "visited": any(index in b.indices for _, _, b in raw),
+        "visited": any(index in b.indices for _, b in raw),
         "segments": [{"start": int(a), "end": int(b), "label": lab,
                       "name": vocab.get(lab, lab), "foreground": bool(f)}
                      for a, b, lab, f in zip(ann.starts, ann.ends, ann.labels, fg)],
@@ -180,14 +192,10 @@ def sampling_report(cfg: Config, *, split: str = "train", seed: int = 0,
 
     visited = [i for b in batches for i in b.indices]
     skipped = [i for i in in_split if ds.videos[i].task in set(sampler.skipped_tasks)]
-    lengths = np.concatenate([ds.videos[i].annotation.lengths[ds.videos[i].annotation
-                                                              .is_foreground]
-                              for i in visited]) if visited else np.zeros(0, dtype=np.int64)
+    anns = [ds.videos[i].annotation for i in visited]
+    lengths = np.concatenate([a.lengths[a.is_foreground] for a in anns] or [np.zeros(0, int)])
     if target_index is None:
-        got = {}
-        for _, s, b in raw:
-            for row in s.video.unique().tolist():
-                got[b.indices[row]] = True
+        got = {b.indices[row] for s, b in raw for row in s.video.unique().tolist()}
         target_index = next((i for i in in_split if i in got), None)
     return {
         "dataset": ds.name,
@@ -223,14 +231,20 @@ def sampling_report(cfg: Config, *, split: str = "train", seed: int = 0,
 BIN_COLOURS = {"early": "#1b9e77", "mid": "#7570b3", "late": "#d95f02"}
 
 
+def require_matplotlib() -> None:
+    """Raise a one-line `AlignprogError` naming the install command if matplotlib is missing."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        raise AlignprogError("plotting needs matplotlib, which is not installed: "
+                             "pip install 'alignprog[plot]'") from None
+
+
 def plot_report(report: dict[str, Any]) -> bytes:
     """A PNG of the report: progress histograms stratified vs uniform, weight share per bin, and
     the timeline of its video. Needs matplotlib (``pip install 'alignprog[plot]'``)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise AlignprogError("--plot needs matplotlib, which is not installed: "
-                             "pip install 'alignprog[plot]'") from None
+    require_matplotlib()
+    from matplotlib.figure import Figure
     st, un, tl = report["stratified"], report["uniform"], report["timeline"]
     fig = Figure(figsize=(12, 8.5), layout="constrained")
     grid = fig.add_gridspec(2, 2, height_ratios=(1, 1.2), width_ratios=(1.6, 1))
@@ -245,8 +259,8 @@ def plot_report(report: dict[str, Any]) -> bytes:
     for x in BIN_EDGES:
         ax.axvline(x, color="k", ls=":", lw=1)
     ax.set(xlim=(0, 1), xlabel="ground-truth progress", ylabel="samples",
-           title=f"{report['dataset']}, {report['settings']['split']} split, one epoch "
-                 f"(seed {report['settings']['seed']})")
+           title=f"ground-truth progress of one epoch: {report['dataset']}, "
+                 f"{report['settings']['split']} split, seed {report['settings']['seed']}")
     ax.legend()
 
     ax = fig.add_subplot(grid[0, 1])

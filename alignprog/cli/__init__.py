@@ -7,6 +7,7 @@ import typer
 from alignprog import __version__
 from alignprog.cli import data as data_cmd
 from alignprog.cli import sample_inspect as sample_inspect_cmd
+from alignprog.cli import train as train_cmd
 
 app = typer.Typer(
     name="alignprog",
@@ -18,6 +19,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+app.command("train", epilog="Examples:\n\n  alignprog train --method lav\n\n  alignprog train "
+            "--method gtcc --dataset data/ego --device cuda --epochs 50 --encoder resnet50\n\n"
+            "  alignprog train --name my-run --resume")(train_cmd.train)
 app.add_typer(data_cmd.app, name="data")
 app.command("sample-inspect", epilog=sample_inspect_cmd.EPILOG)(sample_inspect_cmd.sample_inspect)
 

@@ -16,7 +16,7 @@ from alignprog.cli.common import (ConfigOpt, SetOpt, console, err_console, fail,
                                    resolve_config)
 from alignprog.cli.data import FpsPreset
 from alignprog.fileio import atomic_write_bytes
-from alignprog.sampling_report import plot_report, sampling_report
+from alignprog.sampling_report import plot_report, require_matplotlib, sampling_report
 
 BIN_STYLE = {"early": "green", "mid": "magenta", "late": "dark_orange"}
 MODE_STYLE = {True: "bold blue", False: "bold"}
@@ -56,22 +56,27 @@ def sample_inspect(
         "--json", help="Print the report as JSON (nothing else on stdout).")] = False,
     plot: Annotated[Optional[Path], typer.Option(
         help="Also write a PNG figure (histograms and the timeline) to this file. Needs "
-        "matplotlib: pip install 'alignprog[plot]'.", show_default=False)] = None,
+        "matplotlib: pip install 'alignprog\\[plot]'.", show_default=False)] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Show the progress head's training samples of one epoch, stratified vs uniform.
 
-    Samples are drawn exactly as training draws them (the shuffled, drop-last loader and one
-    seeded generator per epoch); only the annotations are read, never the feature files. Shown:
-    samples per progress bin with the loss weight each bin gets, a progress histogram, samples
-    per video and per action, what the sampler rejected and why, and one video's timeline.
+    Samples are drawn exactly as training draws them (shuffled drop-last loader, seeded sampler).
+    Only the annotations are read, never the feature files. Shown for one epoch:
+
+    - samples and loss weight per progress bin (early, mid, late), and a progress histogram;
+    - samples per video and per action;
+    - what the sampler rejected and why;
+    - one video's timeline: its segments and the sampled segments under them.
     """
     cfg = resolve_config(config, set_, {
         "data.root": root, "data.annotations": annotations,
         "data.strict": False if lenient else None,
         "data.fps.preset": fps_preset.value if fps_preset else None,
     })
+    if plot is not None:
+        require_matplotlib()  # fail before the work, not after
     rep = sampling_report(cfg, split=split, seed=seed, video=video)
     for warning in rep["warnings"]:
         report("warning", warning)
@@ -101,9 +106,9 @@ def _pct(x: float) -> str:
 def _print_report(rep: dict[str, Any]) -> None:
     s, ld = rep["settings"], rep["loader"]
     console.print(
-        f"[bold]{escape(rep['dataset'])}[/], {s['split']} split, seed {s['seed']}: one epoch of "
-        f"{ld['batches']} batches of up to {s['batch_size']} videos "
-        f"({ld['videos_visited']} of {ld['videos_in_split']} videos)", highlight=False)
+        f"[bold]{escape(rep['dataset'])}[/], {s['split']} split, seed {s['seed']}: one epoch, "
+        f"{ld['batches']} batches of <= {s['batch_size']} videos, {ld['videos_visited']} of "
+        f"{ld['videos_in_split']} videos", highlight=False)
     weights = (f"min(1/gt, {s['weight_cap']:g})" if s["weighted_loss"]
                else "1 (progress.learnable.weighted_loss is off)")
     console.print(
@@ -120,17 +125,14 @@ def _print_report(rep: dict[str, Any]) -> None:
 
 def _bins_table(rep: dict[str, Any]) -> None:
     st, un = rep["stratified"], rep["uniform"]
-    table = Table(title="progress bins: [bold blue]stratified[/] vs [bold]uniform[/]",
-                  title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title="progress bins: [bold blue]stratified[/] | [bold]uniform[/]",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("bin")
     for run in (st, un):
-        name = "stratified" if run["stratified"] else "uniform"
-        style = MODE_STYLE[run["stratified"]]
-        table.add_column(Text(f"{name}\nsamples", style=style), justify="right")
-        for col in ("share", "mean w", "w share"):
-            table.add_column(Text(f"\n{col}", style=style), justify="right")
+        for col in ("count", "share", "mean w", "w share"):
+            table.add_column(Text(col, style=MODE_STYLE[run["stratified"]]), justify="right")
     for a, b in zip(st["bins"], un["bins"]):
-        cells = [f"[{BIN_STYLE[a['bin']]}]{a['bin']}[/] ({a['low']:g}-{a['high']:g}]"]
+        cells = [f"[{BIN_STYLE[a['bin']]}]{a['bin']}[/]"]
         for x in (a, b):
             cells += [str(x["count"]), _pct(x["share"]),
                       "-" if x["mean_weight"] is None else f"{x['mean_weight']:.2f}",
@@ -144,8 +146,10 @@ def _bins_table(rep: dict[str, Any]) -> None:
                   "-" if mean is None else f"{mean:.2f}", _pct(1.0 if x["samples"] else 0.0)]
     table.add_row(*cells)
     console.print(table)
-    console.print("mean w: mean loss weight of the bin's samples; w share: the bin's share of "
-                  "the weighted loss", style="dim", highlight=False)
+    lo, hi = st["bins"][0]["high"], st["bins"][1]["high"]
+    console.print(f"bins of ground-truth progress gt: early <= {lo:g} < mid <= {hi:g} < late; "
+                  "mean w: the bins' mean loss weight; w share: their share of the weighted "
+                  "loss", style="dim", highlight=False)
 
 
 def _bar(n: int, top: int, style: str) -> Text:
@@ -197,46 +201,47 @@ def _per_action(rep: dict[str, Any], top: int = 10) -> None:
 
 def _rejections(rep: dict[str, Any]) -> None:
     s, ld, act = rep["settings"], rep["loader"], rep["actions"]
-    st, un = rep["stratified"]["stats"], rep["uniform"]["stats"]
+    runs = rep["stratified"], rep["uniform"]
+    st, un = (r["stats"] | {k: r[k] for k in ("missing_targets", "extra_targets")} for r in runs)
     m, n = s["min_segment_len"], s["frames_per_segment"]
-    table = Table(title="rejected or lost, and why", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("what")
+    table = Table(title="rejected or lost, and why", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    table.add_column("what", no_wrap=True)
     table.add_column(Text("stratified", style=MODE_STYLE[True]), justify="right")
     table.add_column(Text("uniform", style=MODE_STYLE[False]), justify="right")
     table.add_column("why")
     skipped = ", ".join(ld["skipped_tasks"])
     rows = [
         ("videos skipped by the loader", ld["videos_skipped"], ld["videos_skipped"],
-         "their task has a single video in the split: no pair to align"
-         + (f" ({skipped})" if skipped else "")),
+         "single-video task in the split: no pair" + (f" ({skipped})" if skipped else "")),
         ("videos left out this epoch", ld["videos_dropped_incomplete_batch"],
-         ld["videos_dropped_incomplete_batch"],
-         f"incomplete last batch of their task (drop_last, batch_size {s['batch_size']}); "
-         "another seed leaves out others"),
-        (f"foreground actions < {m} frames", act["shorter_than_min_segment_len"],
+         ld["videos_dropped_incomplete_batch"], "in an incomplete last batch (drop_last)"),
+        (f"actions shorter than {m}", act["shorter_than_min_segment_len"],
          act["shorter_than_min_segment_len"],
-         f"never drawn: a segment needs >= min_segment_len frames (of {act['foreground']} "
-         "actions in the visited videos)"),
-        ("videos without a usable action", st["videos_without_usable_action"],
-         un["videos_without_usable_action"], "only background or only short actions: no samples"),
+         f"< min_segment_len: never drawn (of {act['foreground']} actions)"),
+        ("videos without usable action", st["videos_without_usable_action"],
+         un["videos_without_usable_action"], "only background or short actions"),
         ("  of which all background", st["all_background_videos"], un["all_background_videos"],
-         "no foreground segment at all"),
+         "no foreground segment"),
         (f"draws with < {n} targets", st["short_draws"], un["short_draws"],
-         f"the action has fewer than {n} candidate targets (length - {m - 1} < {n})"),
-        ("targets lost to short actions", st["draws"] * n - st["targets"],
-         un["draws"] * n - un["targets"], f"{n} per draw wanted, the shortfall of those draws"),
+         f"fewer than {n} candidates (length - {m - 1})"),
+        ("targets lost to short actions", st["missing_targets"], un["missing_targets"],
+         f"those draws' shortfall from {n}"),
     ]
+    if st["extra_targets"] or un["extra_targets"]:
+        rows.append((f"targets beyond {n} per draw", st["extra_targets"], un["extra_targets"],
+                     "stratified: one per non-empty bin even when that is more"))
     for what, a, b, why in rows:
         table.add_row(what, str(a), str(b), why)
     table.add_section()
     table.add_row("draws", str(st["draws"]), str(un["draws"]),
-                  f"{s['samples_per_video']} per usable video")
+                  f"{s['samples_per_video']} per usable video visited")
     table.add_row("targets (samples)", str(st["targets"]), str(un["targets"]), "")
     console.print(table)
 
 
-def _col(frame: int, num_frames: int) -> int:
-    return min(TIMELINE_WIDTH - 1, frame * TIMELINE_WIDTH // max(num_frames, 1))
+def _col(frame: int, num_frames: int, width: int) -> int:
+    return min(width - 1, frame * width // max(num_frames, 1))
 
 
 def _timeline(tl: dict[str, Any] | None) -> None:
@@ -244,29 +249,42 @@ def _timeline(tl: dict[str, Any] | None) -> None:
         console.print("timeline: no video got samples", highlight=False)
         return
     n = tl["num_frames"]
+    draws: dict[int, list[dict[str, Any]]] = {}
+    for smp in tl["samples"]:
+        draws.setdefault(smp["draw"], []).append(smp)
+    info = {}  # per draw: the action and its targets' gt, written right of the ruler
+    for d, smps in draws.items():
+        seg = tl["segments"][smps[0]["action"]]
+        gts = sorted(smps, key=lambda x: x["target"])
+        info[d] = (f"  {seg['name']} {seg['start']}-{seg['end']}:",
+                   [(f" {x['gt']:.2f}".replace(" 0.", " ."), BIN_STYLE[x["bin"]]) for x in gts])
+    longest = max((len(a) + sum(len(t) for t, _ in b) for a, b in info.values()), default=0)
+    label_w = 10
+    # The ruler takes what the terminal leaves beside the per-draw text.
+    width = max(20, min(TIMELINE_WIDTH, console.width - label_w - 1 - longest))
     console.print(f"[bold]timeline[/] of {escape(tl['handle'])} ({escape(tl['task'])}, {n} "
-                  f"frames, stratified run; targets marked [{BIN_STYLE['early']}]e[/]arly, "
-                  f"[{BIN_STYLE['mid']}]m[/]id, [{BIN_STYLE['late']}]l[/]ate)", highlight=False)
+                  f"frames, stratified run): one row per draw, the action's prefix up to its "
+                  f"targets [{BIN_STYLE['early']}]e[/] early, [{BIN_STYLE['mid']}]m[/] mid, "
+                  f"[{BIN_STYLE['late']}]l[/] late, then the targets' gt", highlight=False)
     if not tl["visited"]:
         console.print("  not visited this epoch (left out by the loader): no samples",
                       highlight=False)
-    label_w = 10
-    ruler = [" "] * TIMELINE_WIDTH
+    ruler = [" "] * width
     ticks = Text(" " * (label_w + 1))
     marks = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})
     for f in marks:
-        ruler[_col(f, n)] = "┬"
-    numbers = [" "] * (TIMELINE_WIDTH + 6)
+        ruler[_col(f, n, width)] = "┬"
+    numbers = [" "] * (width + 6)
     for f in marks:
         label = str(f)
-        c = min(_col(f, n), TIMELINE_WIDTH + 6 - len(label))
+        c = min(_col(f, n, width), width + 6 - len(label))
         numbers[c:c + len(label)] = label
     console.print(Text(" " * (label_w + 1)) + Text("".join(numbers).rstrip(), style="dim"))
     console.print(ticks + Text("".join(ruler), style="dim"))
 
     styles: dict[str, str] = {}
     seg_line = Text("segments".ljust(label_w) + " ")
-    cells = [Text("·", style="dim")] * TIMELINE_WIDTH
+    cells = [Text("·", style="dim")] * width
     shade = 0
     for seg in tl["segments"]:
         if not seg["foreground"]:
@@ -274,32 +292,30 @@ def _timeline(tl: dict[str, Any] | None) -> None:
         style = styles.setdefault(seg["name"], ACTION_STYLES[len(styles) % len(ACTION_STYLES)])
         char = "█▓"[shade % 2]  # neighbouring actions stay apart without colour
         shade += 1
-        for c in range(_col(seg["start"], n), _col(seg["end"], n) + 1):
+        for c in range(_col(seg["start"], n, width), _col(seg["end"], n, width) + 1):
             cells[c] = Text(char, style=style)
     for cell in cells:
         seg_line.append_text(cell)
     console.print(seg_line, no_wrap=True, overflow="crop")
 
-    draws: dict[int, list[dict[str, Any]]] = {}
-    for smp in tl["samples"]:
-        draws.setdefault(smp["draw"], []).append(smp)
     for d, smps in sorted(draws.items()):
         seg = tl["segments"][smps[0]["action"]]
-        row = [Text(" ")] * TIMELINE_WIDTH
+        row = [Text(" ")] * width
         last = max(x["target"] for x in smps)
-        for c in range(_col(seg["start"], n), _col(seg["end"], n) + 1):
+        for c in range(_col(seg["start"], n, width), _col(seg["end"], n, width) + 1):
             row[c] = Text("─", style="dim")
-        for c in range(_col(seg["start"], n), _col(last, n) + 1):
+        for c in range(_col(seg["start"], n, width), _col(last, n, width) + 1):
             row[c] = Text("━", style=styles.get(seg["name"], ""))
         for x in smps:
-            row[_col(x["target"], n)] = Text(x["bin"][0], style=f"bold {BIN_STYLE[x['bin']]}")
+            style = f"bold {BIN_STYLE[x['bin']]}"
+            row[_col(x["target"], n, width)] = Text(x["bin"][0], style=style)
         line = Text(f"draw {d}".ljust(label_w) + " ")
         for cell in row:
             line.append_text(cell)
-        line.append(f"  {seg['name']} {seg['start']}-{seg['end']}: ")
-        for x in sorted(smps, key=lambda x: x["target"]):
-            line.append(f"{x['gt']:.2f}".lstrip("0") + " ", style=BIN_STYLE[x["bin"]])
-        console.print(line, no_wrap=True, overflow="ellipsis")
+        line.append(info[d][0])
+        for text, style in info[d][1]:
+            line.append(text, style=style)
+        console.print(line)
     legend = ", ".join(f"[{st}]{escape(name)}[/]" for name, st in styles.items())
     console.print(f"actions: {legend}" if legend else "actions: none (all background)",
                   highlight=False)

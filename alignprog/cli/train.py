@@ -1,0 +1,275 @@
+"""`alignprog train`: the joint encoder + progress-head training run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from alignprog.cli.common import ConfigOpt, SetOpt, console, err_console, guarded, resolve_config
+from alignprog.config import dump_config
+from alignprog.models import ENCODER_LAYOUT
+
+
+class Method(str, Enum):
+    tcc = "tcc"
+    gtcc = "gtcc"
+    lav = "lav"
+    vava = "vava"
+
+
+class ProgressMethod(str, Enum):
+    learnable = "learnable"
+    cumulative_l2 = "cumulative_l2"
+    none = "none"
+
+
+class Head(str, Enum):
+    gru = "gru"
+    mean = "mean"
+    transformer = "transformer"
+    dilated_conv = "dilated_conv"
+
+
+class ClipMode(str, Enum):
+    separate = "separate"
+    global_ = "global"
+    none = "none"
+
+
+class Encoder(str, Enum):
+    stacking = "stacking"
+    resnet50 = "resnet50"
+    naive = "naive"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+class Display:
+    """Renders the loop's events: a live bar and table on a terminal, JSON lines, or quiet."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode  # "live", "plain", "json", "quiet"
+        self.live: Live | None = None
+        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.task = None
+        self.rows: list[dict] = []
+        self.epochs: list[dict] = []
+
+    def table(self) -> Table:
+        t = Table(title="training", title_justify="left")
+        for col in ("step", "align", "progress", "λ·prog", "total", "|g| enc", "|g| enc clip",
+                    "|g| head", "|g| head clip", "lr", "skip", "videos/s", "frames/s", "GPU MB"):
+            t.add_column(col, justify="right")
+        for r in self.rows[-8:]:
+            rate = r["videos"] / r["seconds"] if r.get("seconds") else None
+            frate = r["frames"] / r["seconds"] if r.get("seconds") else None
+            t.add_row(str(r["step"]), _fmt(r["alignment"]), _fmt(r["progress"]),
+                      _fmt(r["weighted_progress"]), _fmt(r.get("total")),
+                      _fmt(r.get("grad_encoder"), ".2e"), _fmt(r.get("grad_encoder_clipped"), ".2e"),
+                      _fmt(r.get("grad_head"), ".2e"), _fmt(r.get("grad_head_clipped"), ".2e"),
+                      _fmt(r.get("lr"), ".1e"), str(r.get("skipped_total", 0)), _fmt(rate, ".1f"),
+                      _fmt(frate, ".0f"), _fmt(r.get("gpu_memory_mb"), ".0f"))
+        if self.epochs:
+            e = Table(title="epochs (validation)", title_justify="left")
+            for col in ("epoch", "step", "val align", "val progress", "val total",
+                        "head MAE", "const 0.5 MAE", "frame-count MAE"):
+                e.add_column(col, justify="right")
+            for r in self.epochs[-5:]:
+                mae = r.get("val_progress_mae") or {}
+                e.add_row(str(r["epoch"]), str(r["step"]), _fmt(r.get("val_alignment")),
+                          _fmt(r.get("val_progress")), _fmt(r.get("val_total")),
+                          _fmt(mae.get("head"), ".4f"), _fmt(mae.get("constant_0.5"), ".4f"),
+                          _fmt(mae.get("frame_count"), ".4f"))
+            return Group(t, e)
+        return t
+
+    def __call__(self, kind: str, record: dict) -> None:
+        if self.mode == "json":
+            typer.echo(json.dumps({"kind": kind} | record, default=str))
+            return
+        if kind == "start":
+            if self.mode != "quiet":
+                err_console.print(
+                    f"training {record['method']} on {record['device']}: {record['steps']} steps "
+                    f"({record['steps_per_epoch']} per epoch), lambda {record['lambda']:g}",
+                    highlight=False)
+            if self.mode == "live":
+                self.task = self.progress.add_task("train", total=record["steps"], epoch=0,
+                                                   rate="")
+                if record.get("resumed_at"):
+                    self.progress.update(self.task, completed=record["resumed_at"])
+                self.live = Live(Group(self.progress, self.table()), console=console,
+                                 refresh_per_second=4)
+                self.live.start()
+            return
+        if kind == "step":
+            self.rows.append(record)
+            if self.mode == "live":
+                rate = f"{1 / record['seconds']:.1f} steps/s" if record.get("seconds") else ""
+                self.progress.update(self.task, completed=record["step"],
+                                     epoch=record["epoch"], rate=rate)
+            elif self.mode == "plain":
+                console.print(f"step {record['step']}: alignment {_fmt(record['alignment'])} "
+                              f"progress {_fmt(record['progress'])} total "
+                              f"{_fmt(record.get('total'))}", highlight=False)
+        elif kind == "epoch":
+            self.epochs.append(record)
+            if self.mode == "plain":
+                mae = record.get("val_progress_mae") or {}
+                console.print(f"epoch {record['epoch']}: val total {_fmt(record.get('val_total'))}"
+                              f", progress MAE head {_fmt(mae.get('head'), '.4f')} const-0.5 "
+                              f"{_fmt(mae.get('constant_0.5'), '.4f')} frame-count "
+                              f"{_fmt(mae.get('frame_count'), '.4f')}", highlight=False)
+        elif kind == "end":
+            self.stop()
+            return
+        if self.live is not None:
+            self.live.update(Group(self.progress, self.table()))
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.update(Group(self.progress, self.table()))
+            self.live.stop()
+            self.live = None
+
+
+def _result_table(report: dict) -> Table:
+    t = Table(title=f"progress error on the {report.get('split', 'test')} split "
+              "(action-level, online, mean absolute error)", title_justify="left")
+    for col in ("predictor", "MAE (mean over videos)", "MAE (all frames)", "early", "mid",
+                "late", "monotonic"):
+        t.add_column(col, justify="right")
+    for name, res in report.get("predictors", {}).items():
+        res = res["metrics"]
+        bins = res.get("by_progress") or {}
+        t.add_row(name, _fmt(res["mae"]["mean_over_videos"], ".4f"),
+                  _fmt(res["mae"]["pooled"], ".4f"),
+                  *(_fmt((bins.get(b) or {}).get("mae"), ".4f") for b in ("early", "mid", "late")),
+                  _fmt((res.get("monotonicity") or {}).get("share"), ".3f"))
+    return t
+
+
+@guarded
+def train(
+    method: Annotated[Optional[Method], typer.Option(
+        help="Alignment method.", show_default="lav")] = None,
+    dataset: Annotated[Optional[Path], typer.Option(
+        help="Dataset root (see `alignprog data check`). Unset: the embedded synthetic dataset.",
+        show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs.", show_default="10")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        help="Optimizer steps in all; overrides --epochs.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Videos per batch (one task per batch).", show_default="2")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate.",
+                                                show_default="1e-4")] = None,
+    head_lr: Annotated[Optional[float], typer.Option(
+        help="Learning rate of the progress head.", show_default="--lr")] = None,
+    progress: Annotated[Optional[ProgressMethod], typer.Option(
+        help="Progress predictor trained with the encoder.", show_default="learnable")] = None,
+    lambda_: Annotated[Optional[float], typer.Option(
+        "--lambda", help="total = alignment + lambda * progress.",
+        show_default="tcc 1e3, gtcc 1e6, lav 1e6, vava 1e7")] = None,
+    head: Annotated[Optional[Head], typer.Option(help="Progress-head architecture.",
+                                                 show_default="gru")] = None,
+    clip_mode: Annotated[Optional[ClipMode], typer.Option(
+        help="Gradient clipping: separate (encoder 1e-5, head 1.0), global (the document's "
+        "1e-5 over everything), none.", show_default="separate")] = None,
+    encoder: Annotated[Optional[Encoder], typer.Option(
+        help="Base encoder; resnet50 reads the frames/ layout.", show_default="stacking")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="auto, cpu, cuda or cuda:N.", show_default="auto")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(
+        help="fp32, or bf16 autocast for the model (losses stay fp32).",
+        show_default="fp32")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed.", show_default="0")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Run name under --runs-dir.", show_default="<method>-<timestamp>")] = None,
+    runs_dir: Annotated[Optional[Path], typer.Option(
+        help="Folder of the runs.", show_default="runs")] = None,
+    two_stage: Annotated[Optional[bool], typer.Option(
+        "--two-stage/--joint", help="Train the head alone on the frozen encoder after the "
+        "alignment epochs, instead of jointly only.", show_default="joint")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run --name from its latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing run of the same name.")] = False,
+    print_config: Annotated[bool, typer.Option(
+        "--print-config", help="Print the resolved config and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Only the final result.")] = False,
+    json_logs: Annotated[bool, typer.Option(
+        "--json-logs", help="One JSON object per log record on stdout.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the aligned encoder and the progress head together.
+
+    Every run writes runs/NAME/ (config.yaml, split.json, meta.json, metrics.jsonl,
+    checkpoints/, eval_test.json) and prints the progress error of the trained head on the
+    test split beside the constant-0.5 and frame-counting baselines.
+    """
+    flags = {
+        "train.method": method.value if method else None, "data.root": dataset,
+        "train.epochs": epochs, "train.steps": steps, "data.batch_size": batch_size,
+        "train.lr": lr, "train.head_lr": head_lr,
+        "progress.lambda_fixed": lambda_,
+        "progress.learnable.arch": head.value if head else None,
+        "train.clip_mode": clip_mode.value if clip_mode else None,
+        "model.encoder": encoder.value if encoder else None,
+        "data.layout": ENCODER_LAYOUT[encoder.value] if encoder else None,
+        "train.device": device, "train.precision": precision.value if precision else None,
+        "train.seed": seed, "train.name": name, "train.runs_dir": runs_dir,
+        "train.two_stage": two_stage,
+    }
+    if progress is not None:
+        flags["progress.enabled"] = progress is not ProgressMethod.none
+        if progress is not ProgressMethod.none:
+            flags["progress.method"] = progress.value
+    cfg = resolve_config(config, set_, flags)
+    if print_config:
+        typer.echo(dump_config(cfg), nl=False)
+        return
+    from alignprog.training import RunDir, default_run_name
+    from alignprog.training.loop import fit
+
+    run_name = cfg.train.name or default_run_name(cfg.train.method, cfg.train.runs_dir)
+    run = RunDir.create(Path(cfg.train.runs_dir), run_name, overwrite=overwrite, resume=resume)
+    mode = ("json" if json_logs else "quiet" if quiet
+            else "live" if sys.stdout.isatty() else "plain")
+    display = Display(mode)
+    try:
+        result = fit(cfg, run=run, resume=resume, callback=display)
+    finally:
+        display.stop()
+    if result.interrupted:
+        err_console.print(f"interrupted at step {result.step}: checkpoint saved; continue with "
+                          f"--name {escape(run_name)} --resume", highlight=False)
+        raise typer.Exit(130)
+    if mode != "json" and result.test_report:
+        console.print(_result_table(result.test_report))
+    if mode != "json":
+        console.print(f"run directory: {escape(str(run.path))}", highlight=False)

@@ -1,0 +1,11 @@
+"""Evaluators: embed each video once, compute metrics, return a serialisable report."""
+
+from alignprog.evaluation.progress import (CONVENTION, ActionFrames, DurationPrior, action_frames,
+                                           constant_progress, duration_prior,
+                                           duration_prior_progress, embed_videos,
+                                           evaluate_progress, online_progress, parse_baseline,
+                                           progress_metrics, random_progress)
+
+__all__ = ["CONVENTION", "ActionFrames", "DurationPrior", "action_frames", "constant_progress",
+           "duration_prior", "duration_prior_progress", "embed_videos", "evaluate_progress",
+           "online_progress", "parse_baseline", "progress_metrics", "random_progress"]

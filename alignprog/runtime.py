@@ -1,0 +1,60 @@
+"""Device choice, precision and seeding: the only module that branches on the device
+(STYLE habit 7). Everything else takes the device it is given."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+from alignprog.errors import ConfigError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``; a clear error otherwise."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"train.device: '{spec}' is not a device (use auto, cpu, cuda or "
+                          "cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device is '{spec}' but CUDA is not available here "
+                              "(use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device is '{spec}' but there are only "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"train.device: '{spec}' is not supported (use auto, cpu, cuda, cuda:N)")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the model's forward (losses run in fp32), or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ConfigError(f"train.precision must be fp32 or bf16, got {precision!r}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and random: the same seed and config give the same
+    numbers on the same device."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info["gpu"] = torch.cuda.get_device_name(index)
+        info["cuda"] = torch.version.cuda
+    info["threads"] = torch.get_num_threads()
+    return info

@@ -1,0 +1,375 @@
+"""The training loop: one explicit `fit()` (STYLE habit 1; spec ALGORITHMS 7, DOC).
+
+Per step: forward -> alignment loss of the method -> progress loss (learnable head on sampled
+segments, or cumulative_l2, or none) -> total = alignment + lambda * progress -> backward ->
+progress-head gradients divided by lambda -> clipping -> optimizer step -> zero grads.
+Reporting goes through a callback (the CLI renders it; tests collect it), so no rich here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from alignprog.config import Config
+from alignprog.data import Batch, Dataset, load_dataset, make_loader
+from alignprog.errors import AlignprogError, ConfigError
+from alignprog.evaluation import evaluate_progress
+from alignprog.losses import ALIGNMENT_LOSSES
+from alignprog.losses.progress import cumulative_l2_loss, progress_loss
+from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
+from alignprog.runtime import autocast, device_info, resolve_device, seed_everything
+from alignprog.sampling import gather_segments, sample_segments
+from alignprog.training.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from alignprog.training.rundir import RunDir
+
+Callback = Callable[[str, dict], None]
+
+
+class TrainingError(AlignprogError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+@dataclass
+class FitResult:
+    model: AlignmentModel
+    step: int
+    epoch: int
+    history: list[dict] = field(default_factory=list)
+    test_report: dict | None = None
+    interrupted: bool = False
+
+
+def loss_keywords(cfg: Config) -> dict[str, Any]:
+    """The chosen method's keywords from the config (pure loss functions never see it)."""
+    method = cfg.train.method
+    return dict(getattr(cfg.loss, method).model_dump(), compat=cfg.loss.compat,
+                reduction=cfg.loss.reduction)
+
+
+def split_parameters(model: AlignmentModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(encoder parameters, progress-head parameters)."""
+    head = list(model.progress_head.parameters()) if model.progress_head is not None else []
+    ids = {id(p) for p in head}
+    return [p for p in model.parameters() if id(p) not in ids], head
+
+
+def grad_norm(params: list[nn.Parameter]) -> float:
+    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+class Trainer:
+    """The state of one run; `step_batch` is one optimizer step."""
+
+    def __init__(self, cfg: Config, dataset: Dataset, device: torch.device) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.device = device
+        tc, pc = cfg.train, cfg.progress
+        shape = dataset.videos[0].arrays[cfg.data.layout].shape[1:]
+        seed_everything(tc.seed)
+        self.model = build_model(cfg.model, pc, input_shape=shape, num_tasks=len(dataset.tasks),
+                                 method=tc.method).to(device)
+        self.encoder_params, self.head_params = split_parameters(self.model)
+        groups = [{"params": self.encoder_params, "lr": tc.lr}]
+        if self.head_params:
+            groups.append({"params": self.head_params, "lr": tc.head_lr or tc.lr})
+        # Spec 7: Adam over all parameters, betas (0.9, 0.999), eps 1e-8, no weight decay.
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8)
+        self.loss_fn = ALIGNMENT_LOSSES[tc.method]
+        self.loss_kw = loss_keywords(cfg)
+        self.lam = pc.lambda_for(tc.method) if pc.enabled else 0.0
+        self.learnable = pc.enabled and pc.method == "learnable"
+        # Local generators for progress sampling and GTCC's draws (spec P30), checkpointed.
+        self.generators = {"sampling": torch.Generator().manual_seed(tc.seed + 1),
+                           "gtcc": torch.Generator().manual_seed(tc.seed + 2)}
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.bad_steps = 0
+        self.skipped = 0
+        self.best_val: float | None = None
+
+    def losses(self, batch: Batch, *, epoch: int, step: int,
+               generators: dict[str, torch.Generator]) -> dict[str, Any]:
+        """The forward pass: alignment and progress losses of a batch on the device."""
+        cfg, tc = self.cfg, self.cfg.train
+        lc = cfg.progress.learnable
+        with autocast(self.device, tc.precision):
+            out = self.model(batch.features, batch.mask)
+        emb = out.embeddings.float()                          # losses run in fp32
+        kw = dict(self.loss_kw)
+        if tc.method == "gtcc":
+            kw.update(drop=None if out.drop_logits is None else out.drop_logits.float(),
+                      epoch=epoch, generator=generators["gtcc"])
+        elif tc.method == "vava":
+            # Reference: phi indexed by the epoch (B19); fixed: by the optimizer step.
+            kw.update(global_step=epoch if cfg.loss.compat == "reference" else step)
+        alignment = self.loss_fn(emb, batch.mask, **kw)
+        progress, n_samples = None, 0
+        if self.learnable:
+            samples = sample_segments(batch.seg_start, batch.seg_end, batch.seg_foreground,
+                                      batch.seg_mask, samples_per_video=lc.samples_per_video,
+                                      frames_per_segment=lc.frames_per_segment,
+                                      min_segment_len=lc.min_segment_len,
+                                      stratified=lc.stratified_sampling,
+                                      generator=generators["sampling"])
+            n_samples = len(samples)
+            if n_samples:
+                segments, lengths = gather_segments(emb, samples)   # (Q, L, D), (Q,)
+                with autocast(self.device, tc.precision):
+                    pred = self.model.progress_head(segments, lengths).float()  # (Q,)
+                progress = progress_loss(pred, samples.gt.to(self.device),
+                                         weighted=lc.weighted_loss, weight_cap=lc.weight_cap,
+                                         kind=lc.loss)
+        elif cfg.progress.enabled:
+            progress = cumulative_l2_loss(
+                emb, batch.mask, batch.seg_start, batch.seg_end, batch.seg_foreground,
+                batch.seg_mask, frames_per_video=lc.samples_per_video * lc.frames_per_segment,
+                generator=generators["sampling"])
+        return {"alignment": alignment, "progress": progress, "samples": n_samples}
+
+    def step_batch(self, batch: Batch, *, head_only: bool = False) -> dict:
+        """One optimizer step, or a skipped one when the loss is not finite; its metrics."""
+        tc = self.cfg.train
+        start = time.perf_counter()
+        batch = batch.to(self.device, non_blocking=True)
+        self.model.train()
+        out = self.losses(batch, epoch=self.epoch, step=self.step, generators=self.generators)
+        alignment, progress = out["alignment"], out["progress"]
+        if head_only:
+            total = progress
+        elif progress is not None:
+            total = alignment + self.lam * progress
+        else:
+            total = alignment
+        record = {"step": self.step + 1, "epoch": self.epoch, "alignment": alignment.item(),
+                  "progress": None if progress is None else progress.item(),
+                  "lambda": self.lam, "samples": out["samples"], "videos": batch.size,
+                  "frames": int(batch.lengths.sum())}
+        record["weighted_progress"] = (None if progress is None
+                                       else self.lam * record["progress"])
+        if total is None or not torch.isfinite(total):
+            bad = [name for name, v in (("alignment", alignment), ("progress", progress))
+                   if v is not None and not torch.isfinite(v)]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.bad_steps += total is not None
+            record.update(skipped=True, bad_terms=bad, total=None, skipped_total=self.skipped)
+            if self.bad_steps >= tc.max_bad_steps:
+                raise TrainingError(
+                    f"{self.bad_steps} consecutive steps with a non-finite loss "
+                    f"({', '.join(bad) or 'total'}), the last at step {self.step + 1}: lower "
+                    "the learning rate or lambda, or use --precision fp32")
+            return record
+        self.bad_steps = 0
+        record["total"] = total.item()
+        total.backward()
+        # DOC step 7: the head received lambda * grad(progress); dividing by lambda lets it
+        # learn at the natural scale while the encoder keeps the lambda-scaled signal.
+        if self.learnable and not head_only and self.lam > 0 and self.lam != 1:
+            for p in self.head_params:
+                if p.grad is not None:
+                    p.grad.div_(self.lam)
+        record["grad_encoder"] = grad_norm(self.encoder_params)
+        record["grad_head"] = grad_norm(self.head_params)
+        if head_only or tc.clip_mode == "separate":
+            if not head_only:
+                nn.utils.clip_grad_norm_(self.encoder_params, tc.encoder_clip)
+            if self.head_params:
+                nn.utils.clip_grad_norm_(self.head_params, tc.head_clip)
+        elif tc.clip_mode == "global":
+            nn.utils.clip_grad_norm_(list(self.model.parameters()), tc.encoder_clip)
+        record["grad_encoder_clipped"] = grad_norm(self.encoder_params)
+        record["grad_head_clipped"] = grad_norm(self.head_params)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["seconds"] = time.perf_counter() - start
+        record["skipped_total"] = self.skipped
+        if self.device.type == "cuda":
+            record["gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return record
+
+    @torch.no_grad()
+    def validation_losses(self, split: str = "val") -> dict:
+        """Mean losses over a split, with fixed sampling seeds so epochs compare (B29)."""
+        if not self.dataset.indices(split):
+            return {}
+        self.model.eval()
+        gens = {"sampling": torch.Generator().manual_seed(12345),
+                "gtcc": torch.Generator().manual_seed(54321)}
+        loader = make_loader(self.dataset, split, batch_size=self.cfg.data.batch_size,
+                             shuffle=False, drop_last=False)
+        sums = {"alignment": 0.0, "progress": 0.0}
+        counts = {"alignment": 0, "progress": 0}
+        for batch in loader:
+            if batch.size < 2:
+                continue
+            out = self.losses(batch.to(self.device), epoch=self.epoch, step=self.step,
+                              generators=gens)
+            for name in sums:
+                value = out[name]
+                if value is not None and torch.isfinite(value):
+                    sums[name] += float(value)
+                    counts[name] += 1
+        res = {f"val_{k}": (sums[k] / counts[k] if counts[k] else None) for k in sums}
+        if res["val_alignment"] is not None:
+            res["val_total"] = res["val_alignment"] + self.lam * (res["val_progress"] or 0.0)
+        return res
+
+    def evaluate(self, split: str) -> dict | None:
+        if not self.dataset.indices(split):
+            return None
+        return evaluate_progress(self.model, self.dataset, split, device=self.device)
+
+    def state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "skipped": self.skipped, "best_val": self.best_val}
+
+    def save(self, run: RunDir, *, best: bool = False) -> None:
+        meta = {"method": self.cfg.train.method, "step": self.step, "epoch": self.epoch,
+                "config": self.cfg.model_dump(mode="json")}
+        path = run.checkpoints_dir / ("best" if best else checkpoint_name(self.step))
+        save_checkpoint(path, model=self.model, optimizer=self.optimizer, state=self.state(),
+                        meta=meta, generators=self.generators)
+
+    def restore(self, path) -> None:
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                generators=self.generators)
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped"]
+        self.best_val = state.get("best_val")
+
+
+def summarise(report: dict | None) -> dict:
+    """Headline numbers of a progress report: mean-over-videos MAE per predictor."""
+    if not report:
+        return {}
+    return {name: res["metrics"]["mae"]["mean_over_videos"]
+            for name, res in report.get("predictors", {}).items()}
+
+
+def _iterate(loader, batches: list[list[int]], skip: int):
+    """The epoch's batches from `skip` on (resuming mid-epoch skips loading the done ones)."""
+    for indices in batches[skip:]:
+        yield loader.collate_fn([loader.dataset[i] for i in indices])
+
+
+def fit(cfg: Config, *, dataset: Dataset | None = None, run: RunDir | None = None,
+        resume: bool = False, callback: Callback | None = None) -> FitResult:
+    """Train the model `cfg` describes (see the module docstring for one step).
+
+    Every `train.log_every` steps a "step" record, at each epoch end an "epoch" record with the
+    validation losses and progress errors, at the end an "end" record with the test errors; each
+    goes to `callback(kind, record)` and, with a run directory, to its metrics.jsonl.
+    """
+    emit = callback or (lambda kind, record: None)
+    tc = cfg.train
+    if not cfg.data.multi_task:
+        raise ConfigError("data.multi_task=false (single-task mode) is not supported by train "
+                          "yet; train on one task with --set 'data.tasks=[TASK]' instead")
+    if ENCODER_LAYOUT[cfg.model.encoder] != cfg.data.layout:
+        raise ConfigError(f"model.encoder '{cfg.model.encoder}' reads the "
+                          f"'{ENCODER_LAYOUT[cfg.model.encoder]}' layout but data.layout is "
+                          f"'{cfg.data.layout}'")
+    device = resolve_device(tc.device)
+    dataset = dataset or load_dataset(cfg.data)
+    trainer = Trainer(cfg, dataset, device)
+    if run is not None:
+        if resume:
+            trainer.restore(run.latest_checkpoint())
+            run.truncate_metrics_after(trainer.step)
+        else:
+            run.write_config(cfg)
+            run.write_split(dataset.splits)
+            run.write_environment(device_info(device) | {"dataset": dataset.name,
+                                                         "videos": len(dataset.videos)})
+    loader = make_loader(dataset, "train", batch_size=cfg.data.batch_size, shuffle=True,
+                         drop_last=True, seed=tc.seed, num_workers=tc.num_workers,
+                         pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ConfigError("the training split forms no batch (a task needs at least two "
+                          "training videos)")
+    total_steps = tc.steps or tc.epochs * steps_per_epoch
+    emit("start", {"steps": total_steps, "epochs": math.ceil(total_steps / steps_per_epoch),
+                   "steps_per_epoch": steps_per_epoch, "device": str(device),
+                   "lambda": trainer.lam, "method": tc.method,
+                   "resumed_at": trainer.step if resume else None})
+    result = FitResult(trainer.model, trainer.step, trainer.epoch)
+
+    def log(kind: str, record: dict) -> None:
+        result.history.append(record | {"kind": kind})
+        if run is not None:
+            run.log_metrics(record | {"kind": kind})
+        emit(kind, record)
+
+    try:
+        while trainer.step < total_steps:
+            loader.batch_sampler.set_epoch(trainer.epoch)
+            for batch in _iterate(loader, loader.batch_sampler.batches(),
+                                  trainer.batch_in_epoch):
+                record = trainer.step_batch(batch)
+                trainer.batch_in_epoch += 1
+                if (record.get("skipped") or trainer.step % tc.log_every == 0
+                        or trainer.step == total_steps):
+                    log("step", record)
+                if trainer.step >= total_steps:
+                    break
+            record = {"step": trainer.step, "epoch": trainer.epoch}
+            record |= trainer.validation_losses("val")
+            record["val_progress_mae"] = summarise(trainer.evaluate("val"))
+            improved = record.get("val_total") is not None and (
+                trainer.best_val is None or record["val_total"] < trainer.best_val)
+            if improved:
+                trainer.best_val = record["val_total"]
+            trainer.epoch += 1
+            trainer.batch_in_epoch = 0
+            log("epoch", record)
+            if run is not None:
+                trainer.save(run)
+                if improved:
+                    trainer.save(run, best=True)
+        if tc.two_stage and trainer.learnable:
+            _train_head_only(trainer, loader, log)
+    except KeyboardInterrupt:
+        if run is not None:
+            trainer.save(run)
+        result.interrupted = True
+        result.step, result.epoch = trainer.step, trainer.epoch
+        return result
+    test = trainer.evaluate("test")
+    if run is not None and test is not None:
+        run.write_json("eval_test.json", test)
+    log("end", {"step": trainer.step, "epoch": trainer.epoch,
+                "test_progress_mae": summarise(test)})
+    result.step, result.epoch, result.test_report = trainer.step, trainer.epoch, test
+    return result
+
+
+def _train_head_only(trainer: Trainer, loader, log: Callable[[str, dict], None]) -> None:
+    """Second stage (spec 7, two-stage alternative): the progress head alone on the frozen
+    encoder, progress loss only, its own Adam (lr head_lr, else 1e-3) and head clip."""
+    tc = trainer.cfg.train
+    for p in trainer.encoder_params:
+        p.requires_grad_(False)
+    trainer.optimizer = torch.optim.Adam(trainer.head_params, lr=tc.head_lr or 1e-3,
+                                         betas=(0.9, 0.999), eps=1e-8)
+    for _ in range(tc.head_epochs):
+        loader.batch_sampler.set_epoch(trainer.epoch)
+        for batch in _iterate(loader, loader.batch_sampler.batches(), 0):
+            record = trainer.step_batch(batch, head_only=True)
+            if trainer.step % tc.log_every == 0:
+                log("step", record | {"stage": "head"})
+        record = {"step": trainer.step, "epoch": trainer.epoch, "stage": "head",
+                  "val_progress_mae": summarise(trainer.evaluate("val"))}
+        trainer.epoch += 1
+        log("epoch", record)

@@ -1,0 +1,302 @@
+"""Action-level progress evaluation: closed forms, the online protocol, aggregation, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from alignprog.config import DataConfig, ModelConfig, ProgressConfig, SyntheticConfig
+from alignprog.data import Dataset, Splits, Video, VideoAnnotation, load_dataset
+from alignprog.data.dataset import GeneratedArray
+from alignprog.evaluation import (CONVENTION, action_frames, constant_progress, duration_prior,
+                                  duration_prior_progress, embed_videos, evaluate_progress,
+                                  online_progress, parse_baseline, progress_metrics)
+from alignprog.models import build_model
+from alignprog.models.progress_heads import build_progress_head
+
+BG = frozenset({"0", "SIL", "background"})
+
+
+def annotation(segments: list[tuple[str, int]], task: str = "t", handle: str = "v"
+               ) -> VideoAnnotation:
+    """Canonical segments from (label, length) runs; '0' is background."""
+    starts, ends, pos = [], [], 0
+    for _, n in segments:
+        starts.append(pos)
+        pos += n
+        ends.append(pos - 1)
+    return VideoAnnotation(task, handle, pos, tuple(lab for lab, _ in segments), tuple(starts),
+                           tuple(ends), BG)
+
+
+def hand_dataset(videos: list[tuple[str, str, str, list[tuple[str, int]]]], dim: int = 4
+                 ) -> Dataset:
+    """videos: (task, handle, split, segments); random features of width ``dim``."""
+    items, assignment = [], {}
+    for i, (task, handle, split, segments) in enumerate(videos):
+        ann = annotation(segments, task, handle)
+        feats = np.random.default_rng(i).normal(size=(ann.num_frames, dim)).astype(np.float32)
+        items.append(Video(i, task, handle, ann, {"features": GeneratedArray(
+            lambda f=feats: f, feats.shape)}, split))
+        parts = assignment.setdefault(task, {"train": (), "val": (), "test": ()})
+        parts[split] += (handle,)
+    return Dataset("hand", None, "hand", "features", items, BG, None,
+                   Splits(assignment, "hand-made"))
+
+
+def pooled_mae(pred_per_video, annotations) -> float:
+    frames = action_frames(annotations)
+    return progress_metrics(frames.gather(pred_per_video), frames)["mae"]["pooled"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines: spec 3.11 closed forms and the frame-count prior
+
+
+@pytest.mark.parametrize("length", range(1, 14))
+def test_constant_baselines_match_closed_forms(length):
+    # Background around the action must not change anything.
+    ann = annotation([("0", 3), ("a", length), ("0", 2)])
+    m = length // 2
+    half = 0.25 if length % 2 == 0 else (m**2 + (m + 1)**2) / (2 * length**2)
+    expected = {0.5: half, 0.0: (length + 1) / (2 * length), 1.0: (length - 1) / (2 * length)}
+    for c, value in expected.items():
+        assert pooled_mae([constant_progress(ann, c)], [ann]) == pytest.approx(value, abs=1e-12)
+
+
+def test_constant_half_anchor_values():
+    # Spec 3.11: L = 1: 0.5, 3: 0.278, 5: 0.26.
+    for length, value in ((1, 0.5), (3, 0.278), (5, 0.26)):
+        ann = annotation([("a", length)])
+        assert pooled_mae([constant_progress(ann, 0.5)], [ann]) == pytest.approx(value, abs=5e-4)
+
+
+def test_frame_count_prior_hand_example():
+    ds = hand_dataset([
+        ("t", "tr0", "train", [("0", 2), ("a", 4), ("0", 9), ("b", 10)]),
+        ("t", "tr1", "train", [("a", 6), ("0", 30)]),
+        ("t", "va0", "val", [("c", 50)]),                       # val: never in the prior
+        ("t", "te0", "test", [("0", 1), ("a", 7), ("c", 3), ("0", 2)]),
+        ("t", "te1", "test", [("a", 100)]),                     # test: never in the prior (P4)
+    ])
+    prior = duration_prior(ds, "train")
+    assert prior.means == {"a": 5.0, "b": 10.0}                 # background excluded
+    assert prior.fallback == pytest.approx(20 / 3)              # mean over all train actions
+    pred = duration_prior_progress(ds.videos[3].annotation, prior)
+    expected = [0, .2, .4, .6, .8, 1, 1, 1, .15, .3, .45, 0, 0]  # clipped at 1; 'c' unseen
+    np.testing.assert_allclose(pred, expected, atol=1e-12)
+
+    report = evaluate_progress(None, ds, "test", device="cpu", baselines=("frame_count",))
+    gt = [np.r_[0, np.arange(1, 8) / 7, np.arange(1, 4) / 3, 0, 0], np.arange(1, 101) / 100]
+    preds = [pred, np.minimum(1, np.arange(1, 101) / 5)]
+    err = np.concatenate([np.abs(p - g)[g > 0] for p, g in zip(preds, gt)])
+    metrics = report["predictors"]["frame_count"]["metrics"]
+    assert metrics["mae"]["pooled"] == pytest.approx(err.mean())
+    assert report["priors"]["frame_count"]["unseen_labels"] == ["c"]
+    assert report["priors"]["frame_count"]["videos"] == 2
+
+
+def test_baseline_names():
+    assert parse_baseline("constant_0.25") == ("constant", 0.25, ())
+    assert parse_baseline("action_duration_prior")[0] == "frame_count"
+    assert parse_baseline("random")[2] == tuple(range(10))
+    assert parse_baseline("random_3") == ("random", None, (3,))
+    for bad in ("constant_2", "constant_x", "oracle"):
+        with pytest.raises(ValueError):
+            parse_baseline(bad)
+
+
+def test_random_baseline_is_seeded_and_averaged():
+    ds = hand_dataset([("t", "tr", "train", [("a", 5)]), ("t", "te", "test", [("a", 400)])])
+    r1 = evaluate_progress(None, ds, "test", device="cpu", baselines=("random", "random_0"))
+    r2 = evaluate_progress(None, ds, "test", device="cpu", baselines=("random",))
+    a, b = r1["predictors"]["random"], r2["predictors"]["random"]
+    assert a["metrics"] == b["metrics"] and a["seeds"] == list(range(10))
+    assert a["mae_pooled_std_over_seeds"] > 0
+    # Spec 3.11: the expectation tends to 1/3 for long actions.
+    assert a["metrics"]["mae"]["pooled"] == pytest.approx(1 / 3, abs=0.02)
+
+
+# ----------------------------------------------------------------------------------------------
+# The head, online (spec 3.7, ALGORITHMS 3.5)
+
+
+def loop_reference(head, u: torch.Tensor, ann: VideoAnnotation) -> torch.Tensor:
+    """One head call per prefix U[s : t+1], the protocol read literally."""
+    pred = torch.zeros(ann.num_frames, dtype=u.dtype)
+    with torch.no_grad():
+        for lab, s, e in zip(ann.labels, ann.starts, ann.ends):
+            if lab in BG:
+                continue
+            for t in range(s, e + 1):
+                pred[t] = head(u[None, s:t + 1], torch.tensor([t - s + 1]))[0]
+    return pred
+
+
+@pytest.mark.parametrize("arch,position", [("gru", "relative"), ("gru", "count"),
+                                           ("transformer", "count"), ("dilated_conv", "count"),
+                                           ("mean", "relative")])
+def test_online_progress_equals_per_prefix_loop(arch, position):
+    torch.manual_seed(0)
+    head = build_progress_head(arch, in_dim=6, hidden_dim=8, position=position).double().eval()
+    ann = annotation([("0", 2), ("a", 1), ("b", 5), ("0", 3), ("c", 13), ("a", 1)])
+    u = torch.randn(ann.num_frames, 6, dtype=torch.float64)
+    ref = loop_reference(head, u, ann)
+    torch.testing.assert_close(online_progress(head, u, ann), ref, rtol=0, atol=1e-12)
+    # Tiny chunks (one row each at most) give the same values.
+    torch.testing.assert_close(online_progress(head, u, ann, chunk_elems=1), ref, rtol=0,
+                               atol=1e-12)
+    fg = torch.from_numpy(ann.foreground_mask())
+    assert (online_progress(head, u, ann)[~fg] == 0).all()
+    if head.streamable and head.has_dense:
+        # Both paths agree: one dense pass per action == every prefix through the head.
+        torch.testing.assert_close(online_progress(head, u, ann, dense=True),
+                                   online_progress(head, u, ann, dense=False), rtol=0, atol=1e-12)
+    elif not head.streamable:
+        with pytest.raises(ValueError, match="prefix"):
+            online_progress(head, u, ann, dense=True)
+
+
+def test_online_progress_float32_and_training_mode_restored():
+    torch.manual_seed(1)
+    head = build_progress_head("transformer", in_dim=6, hidden_dim=8, position="relative")
+    head.train()  # dropout on: online_progress must switch to eval mode and back
+    ann = annotation([("a", 9), ("0", 1), ("b", 4)])
+    u = torch.randn(ann.num_frames, 6)
+    pred = online_progress(head, u, ann)
+    assert head.training
+    head.eval()
+    torch.testing.assert_close(pred, loop_reference(head, u, ann), rtol=0, atol=1e-5)
+
+
+def test_embed_videos_order_and_batching():
+    torch.manual_seed(0)
+    ds = hand_dataset([("t", f"v{i}", "test", [("a", n)]) for i, n in enumerate((7, 3, 11, 5))],
+                      dim=16)
+    model = build_model(ModelConfig(conv_channels=32, output_dim=16, head_layers=[16, 8, 16],
+                                    attn_layers=[16, 8]), ProgressConfig(), input_shape=(16,),
+                        num_tasks=1)
+    model.train()
+    indices = [2, 0, 3, 1]
+    batched = embed_videos(model, ds, indices, device="cpu", batch_size=3)
+    assert model.training
+    assert [e.shape for e in batched] == [(ds.videos[i].num_frames, 16) for i in indices]
+    for i, emb in zip(indices, batched):
+        alone = embed_videos(model, ds, [i], device="cpu", batch_size=1)[0]
+        torch.testing.assert_close(emb, alone, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and aggregation
+
+
+def test_perfect_predictor_scores_zero_and_background_never_counts():
+    anns = [annotation([("0", 4), ("a", 6), ("b", 1), ("0", 2), ("c", 3)]),
+            annotation([("a", 2), ("0", 5)])]
+    frames = action_frames(anns)
+    preds = []
+    for ann in anns:
+        p = np.full(ann.num_frames, 7.0)  # garbage on background
+        for lab, s, n in zip(ann.labels, ann.starts, ann.lengths):
+            if lab not in BG:
+                p[s:s + n] = np.arange(1, n + 1) / n
+        preds.append(p)
+    m = progress_metrics(frames.gather(preds), frames)
+    assert m["mae"]["pooled"] == m["mae"]["mean_over_videos"] == m["mae"]["mean_over_tasks"] == 0
+    assert m["mae"]["frames"] == 12 and frames.num_actions == 4
+    assert m["endpoints"] == {"first_10pct": 0, "last_10pct": 0, "first_frame": 0,
+                              "last_frame": 0}
+    assert m["monotonicity"] == {"share": 1.0, "pairs": 12 - 4}
+    assert m["spearman"]["mean"] == pytest.approx(1.0) and m["spearman"]["actions"] == 2
+    assert m["normalised_mae"] == 1.0
+    assert all(b["mae"] in (0, None) for b in m["by_progress"].values())
+
+
+def test_shape_metrics_hand_values():
+    ann = annotation([("a", 10)])  # first/last 10%: one frame each
+    frames = action_frames([ann])
+    pred = np.array([0.5, 0.4, 0.6, 0.6, 0.7, 0.2, 0.8, 0.9, 1.0, 0.3])
+    m = progress_metrics(pred, frames)
+    assert m["monotonicity"]["share"] == pytest.approx(6 / 9)   # 3 decreases in 9 pairs
+    assert m["endpoints"]["first_10pct"] == pytest.approx(0.4)
+    assert m["endpoints"]["last_10pct"] == pytest.approx(0.7)
+    ann = annotation([("a", 11)])  # ceil(1.1) = 2 frames at each end
+    m = progress_metrics(np.zeros(11), action_frames([ann]))
+    assert m["endpoints"]["first_10pct"] == pytest.approx((1 / 11 + 2 / 11) / 2)
+    assert m["endpoints"]["last_10pct"] == pytest.approx((10 / 11 + 1) / 2)
+
+
+def unbalanced_dataset() -> Dataset:
+    return hand_dataset([
+        ("A", "a_tr", "train", [("x", 4)]),
+        ("A", "a0", "test", [("0", 2), ("x", 4), ("0", 3)]),   # 4 frames, MAE 1/4
+        ("A", "a1", "test", [("y", 1), ("0", 6)]),             # 1 frame, MAE 1/2
+        ("B", "b0", "test", [("z", 3)]),                       # 3 frames, MAE 5/18
+        ("B", "b_bg", "test", [("0", 5)]),                     # no foreground: skipped, counted
+    ])
+
+
+def test_aggregations_differ_on_unbalanced_example():
+    ds = unbalanced_dataset()
+    report = evaluate_progress(None, ds, "test", device="cpu", baselines=("constant_0.5",))
+    m = report["predictors"]["constant_0.5"]["metrics"]
+    v = [1 / 4, 1 / 2, 5 / 18]
+    assert m["mae"]["pooled"] == pytest.approx((4 * v[0] + v[1] + 3 * v[2]) / 8)
+    assert m["mae"]["mean_over_videos"] == pytest.approx(sum(v) / 3)
+    assert m["mae"]["mean_over_tasks"] == pytest.approx(((v[0] + v[1]) / 2 + v[2]) / 2)
+    assert len({round(m["mae"][k], 9) for k in ("pooled", "mean_over_videos",
+                                                "mean_over_tasks")}) == 3
+    assert m["per_task"]["A"]["videos"] == 2 and m["per_task"]["A"]["frames"] == 5
+    assert m["per_task"]["A"]["mae"] == pytest.approx((v[0] + v[1]) / 2)
+    assert m["per_task"]["A"]["mae_pooled"] == pytest.approx((4 * v[0] + v[1]) / 5)
+    assert m["per_task"]["B"]["videos"] == 1
+
+
+def test_report_counts_hash_and_convention():
+    ds = unbalanced_dataset()
+    report = evaluate_progress(None, ds, "test", device="cpu")
+    json.dumps(report, allow_nan=False)
+    assert report["split"] == "test" and report["split_sha256"] == ds.splits.sha256()
+    assert report["convention"] == CONVENTION == "action-level, online (prefix), oracle-segmented"
+    c = report["counts"]
+    assert c["videos"] == 3 and c["videos_in_split"] == 4
+    assert c["videos_skipped_no_foreground"] == 1 and c["skipped_handles"] == ["b_bg"]
+    assert c["foreground_frames"] == 8 and c["actions"] == 3
+    assert c["background_frames_excluded"] == 2 + 3 + 6
+    assert set(report["predictors"]) == {"constant_0.5", "frame_count"}
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on the synthetic data
+
+
+def test_evaluate_progress_synthetic_end_to_end():
+    ds = load_dataset(DataConfig(synthetic=SyntheticConfig(tasks=2, videos_per_task=6, dim=16)))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(conv_channels=32, output_dim=16, head_layers=[16, 8, 16],
+                                    attn_layers=[16, 8]), ProgressConfig(), input_shape=(16,),
+                        num_tasks=2)
+    report = evaluate_progress(model, ds, "test", device="cpu",
+                               baselines=("constant_0.5", "frame_count", "constant_0"))
+    text = json.dumps(report, allow_nan=False)
+    assert json.loads(text)["split_sha256"] == ds.splits.sha256()
+    assert report["counts"]["videos"] + report["counts"]["videos_skipped_no_foreground"] \
+        == len(ds.indices("test"))
+    head = report["predictors"]["head"]
+    assert head["kind"] == "learnable_head" and "prefix" in head["inference"]
+    for entry in report["predictors"].values():
+        mae = entry["metrics"]["mae"]
+        assert mae["frames"] == report["counts"]["foreground_frames"] > 0
+        for key in ("pooled", "mean_over_videos", "mean_over_tasks"):
+            assert 0 <= mae[key] <= 1 and math.isfinite(mae[key])
+        assert 0 <= entry["metrics"]["monotonicity"]["share"] <= 1
+    # Constant 0 is far worse than constant 0.5 (about (L+1)/(2L) vs about 1/4): robust.
+    p = report["predictors"]
+    pooled = {name: entry["metrics"]["mae"]["pooled"] for name, entry in p.items()}
+    assert pooled["constant_0"] > pooled["constant_0.5"]
+    # The frame-count prior starts each action low and rises: monotone with perfect rank order.
+    assert p["frame_count"]["metrics"]["monotonicity"]["share"] == 1.0
