@@ -160,8 +160,9 @@ class Display:
 def _result_table(report: dict) -> Table:
     t = Table(title=f"progress error on the {report.get('split', 'test')} split "
               "(action-level, online, mean absolute error)", title_justify="left")
-    for col in ("predictor", "MAE (mean over videos)", "MAE (all frames)", "early", "mid",
-                "late", "monotonic"):
+    t.add_column("predictor", no_wrap=True, min_width=14)
+    for col in ("MAE (mean over videos)", "MAE (all frames)", "early", "mid", "late",
+                "monotonic"):
         t.add_column(col, justify="right")
     for name, res in report.get("predictors", {}).items():
         res = res["metrics"]
@@ -253,8 +254,11 @@ def train(
     if print_config:
         typer.echo(dump_config(cfg), nl=False)
         return
+    from alignprog.runtime import resolve_device
     from alignprog.training import RunDir, default_run_name
     from alignprog.training.loop import fit
+
+    resolve_device(cfg.train.device)  # a bad device fails before any run directory exists
 
     run_name = cfg.train.name or default_run_name(cfg.train.method, cfg.train.runs_dir)
     run = RunDir.create(Path(cfg.train.runs_dir), run_name, overwrite=overwrite, resume=resume)

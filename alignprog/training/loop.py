@@ -137,8 +137,25 @@ class Trainer:
 
     def step_batch(self, batch: Batch, *, head_only: bool = False) -> dict:
         """One optimizer step, or a skipped one when the loss is not finite; its metrics."""
-        tc = self.cfg.train
         start = time.perf_counter()
+        record = self.backward(batch, head_only=head_only)
+        if record.get("skipped"):
+            return record
+        self.clip(record, head_only=head_only)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["seconds"] = time.perf_counter() - start
+        record["skipped_total"] = self.skipped
+        if self.device.type == "cuda":
+            record["gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return record
+
+    def backward(self, batch: Batch, *, head_only: bool = False) -> dict:
+        """Forward, losses, backward and the head-gradient rescaling; gradients are left in
+        the parameters' .grad (none when the step is skipped)."""
+        tc = self.cfg.train
         batch = batch.to(self.device, non_blocking=True)
         self.model.train()
         out = self.losses(batch, epoch=self.epoch, step=self.step, generators=self.generators)
@@ -177,6 +194,11 @@ class Trainer:
             for p in self.head_params:
                 if p.grad is not None:
                     p.grad.div_(self.lam)
+        return record
+
+    def clip(self, record: dict, *, head_only: bool = False) -> None:
+        """Gradient clipping (spec 7 step 10, B2): global, separate or none."""
+        tc = self.cfg.train
         record["grad_encoder"] = grad_norm(self.encoder_params)
         record["grad_head"] = grad_norm(self.head_params)
         if head_only or tc.clip_mode == "separate":
@@ -188,15 +210,6 @@ class Trainer:
             nn.utils.clip_grad_norm_(list(self.model.parameters()), tc.encoder_clip)
         record["grad_encoder_clipped"] = grad_norm(self.encoder_params)
         record["grad_head_clipped"] = grad_norm(self.head_params)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
-        record["seconds"] = time.perf_counter() - start
-        record["skipped_total"] = self.skipped
-        if self.device.type == "cuda":
-            record["gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        return record
 
     @torch.no_grad()
     def validation_losses(self, split: str = "val") -> dict:
