@@ -50,6 +50,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    """Deterministic kernels for the duration (restoring the previous setting afterwards).
+
+    On a CPU with several threads, some accumulating kernels (e.g. the backward of indexing)
+    otherwise sum in a varying order and runs drift apart in the 5th digit. Ops without a
+    deterministic version only warn (CUDA), they do not fail."""
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
 def device_info(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__}
     if device.type == "cuda":

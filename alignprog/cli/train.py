@@ -186,10 +186,10 @@ def train(
         help="Optimizer steps in all; overrides --epochs.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         help="Videos per batch (one task per batch).", show_default="2")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate.",
-                                                show_default="1e-4")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of the encoder.",
+                                                show_default="3e-4")] = None,
     head_lr: Annotated[Optional[float], typer.Option(
-        help="Learning rate of the progress head.", show_default="--lr")] = None,
+        help="Learning rate of the progress head.", show_default="3e-3")] = None,
     progress: Annotated[Optional[ProgressMethod], typer.Option(
         help="Progress predictor trained with the encoder.", show_default="learnable")] = None,
     lambda_: Annotated[Optional[float], typer.Option(
@@ -198,8 +198,9 @@ def train(
     head: Annotated[Optional[Head], typer.Option(help="Progress-head architecture.",
                                                  show_default="gru")] = None,
     clip_mode: Annotated[Optional[ClipMode], typer.Option(
-        help="Gradient clipping: separate (encoder 1e-5, head 1.0), global (the document's "
-        "1e-5 over everything), none.", show_default="separate")] = None,
+        help="Gradient clipping: separate (encoder train.encoder_clip = 1.0, head 1.0), global "
+        "(one clip over everything; the document's is 1e-5), none.",
+        show_default="separate")] = None,
     encoder: Annotated[Optional[Encoder], typer.Option(
         help="Base encoder; resnet50 reads the frames/ layout.", show_default="stacking")] = None,
     device: Annotated[Optional[str], typer.Option(

@@ -23,7 +23,8 @@ from alignprog.evaluation import evaluate_progress
 from alignprog.losses import ALIGNMENT_LOSSES
 from alignprog.losses.progress import cumulative_l2_loss, progress_loss
 from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
-from alignprog.runtime import autocast, device_info, resolve_device, seed_everything
+from alignprog.runtime import (autocast, deterministic, device_info, resolve_device,
+                               seed_everything)
 from alignprog.sampling import gather_segments, sample_segments
 from alignprog.training.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from alignprog.training.rundir import RunDir
@@ -278,6 +279,14 @@ def _iterate(loader, batches: list[list[int]], skip: int):
 
 def fit(cfg: Config, *, dataset: Dataset | None = None, run: RunDir | None = None,
         resume: bool = False, callback: Callback | None = None) -> FitResult:
+    """Train the model `cfg` describes; the same seed and config give the same numbers on
+    the same device (deterministic kernels are switched on for the run)."""
+    with deterministic(cfg.train.deterministic):
+        return _fit(cfg, dataset=dataset, run=run, resume=resume, callback=callback)
+
+
+def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bool,
+         callback: Callback | None) -> FitResult:
     """Train the model `cfg` describes (see the module docstring for one step).
 
     Every `train.log_every` steps a "step" record, at each epoch end an "epoch" record with the
