@@ -142,3 +142,13 @@ def test_cpu_and_cuda_agree():
     gpu = model.cuda()(x.cuda(), mask.cuda())
     torch.testing.assert_close(gpu.embeddings.cpu(), cpu.embeddings, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gpu.attention.cpu(), cpu.attention, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_on_cpu():
+    model = small_model(dropping=True)
+    x, mask = padded_pair()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, mask)
+    assert torch.isfinite(out.embeddings.float()).all()
+    torch.testing.assert_close(out.attention.float().sum(-1)[mask],
+                               torch.ones(int(mask.sum())), atol=1e-2, rtol=0)

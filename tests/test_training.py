@@ -164,3 +164,30 @@ def test_print_config(tmp_path: Path):
     result = runner.invoke(app, ["train", "--print-config", "--method", "gtcc", "--lambda", "5"])
     assert result.exit_code == 0
     assert "method: gtcc" in result.output and "lambda_fixed: 5.0" in result.output
+
+
+@pytest.mark.slow
+def test_resnet50_trains_on_the_synthetic_frames_variant(tmp_path: Path):
+    args = ["train", "--encoder", "resnet50", "--steps", "1", "--runs-dir", str(tmp_path),
+            "--set", "data.synthetic.frame_channels=8", "--set", "data.synthetic.frame_size=3",
+            "--set", "data.synthetic.tasks=2", "--set", "data.synthetic.videos_per_task=6",
+            "--set", "train.log_every=1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "head" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["tcc", "gtcc", "lav", "vava"])
+def test_each_method_trains_on_cuda(tmp_path: Path, method):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cfg = tiny_config(**{"train.method": method, "train.steps": 3, "train.device": "cuda"})
+    res = fit(cfg, run=RunDir.create(tmp_path, "run"))
+    steps = [r for r in res.history if r["kind"] == "step"]
+    assert len(steps) == 3 and all(r["total"] is not None for r in steps)
+    assert all(r["gpu_memory_mb"] > 0 for r in steps)
+    # bf16 autocast runs too
+    cfg = tiny_config(**{"train.method": method, "train.steps": 2, "train.device": "cuda",
+                         "train.precision": "bf16"})
+    assert all(r["total"] is not None for r in fit(cfg).history if r["kind"] == "step")

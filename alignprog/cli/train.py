@@ -181,7 +181,7 @@ def train(
     dataset: Annotated[Optional[Path], typer.Option(
         help="Dataset root (see `alignprog data check`). Unset: the embedded synthetic dataset.",
         show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs.", show_default="10")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs.", show_default="20")] = None,
     steps: Annotated[Optional[int], typer.Option(
         help="Optimizer steps in all; overrides --epochs.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(

@@ -98,8 +98,11 @@ class MultiHeadEncoder(nn.Module):
         logits = self.attention(heads.reshape(len(heads), self.num_heads * d))  # (N, H)
         weights = torch.softmax(logits, dim=-1)                          # (N, H)
         fused = (weights.unsqueeze(-1) * heads).sum(1)                   # (N, D)
-        emb = z.new_zeros(b, t, d).masked_scatter(mask.unsqueeze(-1), fused)  # (B, T, D)
-        attn = z.new_zeros(b, t, self.num_heads).masked_scatter(mask.unsqueeze(-1), weights)
+        # new tensors take the dtype of what fills them (autocast may give bf16 heads and
+        # fp32 softmax weights)
+        emb = fused.new_zeros(b, t, d).masked_scatter(mask.unsqueeze(-1), fused)  # (B, T, D)
+        attn = weights.new_zeros(b, t, self.num_heads).masked_scatter(mask.unsqueeze(-1),
+                                                                      weights)  # (B, T, H)
         drop = None
         if self.drop is not None:
             drop = masked_mean(self.drop(emb), mask)                     # (B, D+1)
