@@ -71,7 +71,9 @@ def test_head_gradients_are_the_progress_loss_alone(method):
 
 @pytest.mark.parametrize("mode", ["global", "separate", "none"])
 def test_clip_modes(mode):
-    cfg = tiny_config(**{"train.clip_mode": mode, "progress.lambda_fixed": 100.0})
+    # the document's encoder clip, 1e-5, so that the global mode shows B2
+    cfg = tiny_config(**{"train.clip_mode": mode, "progress.lambda_fixed": 100.0,
+                         "train.encoder_clip": 1e-5})
     trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cpu"))
     record = trainer.backward(first_batch(trainer))
     trainer.clip(record)
