@@ -193,3 +193,13 @@ def test_each_method_trains_on_cuda(tmp_path: Path, method):
     cfg = tiny_config(**{"train.method": method, "train.steps": 2, "train.device": "cuda",
                          "train.precision": "bf16"})
     assert all(r["total"] is not None for r in fit(cfg).history if r["kind"] == "step")
+
+
+def test_trained_model_is_rebuilt_from_its_checkpoint(tmp_path: Path):
+    from alignprog.training.restore import load_trained_model, resolve_checkpoint
+    res = fit(tiny_config(**{"train.steps": 3}), run=RunDir.create(tmp_path, "r"))
+    for which in ("best", "last"):
+        cfg, model, state = load_trained_model(resolve_checkpoint(tmp_path / "r", which))
+        assert state["step"] == 3 and cfg.train.steps == 3
+    for a, b in zip(res.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -74,6 +74,7 @@ class Trainer:
         self.device = device
         tc, pc = cfg.train, cfg.progress
         shape = dataset.videos[0].arrays[cfg.data.layout].shape[1:]
+        self.input_shape = tuple(shape)
         seed_everything(tc.seed)
         self.model = build_model(cfg.model, pc, input_shape=shape, num_tasks=len(dataset.tasks),
                                  method=tc.method).to(device)
@@ -250,6 +251,7 @@ class Trainer:
 
     def save(self, run: RunDir, *, best: bool = False) -> None:
         meta = {"method": self.cfg.train.method, "step": self.step, "epoch": self.epoch,
+                "input_shape": list(self.input_shape), "num_tasks": len(self.dataset.tasks),
                 "config": self.cfg.model_dump(mode="json")}
         path = run.checkpoints_dir / ("best" if best else checkpoint_name(self.step))
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, state=self.state(),
