@@ -203,3 +203,16 @@ def test_trained_model_is_rebuilt_from_its_checkpoint(tmp_path: Path):
         assert state["step"] == 3 and cfg.train.steps == 3
     for a, b in zip(res.model.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_cli_resume_continues_with_the_runs_own_config(tmp_path: Path):
+    sets = sum((["--set", s] for s in TINY_SET), [])
+    base = ["train", "--runs-dir", str(tmp_path), "--name", "r"]
+    assert runner.invoke(app, [*base, "--method", "tcc", "--steps", "2", *sets]).exit_code == 0
+    # no --method and no --set: the saved config (tcc, tiny model) is used, --steps extends it
+    result = runner.invoke(app, [*base, "--resume", "--steps", "4"])
+    assert result.exit_code == 0, result.output
+    steps = [r for r in RunDir.open(tmp_path / "r").read_metrics() if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    result = runner.invoke(app, ["train", "--resume", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--name" in result.output

@@ -16,7 +16,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from alignprog.cli.common import ConfigOpt, SetOpt, console, err_console, guarded, resolve_config
+from alignprog.cli.common import (ConfigOpt, SetOpt, console, err_console, fail, guarded,
+                                   resolve_config)
 from alignprog.config import dump_config
 from alignprog.models import ENCODER_LAYOUT
 
@@ -251,6 +252,13 @@ def train(
         flags["progress.enabled"] = progress is not ProgressMethod.none
         if progress is not ProgressMethod.none:
             flags["progress.method"] = progress.value
+    if resume:
+        # A resumed run continues with its own saved config; flags given now override it.
+        if not name:
+            fail("--resume needs --name RUN (the run directory to continue)", 2)
+        saved = Path(runs_dir or "runs") / name / "config.yaml"
+        if config is None and saved.is_file():
+            config = saved
     cfg = resolve_config(config, set_, flags)
     if print_config:
         typer.echo(dump_config(cfg), nl=False)
