@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from alignprog.data.dataset import GeneratedArray
 from alignprog.evaluation import (CONVENTION, action_frames, constant_progress, duration_prior,
                                   duration_prior_progress, embed_videos, evaluate_progress,
                                   online_progress, parse_baseline, progress_metrics)
+from alignprog.evaluation.progress import (PathLengthPrior, cumulative_path,
+                                           video_progress_gt)
 from alignprog.models import build_model
 from alignprog.models.progress_heads import build_progress_head
 
@@ -300,3 +303,155 @@ def test_evaluate_progress_synthetic_end_to_end():
     assert pooled["constant_0"] > pooled["constant_0.5"]
     # The frame-count prior starts each action low and rises: monotone with perfect rank order.
     assert p["frame_count"]["metrics"]["monotonicity"]["share"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Video-level OGPE and the cumulative_l2 predictor: hand examples on identity "embeddings"
+
+
+class _IdentityEncoder(torch.nn.Module):
+    def forward(self, x, mask):
+        return SimpleNamespace(embeddings=x)
+
+
+class IdentityModel(torch.nn.Module):
+    """Embeddings = the features (so path lengths are hand-computable); no progress head."""
+
+    progress_head = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _IdentityEncoder()
+
+
+def line_dataset(test_positions=(0, 0, 3, 6, 9)) -> Dataset:
+    """1-d features = positions on a line, so every step's length is the position difference.
+
+    train 'tr1' a(3) at 0,1,2            : path of a 2, G(U) 2, 3 frames
+    train 'tr2' a(3) 0(2) at 0,2,4,4,14  : path of a 4 (background 10 excluded), G(U) 14, 5 frames
+    -> mu_a = 3, G_hat = 8, mean train length 4.
+    test 'te'  0(1) a(4) at ``test_positions``; val 'va' with huge steps (must not leak).
+    """
+    spec = [("tr1", "train", [("a", 3)], (0, 1, 2)),
+            ("tr2", "train", [("a", 3), ("0", 2)], (0, 2, 4, 4, 14)),
+            ("te", "test", [("0", 1), ("a", 4)], test_positions),
+            ("va", "val", [("a", 4)], (0, 100, 200, 300))]
+    items, assignment = [], {"t": {"train": (), "val": (), "test": ()}}
+    for i, (handle, split, segments, pos) in enumerate(spec):
+        ann = annotation(segments, "t", handle)
+        feats = np.asarray(pos, dtype=np.float32)[:, None]                       # (T, 1)
+        items.append(Video(i, "t", handle, ann, {"features": GeneratedArray(
+            lambda f=feats: f, feats.shape)}, split))
+        assignment["t"][split] += (handle,)
+    return Dataset("line", None, "line", "features", items, BG, None,
+                   Splits(assignment, "hand-made"))
+
+
+def test_video_progress_gt_hand_example():
+    ann = annotation([("0", 2), ("a", 3), ("SIL", 2), ("b", 1), ("c", 3), ("background", 1)])
+    g = video_progress_gt(ann)
+    third = 1 / 3
+    np.testing.assert_allclose(g, [0, 0, 0, third / 2, third, third, third, third,
+                                   2 * third, 2 * third + third / 2, 1, 1])
+    assert (video_progress_gt(annotation([("0", 3)])) == 0).all()
+
+
+def test_cumulative_path_hand_example():
+    u = torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 4.0], [3.0, 6.0]])
+    np.testing.assert_allclose(cumulative_path(u), [0, 5, 5, 7])
+
+
+def test_path_length_prior_train_only_and_background_excluded():
+    ds = line_dataset()
+    train = [ds.videos[i] for i in ds.indices("train")]
+    prior = PathLengthPrior.from_embeddings(
+        [v.annotation for v in train], [torch.from_numpy(ds.load(v.index)) for v in train])
+    assert prior.means == {"a": pytest.approx(3.0)} and prior.counts == {"a": 2}
+    assert prior.normaliser("unseen") == prior.fallback == pytest.approx(3.0)
+    assert prior.videos == 2
+
+
+def test_cumulative_l2_and_video_level_hand_values():
+    report = evaluate_progress(IdentityModel(), line_dataset(), "test", device="cpu",
+                               baselines=(), cumulative=True, video_level=True)
+    json.dumps(report, allow_nan=False)
+    p = report["predictors"]
+    assert set(p) == {"cumulative_l2", "cumulative_l2_raw", "cumulative_l2_offline"}
+    # Action a of 'te': P_s = 0, 3, 6, 9, mu_a = 3 -> raw 0, 1, 2, 3; GT 1/4, 1/2, 3/4, 1.
+    assert p["cumulative_l2_raw"]["metrics"]["mae"]["pooled"] == pytest.approx(4 / 4)
+    # Clipped to [0, 1]: 0, 1, 1, 1 (P5).
+    assert p["cumulative_l2"]["metrics"]["mae"]["pooled"] == pytest.approx(1 / 4)
+    assert p["cumulative_l2"]["clipped"] and not p["cumulative_l2_raw"]["clipped"]
+    # Offline (self-normalised, non-causal): 0, 1/3, 2/3, 1.
+    assert p["cumulative_l2_offline"]["metrics"]["mae"]["pooled"] == pytest.approx(0.5 / 4)
+    assert not p["cumulative_l2_offline"]["causal"]
+    assert report["priors"]["cumulative_l2"]["labels"]["a"] == {"mean_path_length": 3.0,
+                                                                "segments": 2}
+
+    vl = report["video_level"]
+    norm = vl["normaliser"]["per_task"]["t"]
+    assert (norm["mean"], norm["videos"], norm["mean_length_frames"]) == (8.0, 2, 4.0)
+    assert vl["normaliser"]["split"] == "train"
+    # Video GT 0, 0, 1/3, 2/3, 1; P(t) / 8 = 0, 0, .375, .75, 1.125 -> errors sum 1/4 over 5.
+    geo = vl["predictors"]["cumulative_geodesic"]
+    assert geo["raw"]["ogpe"]["mean_over_videos"] == pytest.approx(0.25 / 5)
+    assert geo["clipped"]["ogpe"]["mean_over_videos"] == pytest.approx(0.125 / 5)
+    assert geo["raw"]["per_task"]["t"]["videos"] == 1
+    # Frame count t / 4 = 0, .25, .5, .75, 1 -> errors 0, 1/4, 1/6, 1/12, 0.
+    fc = vl["predictors"]["frame_count"]
+    assert fc["raw"]["ogpe"]["mean_over_videos"] == pytest.approx(0.5 / 5)
+    # Constant 0.5: 1/2, 1/2, 1/6, 1/6, 1/2.
+    assert vl["predictors"]["constant_0.5"]["raw"]["ogpe"]["pooled"] == pytest.approx(
+        (1.5 + 1 / 3) / 5)
+    assert vl["counts"]["videos"] == 1 and vl["counts"]["frames"] == 5
+
+
+def test_normalisers_never_see_the_evaluated_split():
+    """P3/P4: changing a test video changes its errors but not one normaliser."""
+    a = evaluate_progress(IdentityModel(), line_dataset(), "test", device="cpu", baselines=(),
+                          cumulative=True, video_level=True)
+    b = evaluate_progress(IdentityModel(), line_dataset((0, 0, 30, 60, 90)), "test",
+                          device="cpu", baselines=(), cumulative=True, video_level=True)
+    assert a["priors"] == b["priors"]
+    assert a["video_level"]["normaliser"] == b["video_level"]["normaliser"]
+    assert (a["predictors"]["cumulative_l2_raw"]["metrics"]["mae"]["pooled"]
+            != b["predictors"]["cumulative_l2_raw"]["metrics"]["mae"]["pooled"])
+    # Evaluating the val split: same training normalisers again.
+    c = evaluate_progress(IdentityModel(), line_dataset(), "val", device="cpu", baselines=(),
+                          cumulative=True, video_level=True)
+    assert c["priors"] == a["priors"]
+    assert c["video_level"]["normaliser"]["per_task"] == a["video_level"]["normaliser"]["per_task"]
+
+
+def test_video_level_skips_zero_path_videos_for_every_predictor():
+    report = evaluate_progress(IdentityModel(), line_dataset((5, 5, 5, 5, 5)), "test",
+                               device="cpu", baselines=(), video_level=True)
+    vl = report["video_level"]
+    assert vl["counts"]["videos"] == 0 and vl["counts"]["skipped_handles"] == ["te"]
+    assert vl["predictors"] == {}
+
+
+def test_extras_change_no_other_number_and_curves_are_kept():
+    ds = load_dataset(DataConfig(synthetic=SyntheticConfig(tasks=2, videos_per_task=6, dim=16)))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(conv_channels=32, output_dim=16, head_layers=[16, 8, 16],
+                                    attn_layers=[16, 8]), ProgressConfig(), input_shape=(16,),
+                        num_tasks=2)
+    plain = evaluate_progress(model, ds, "val", device="cpu")
+    full = evaluate_progress(model, ds, "val", device="cpu", cumulative=True, video_level=True,
+                             curves=2)
+    for name, entry in plain["predictors"].items():
+        assert full["predictors"][name] == entry
+    assert {"cumulative_l2", "cumulative_l2_raw", "cumulative_l2_offline"} <= set(
+        full["predictors"])
+    for entry in full["predictors"].values():
+        assert entry["metrics"]["mae"]["frames"] == full["counts"]["foreground_frames"]
+    clipped = full["predictors"]["cumulative_l2"]["metrics"]
+    assert clipped["mae"]["pooled"] <= 1
+    curves = full["curves"]
+    assert 1 <= len(curves) <= 2
+    for c in curves:
+        assert set(c["predictions"]) == {"head", "cumulative_l2", "frame_count"}
+        assert all(len(v) == c["num_frames"] for v in c["predictions"].values())
+        assert len(c["ground_truth"]) == c["num_frames"]
+    json.dumps(full, allow_nan=False)

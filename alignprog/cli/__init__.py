@@ -6,6 +6,9 @@ import typer
 
 from alignprog import __version__
 from alignprog.cli import data as data_cmd
+from alignprog.cli import eval_progress as eval_progress_cmd
+from alignprog.cli import export as export_cmd
+from alignprog.cli import predict as predict_cmd
 from alignprog.cli import sample_inspect as sample_inspect_cmd
 from alignprog.cli import train as train_cmd
 
@@ -24,6 +27,9 @@ app.command("train", epilog="Examples:\n\n  alignprog train --method lav\n\n  al
             "  alignprog train --name my-run --resume")(train_cmd.train)
 app.add_typer(data_cmd.app, name="data")
 app.command("sample-inspect", epilog=sample_inspect_cmd.EPILOG)(sample_inspect_cmd.sample_inspect)
+app.command("eval-progress", epilog=eval_progress_cmd.EPILOG)(eval_progress_cmd.eval_progress)
+app.command("export", epilog=export_cmd.EPILOG)(export_cmd.export)
+app.command("predict", epilog=predict_cmd.EPILOG)(predict_cmd.predict)
 
 
 def _version(value: bool) -> None:

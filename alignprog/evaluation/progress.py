@@ -16,6 +16,19 @@ for the head, `constant_progress`, `duration_prior_progress`, `random_progress` 
 flatten the foreground frames once (`action_frames`), then score every predictor on the same
 frames (`progress_metrics`). All of it is assembled by `evaluate_progress` into a JSON-serialisable
 dict.
+
+Two optional parts (``evaluate_progress(..., cumulative=True, video_level=True)``, which
+`alignprog eval-progress` turns on; `train` leaves them off):
+
+* the ``cumulative_l2`` predictor of the embeddings (spec 3.7, ALGORITHMS 5.3): the path length
+  since the action's start over the mean path length of the action's label in the TRAINING
+  split's videos (`PathLengthPrior`, P3/P4), causal; reported clipped to [0, 1]
+  (``cumulative_l2``) and raw (``cumulative_l2_raw``, REF-compatible, P5), plus the non-causal
+  self-normalised diagnostic ``cumulative_l2_offline`` (P5; the normaliser `train` uses);
+* the video-level OGPE (spec 3.6, the paper's OPE): ``P(t) / G_hat_task`` against the video-level
+  ground truth of spec 3.0 with the full background set, over all frames, ``G_hat_task`` the mean
+  total path length of the task's TRAINING videos (`GeodesicNormaliser`, P3), raw and clipped,
+  beside the frame-count and constant baselines (`video_level_report`).
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ import torch
 
 from alignprog.data.annotations import VideoAnnotation
 from alignprog.data.dataset import Dataset
+from alignprog.losses.progress import cumulative_progress, segment_path_lengths
 from alignprog.sampling import BIN_EDGES, BIN_NAMES
 
 CONVENTION = "action-level, online (prefix), oracle-segmented"
@@ -481,7 +495,274 @@ def _average_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# The cumulative_l2 predictor of the embeddings (spec 3.7, 3.8; ALGORITHMS 5.3; P4, P5, B27)
+
+CUMULATIVE_CONVENTIONS = (
+    "pi_t = P_s(t) / mu_a on the frames of each foreground action [s, e] (P_s: path length of the "
+    "embeddings since s, 0 at s), mu_a the mean path length of label a over the training "
+    "split's foreground segments of >= 2 frames (unseen label: mean of the positive label "
+    "means); one-frame actions 0.5 and a zero normaliser a linear ramp, as "
+    "losses.progress.cumulative_progress")
+
+
+def _segment_tensors(annotation: VideoAnnotation
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """seg_start, seg_end, seg_foreground, seg_mask of one video, each (1, K)."""
+    start = torch.as_tensor(annotation.starts, dtype=torch.long)[None]           # (1, K)
+    end = torch.as_tensor(annotation.ends, dtype=torch.long)[None]               # (1, K)
+    fg = torch.as_tensor(annotation.is_foreground)[None]                         # (1, K)
+    return start, end, fg, torch.ones_like(fg)
+
+
+def _as_batch(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One video's embeddings (T, D) as a float64 batch (1, T, D) and its mask (1, T)."""
+    u = torch.as_tensor(embeddings).detach().cpu().double()[None]               # (1, T, D)
+    return u, torch.ones(u.shape[:2], dtype=torch.bool)
+
+
+def action_path_lengths(embeddings: torch.Tensor, annotation: VideoAnnotation) -> np.ndarray:
+    """Path length of the embeddings over each segment (K,), sum of ||u_t - u_{t-1}|| for
+    t = s+1 .. e (spec 3.0 cumulative geodesic length; 0 for a one-frame segment)."""
+    u, mask = _as_batch(embeddings)
+    start, end, _, seg_mask = _segment_tensors(annotation)
+    return segment_path_lengths(u, mask, start, end, seg_mask)[0].numpy()      # (K,)
+
+
+@dataclass(frozen=True)
+class PathLengthPrior:
+    """Mean path length per action label, from the training split only (spec 3.8 SPEC, P4).
+
+    Foreground segments of at least 2 frames (a one-frame segment has no path); ``fallback``, for
+    a label no training video shows, is the mean of the positive label means (spec 3.7), with
+    background never entering any mean.
+    """
+
+    means: dict[str, float]
+    counts: dict[str, int]
+    fallback: float
+    videos: int
+
+    @classmethod
+    def from_embeddings(cls, annotations: Sequence[VideoAnnotation],
+                        embeddings: Sequence[torch.Tensor]) -> "PathLengthPrior":
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for ann, u in zip(annotations, embeddings, strict=True):
+            paths = action_path_lengths(u, ann)                                   # (K,)
+            for lab, n, fg, g in zip(ann.labels, ann.lengths, ann.is_foreground, paths):
+                if fg and n >= 2:
+                    sums[lab] = sums.get(lab, 0.0) + float(g)
+                    counts[lab] = counts.get(lab, 0) + 1
+        means = {lab: sums[lab] / counts[lab] for lab in sums}
+        positive = [m for m in means.values() if m > 0]
+        return cls(means, counts, float(np.mean(positive)) if positive else 0.0, len(annotations))
+
+    def normaliser(self, label: str) -> float:
+        return self.means.get(label, self.fallback)
+
+    def to_json(self, labels_in_eval: Sequence[str] = ()) -> dict[str, Any]:
+        return {
+            "videos": self.videos,
+            "segments": sum(self.counts.values()),
+            "fallback_mean_path_length": self.fallback,
+            "labels": {lab: {"mean_path_length": self.means[lab], "segments": self.counts[lab]}
+                       for lab in sorted(self.means)},
+            "unseen_labels": sorted({lab for lab in labels_in_eval if lab not in self.means}),
+        }
+
+
+def cumulative_l2_progress(embeddings: torch.Tensor, annotation: VideoAnnotation,
+                           prior: PathLengthPrior | None) -> np.ndarray:
+    """The unclipped ``cumulative_l2`` prediction (T,), 0 on background (spec 3.7).
+
+    ``prior`` given: causal, each action's path so far over its label's training mean path
+    length; None: the non-causal self-normalised variant ``P_s(t) / P_s(e)`` that training uses
+    (a diagnostic, "offline", P5). Conventions of `losses.progress.cumulative_progress`.
+    """
+    u, mask = _as_batch(embeddings)
+    if u.shape[1] != annotation.num_frames:
+        raise ValueError(f"{annotation.task}/{annotation.handle}: {u.shape[1]} embeddings for an "
+                         f"annotation of {annotation.num_frames} frames")
+    start, end, fg, seg_mask = _segment_tensors(annotation)
+    norm = None
+    if prior is not None:
+        norm = torch.tensor([[prior.normaliser(lab) for lab in annotation.labels]],
+                            dtype=torch.float64)                                 # (1, K)
+    return cumulative_progress(u, mask, start, end, fg, seg_mask,
+                               normaliser=norm)[0].numpy()                       # (T,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Video-level OGPE (spec 3.0 ground truth, 3.6 metric; P1, P3, P19, P20, P21)
+
+VIDEO_CONVENTION = "video-level, online (cumulative over the whole video), all frames"
+VIDEO_GROUND_TRUTH = (
+    "spec 3.0: with M foreground actions, action k ramps linearly from k/M at its first frame to "
+    "(k+1)/M at its last (a one-frame action: k/M); background frames (full background set) "
+    "hold the previous value (0 before the first action)")
+
+
+def video_progress_gt(annotation: VideoAnnotation) -> np.ndarray:
+    """Video-level ground-truth progress (T,) (spec 3.0, the full background set: P1)."""
+    fg = annotation.is_foreground
+    delta = 1.0 / max(int(fg.sum()), 1)
+    g = np.zeros(annotation.num_frames)
+    p = 0.0
+    for s, e, is_fg in zip(annotation.starts, annotation.ends, fg):
+        if is_fg:
+            g[s:e + 1] = p + delta * (np.arange(e - s + 1) / (e - s) if e > s else 0.0)
+            p += delta
+        else:
+            # Flat over background: the value of frame s - 1, which is the running p.
+            g[s:e + 1] = p
+    return g
+
+
+def cumulative_path(embeddings: torch.Tensor) -> np.ndarray:
+    """P(t) (T,): P(0) = 0, P(t) = sum_{tau=1..t} ||u_tau - u_{tau-1}|| (spec 3.0), float64."""
+    u = torch.as_tensor(embeddings).detach().cpu().double()                     # (T, D)
+    steps = torch.linalg.vector_norm(u[1:] - u[:-1], dim=-1)                     # (T-1,)
+    return torch.cat([steps.new_zeros(1), steps.cumsum(0)]).numpy()              # (T,)
+
+
+@dataclass(frozen=True)
+class GeodesicNormaliser:
+    """Per task: the mean total path length ``G_hat`` = mean G(U) of the task's TRAINING videos
+    (spec 3.6 SPEC, P3: never the evaluated split), their std and count, and the mean training
+    length in frames (the frame-count baseline's). A task with no training video falls back to
+    the values over all training videos (and says so)."""
+
+    per_task: dict[str, dict[str, Any]]
+    overall: dict[str, Any]
+
+    @classmethod
+    def from_videos(cls, annotations: Sequence[VideoAnnotation],
+                    embeddings: Sequence[torch.Tensor] | None) -> "GeodesicNormaliser":
+        if not annotations:
+            raise ValueError("the video-level normaliser needs training videos, found none")
+
+        def stats(idx: list[int]) -> dict[str, Any]:
+            lengths = np.asarray([annotations[i].num_frames for i in idx], dtype=np.float64)
+            out: dict[str, Any] = {"videos": len(idx), "mean_length_frames": float(lengths.mean())}
+            if embeddings is not None:
+                totals = np.asarray([cumulative_path(embeddings[i])[-1] for i in idx])
+                mean, std = float(totals.mean()), float(totals.std())
+                out |= {"mean": mean, "std": std, "cov": _finite(std / mean) if mean > 0 else None}
+            return out
+
+        by_task: dict[str, list[int]] = {}
+        for i, ann in enumerate(annotations):
+            by_task.setdefault(ann.task, []).append(i)
+        return cls({t: stats(idx) | {"fallback": False} for t, idx in by_task.items()},
+                   stats(list(range(len(annotations)))))
+
+    def for_task(self, task: str) -> dict[str, Any]:
+        return self.per_task.get(task, self.overall | {"fallback": True})
+
+    def to_json(self, tasks: Sequence[str] = ()) -> dict[str, Any]:
+        return {"per_task": {t: self.for_task(t) for t in dict.fromkeys([*self.per_task, *tasks])},
+                "all_training_videos": self.overall}
+
+
+def _video_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
+                   tasks: Sequence[str]) -> dict[str, Any]:
+    """OGPE of one video-level predictor: per-video mean |g_t - pi_t| over all frames, then the
+    mean over videos, over tasks (P20) and pooled over frames; per task mean, std, cov = std /
+    mean (P19) and counts; monotonicity = share of consecutive non-decreasing predictions."""
+    errs = [np.abs(p - g) for p, g in zip(preds, gts, strict=True)]
+    video_err = np.asarray([e.mean() for e in errs])                             # (V,)
+    task_arr = np.asarray(tasks, dtype=object)
+    per_task: dict[str, dict[str, Any]] = {}
+    for task in dict.fromkeys(tasks):
+        v = video_err[task_arr == task]
+        mean, std = float(v.mean()), float(v.std())
+        per_task[task] = {"ogpe": mean, "std": std,
+                          "cov": _finite(std / mean) if mean > 0 else None, "videos": int(len(v)),
+                          "frames": int(sum(len(e) for e, t in zip(errs, tasks) if t == task))}
+    steps = np.concatenate([np.diff(p) >= 0 for p in preds]) if preds else np.zeros(0)
+    flat = np.concatenate(errs) if errs else np.zeros(0)
+    return {
+        "ogpe": {"mean_over_videos": _mean(video_err),
+                 "mean_over_tasks": _mean(np.asarray([t["ogpe"] for t in per_task.values()])),
+                 "pooled": _mean(flat), "videos": len(errs), "frames": int(len(flat)),
+                 "tasks": len(per_task)},
+        "per_task": per_task,
+        "monotonicity": {"share": _mean(steps.astype(np.float64)), "pairs": int(len(steps))},
+        "last_frame": _mean(np.asarray([e[-1] for e in errs])),
+    }
+
+
+def video_level_report(annotations: Sequence[VideoAnnotation],
+                       embeddings: Sequence[torch.Tensor] | None,
+                       normaliser: GeodesicNormaliser, *, train_split: str = "train"
+                       ) -> dict[str, Any]:
+    """Video-level OGPE (spec 3.6) of the embeddings' cumulative path and of baselines.
+
+    ``annotations`` are the evaluated videos (the caller has dropped those without foreground:
+    P21); ``embeddings`` their (T_i, D) embeddings, or None for baselines only. Videos whose
+    path is 0 everywhere are skipped by the spec; they are then left out for every predictor,
+    so all rows score the same videos, and listed. Predictors: ``cumulative_geodesic``
+    ``P(t) / G_hat_task`` raw (the paper's, unclipped) and clipped to [0, 1]; ``frame_count``
+    ``t / mean training length`` (the paper's trivial baseline, Fig. 7) raw and clipped;
+    ``constant_0.5``.
+    """
+    keep = list(range(len(annotations)))
+    paths: list[np.ndarray] = []
+    skipped: list[str] = []
+    if embeddings is not None:
+        paths = [cumulative_path(u) for u in embeddings]
+        skipped = [annotations[i].handle for i in keep if paths[i].sum() <= 0]
+        keep = [i for i in keep if paths[i].sum() > 0]
+    anns = [annotations[i] for i in keep]
+    gts = [video_progress_gt(a) for a in anns]
+    tasks = [a.task for a in anns]
+    predictors: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, kind: str, formula: str, raw: list[np.ndarray], clip: bool) -> None:
+        entry: dict[str, Any] = {"kind": kind, "formula": formula}
+        if clip:
+            entry["raw"] = _video_metrics(raw, gts, tasks)
+            entry["clipped"] = _video_metrics([np.clip(p, 0.0, 1.0) for p in raw], gts, tasks)
+        else:
+            entry["raw"] = _video_metrics(raw, gts, tasks)
+        predictors[name] = entry
+
+    if anns:
+        if embeddings is not None:
+            preds = []
+            for i, a in zip(keep, anns):
+                g_hat = normaliser.for_task(a.task)["mean"]
+                preds.append(paths[i] / g_hat if g_hat > 0 else np.zeros(a.num_frames))
+            add("cumulative_geodesic", "cumulative_geodesic",
+                f"P(t) / G_hat_task (mean total path length of the task's {train_split} videos)",
+                preds, clip=True)
+        add("frame_count", "frame_count",
+            f"t / mean length in frames of the task's {train_split} videos",
+            [np.arange(a.num_frames) / normaliser.for_task(a.task)["mean_length_frames"]
+             for a in anns], clip=True)
+        add("constant_0.5", "constant", "0.5 on every frame",
+            [np.full(a.num_frames, 0.5) for a in anns], clip=False)
+    return {
+        "convention": VIDEO_CONVENTION,
+        "ground_truth": VIDEO_GROUND_TRUTH,
+        "normaliser": {"split": train_split} | normaliser.to_json(tasks),
+        "counts": {"videos": len(anns), "videos_skipped_zero_path": len(skipped),
+                   "skipped_handles": skipped,
+                   "frames": int(sum(a.num_frames for a in anns)),
+                   "videos_per_task": {t: tasks.count(t) for t in dict.fromkeys(tasks)}},
+        "predictors": predictors,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # The report
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """k positions spread evenly over range(n) (all of them when k >= n)."""
+    if k <= 0 or n == 0:
+        return []
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(k, n))})
 
 
 def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: str, *,
@@ -489,7 +770,8 @@ def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: st
                       batch_size: int = 4,
                       baselines: Sequence[str] = ("constant_0.5", "frame_count"),
                       autocast_dtype: torch.dtype | None = None,
-                      chunk_elems: int = 2**22) -> dict[str, Any]:
+                      chunk_elems: int = 2**22, cumulative: bool = False,
+                      video_level: bool = False, curves: int = 0) -> dict[str, Any]:
     """Action-level, online, oracle-segmented progress errors of the model's head and baselines.
 
     Every video of ``split`` with at least one foreground frame is evaluated (the others are
@@ -498,6 +780,14 @@ def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: st
     ``frame_count`` takes its mean action lengths from ``train_split`` (P4). The report holds the
     split name and hash, counts, the conventions (P23, P24) and, under ``predictors``, the
     `progress_metrics` of each predictor.
+
+    ``cumulative`` adds the embeddings' ``cumulative_l2`` predictors (clipped, raw, offline) with
+    per-label normalisers from ``train_split`` videos; ``video_level`` adds the ``video_level``
+    section (`video_level_report`, ``G_hat`` from ``train_split`` videos). Both embed the
+    training split's videos once more (no model: the video-level baselines only). ``curves``
+    > 0 keeps, under ``curves``, the per-frame ground truth and predictions of that many
+    evaluated videos (spread over the split) for plotting. None of these change the other
+    numbers: the evaluated videos are embedded exactly as without them.
     """
     t_start = time.perf_counter()
     kinds = {name: parse_baseline(name) for name in baselines}                   # fail early
@@ -507,18 +797,39 @@ def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: st
     kept = [i for i in indices if i not in skipped_set]
     annotations = [dataset.videos[i].annotation for i in kept]
     frames = action_frames(annotations)
+    fg_labels = [lab for a in annotations for lab, fg in zip(a.labels, a.is_foreground) if fg]
 
     predictions: dict[str, dict[str, Any]] = {}
+    per_video: dict[str, list[np.ndarray]] = {}   # per-frame predictions kept for ``curves``
     timing: dict[str, float] = {}
+    priors: dict[str, Any] = {}
     head = getattr(model, "progress_head", None) if model is not None else None
-    if head is not None and kept:
+    use_embeddings = model is not None and (head is not None or cumulative or video_level)
+    embeddings: list[torch.Tensor] | None = None
+    if use_embeddings and kept:
         t0 = time.perf_counter()
         embeddings = embed_videos(model, dataset, kept, device=device, batch_size=batch_size,
                                   autocast_dtype=autocast_dtype)
         timing["embed_s"] = time.perf_counter() - t0
+    train_embeddings: list[torch.Tensor] | None = None
+    train_indices = dataset.indices(train_split)
+    if model is not None and (cumulative or video_level):
+        # Normalisers come from the training split only (P3, P4); when it is the evaluated split
+        # its videos are not embedded twice.
         t0 = time.perf_counter()
-        per_video = [online_progress(head, u, ann, chunk_elems=chunk_elems).double().numpy()
-                     for u, ann in zip(embeddings, annotations)]
+        reuse = dict(zip(kept, embeddings or [])) if split == train_split else {}
+        todo = [i for i in train_indices if i not in reuse]
+        fresh = dict(zip(todo, embed_videos(model, dataset, todo, device=device,
+                                            batch_size=batch_size, autocast_dtype=autocast_dtype)
+                         if todo else []))
+        train_embeddings = [reuse[i] if i in reuse else fresh[i] for i in train_indices]
+        timing["embed_train_s"] = time.perf_counter() - t0
+    train_annotations = [dataset.videos[i].annotation for i in train_indices]
+
+    if head is not None and embeddings is not None:
+        t0 = time.perf_counter()
+        per_video["head"] = [online_progress(head, u, ann, chunk_elems=chunk_elems).double().numpy()
+                             for u, ann in zip(embeddings, annotations)]
         timing["head_s"] = time.perf_counter() - t0
         dense = _dense_is_online(head)
         predictions["head"] = {
@@ -527,10 +838,33 @@ def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: st
             "position": getattr(head, "position", None),
             "inference": "one dense pass per action (streamable head)" if dense
             else "one head call per prefix, batched",
-            "metrics": progress_metrics(frames.gather(per_video), frames),
+            "metrics": progress_metrics(frames.gather(per_video["head"]), frames),
         }
 
-    priors: dict[str, Any] = {}
+    if cumulative and embeddings is not None and train_embeddings is not None:
+        t0 = time.perf_counter()
+        path_prior = PathLengthPrior.from_embeddings(train_annotations, train_embeddings)
+        priors["cumulative_l2"] = {"split": train_split} | path_prior.to_json(fg_labels)
+        raw = [cumulative_l2_progress(u, a, path_prior) for u, a in zip(embeddings, annotations)]
+        per_video["cumulative_l2"] = [np.clip(p, 0.0, 1.0) for p in raw]
+        offline = [cumulative_l2_progress(u, a, None) for u, a in zip(embeddings, annotations)]
+        formula = f"P_s(t) / mean {train_split} path length of the action's label"
+        predictions["cumulative_l2"] = {
+            "kind": "cumulative_l2", "normaliser": f"class ({train_split} split)", "causal": True,
+            "clipped": True, "formula": f"clip({formula}, 0, 1)",
+            "conventions": CUMULATIVE_CONVENTIONS,
+            "metrics": progress_metrics(frames.gather(per_video["cumulative_l2"]), frames)}
+        predictions["cumulative_l2_raw"] = {
+            "kind": "cumulative_l2", "normaliser": f"class ({train_split} split)", "causal": True,
+            "clipped": False, "formula": formula + " (unclipped, REF-compatible)",
+            "metrics": progress_metrics(frames.gather(raw), frames)}
+        predictions["cumulative_l2_offline"] = {
+            "kind": "cumulative_l2", "normaliser": "self (the action's own total path)",
+            "causal": False, "clipped": False,
+            "formula": "P_s(t) / P_s(e): needs the action's end, a diagnostic, not online",
+            "metrics": progress_metrics(frames.gather(offline), frames)}
+        timing["cumulative_s"] = time.perf_counter() - t0
+
     prior: DurationPrior | None = None
     for name, (kind, c, seeds) in kinds.items():
         if kind == "constant":
@@ -540,14 +874,13 @@ def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: st
         elif kind == "frame_count":
             if prior is None:
                 prior = duration_prior(dataset, train_split)
-                priors["frame_count"] = {"split": train_split} | prior.to_json(
-                    [lab for a in annotations for lab, fg in zip(a.labels, a.is_foreground)
-                     if fg])
-            pred = frames.gather([duration_prior_progress(a, prior) for a in annotations])
+                priors["frame_count"] = {"split": train_split} | prior.to_json(fg_labels)
+            per_video.setdefault(name, [duration_prior_progress(a, prior) for a in annotations])
             predictions[name] = {"kind": "frame_count",
                                  "formula": f"min(1, (t - s + 1) / mean {train_split} length "
                                             "of the action's label)",
-                                 "metrics": progress_metrics(pred, frames)}
+                                 "metrics": progress_metrics(frames.gather(per_video[name]),
+                                                             frames)}
         else:
             per_seed = []
             for seed in seeds:
@@ -561,8 +894,7 @@ def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: st
                                               else float(np.std(pooled))),
                 "metrics": _average_reports(per_seed)}
 
-    timing["total_s"] = time.perf_counter() - t_start
-    return {
+    report: dict[str, Any] = {
         "convention": CONVENTION,
         "ground_truth": GROUND_TRUTH,
         "dataset": dataset.name,
@@ -584,5 +916,32 @@ def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: st
         "model_has_head": head is not None,
         "priors": priors,
         "predictors": predictions,
-        "timing": timing,
     }
+    if video_level:
+        t0 = time.perf_counter()
+        report["video_level"] = video_level_report(
+            annotations, embeddings if model is not None else None,
+            GeodesicNormaliser.from_videos(train_annotations, train_embeddings),
+            train_split=train_split)
+        timing["video_level_s"] = time.perf_counter() - t0
+    if curves > 0:
+        report["curves"] = [{
+            "handle": ann.handle, "task": ann.task, "num_frames": ann.num_frames,
+            "segments": [{"label": lab, "start": int(s), "end": int(e), "foreground": bool(fg)}
+                         for lab, s, e, fg in zip(ann.labels, ann.starts, ann.ends,
+                                                  ann.is_foreground)],
+            "ground_truth": _action_gt(ann).tolist(),
+            "predictions": {name: preds[j].tolist() for name, preds in per_video.items()},
+        } for j, ann in ((j, annotations[j]) for j in _spread(len(annotations), curves))]
+    timing["total_s"] = time.perf_counter() - t_start
+    report["timing"] = timing
+    return report
+
+
+def _action_gt(annotation: VideoAnnotation) -> np.ndarray:
+    """Action-level ground truth (T,): (t - s + 1) / L on foreground frames, 0 on background."""
+    gt = np.zeros(annotation.num_frames)
+    for s, n, fg in zip(annotation.starts, annotation.lengths, annotation.is_foreground):
+        if fg:
+            gt[s:s + n] = np.arange(1, n + 1) / n
+    return gt

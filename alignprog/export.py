@@ -1,0 +1,604 @@
+"""Safetensors export of a trained model, the matching loader, and inference on new videos.
+
+An export is a directory of three files (the convention of model hubs)::
+
+    <out>/model.safetensors   the weights: AlignmentModel.state_dict() names, so every tensor sits
+                              under one of two stable prefixes
+                                encoder.*        the base encoder (encoder.base.*), the MCN heads
+                                                 and attention (encoder.heads.*,
+                                                 encoder.attention.*), the GTCC drop branch
+                                progress_head.*  the learnable progress head (absent when the run
+                                                 trained none)
+                              metadata (string -> string, readable with plain `safe_open`):
+                                format          "alignprog-export"
+                                format_version  "1"
+                                config          the model config as JSON (below)
+                                dtype           "fp32" | "bf16" | "fp16" (floating tensors)
+    <out>/config.json         the same config, indented
+    <out>/README.md           a model card: method, data, training steps, test-split errors
+
+The config holds everything `build_model` needs, so the file alone rebuilds the model:
+``{"method", "layout", "input_shape", "num_tasks", "background_labels", "model": <ModelConfig>,
+"progress": <ProgressConfig>, "dtype", "alignprog_version", "source": {run, checkpoint, step}}``.
+
+Nothing is ever unpickled: the checkpoint is read through safetensors and JSON
+(`load_trained_model`), the export through safetensors only (project rule; no ``torch.load``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+import alignprog
+from alignprog.config import DEFAULT_BACKGROUND, ModelConfig, ProgressConfig
+from alignprog.data.annotations import (RawAnnotation, RepairLog, VideoAnnotation, canonicalise,
+                                        parse_task_record)
+from alignprog.errors import AlignprogError, DataError
+from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
+
+FORMAT = "alignprog-export"
+FORMAT_VERSION = "1"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+PREFIXES = ("encoder.", "progress_head.")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                  "half": "fp16"}
+_MAX_LISTED = 12  # tensors listed in a mismatch report
+WHOLE_VIDEO_LABEL = "video"  # the label of the one segment when no segments are given
+WHOLE_VIDEO_NOTE = "whole video as one segment"
+
+
+class ExportError(AlignprogError):
+    """An export cannot be written, or a file is not a (matching) alignprog export."""
+
+
+def dtype_name(dtype: str | torch.dtype | None) -> str:
+    """``"fp32" | "bf16" | "fp16"`` from a name or a torch dtype (None: fp32)."""
+    if dtype is None:
+        return "fp32"
+    if isinstance(dtype, torch.dtype):
+        for name, value in DTYPES.items():
+            if value == dtype:
+                return name
+        raise ExportError(f"dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    name = _DTYPE_ALIASES.get(str(dtype), str(dtype))
+    if name not in DTYPES:
+        raise ExportError(f"dtype '{dtype}' is not supported; choose one of {', '.join(DTYPES)}")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def export_run(run_dir: Path, *, checkpoint: str = "best", out_dir: Path, dtype: str = "fp32",
+               overwrite: bool = False) -> Path:
+    """Export a run's checkpoint (``best`` falls back to the latest, ``last``, or a path) to
+    `out_dir`; returns the path of model.safetensors. See the module docstring for the files."""
+    from alignprog.training.checkpoint import read_checkpoint_meta
+    from alignprog.training.restore import load_trained_model, resolve_checkpoint
+    from alignprog.training.rundir import RunDir
+
+    name = dtype_name(dtype)
+    run_dir = Path(run_dir)
+    ckpt = resolve_checkpoint(run_dir, checkpoint)
+    cfg, model, state = load_trained_model(ckpt)  # safetensors + JSON only
+    meta = read_checkpoint_meta(ckpt)["meta"]
+    config = {
+        "method": cfg.train.method,
+        "layout": ENCODER_LAYOUT[cfg.model.encoder],
+        "input_shape": list(meta["input_shape"]),
+        "num_tasks": int(meta["num_tasks"]),
+        "background_labels": list(cfg.data.background_labels),
+        "model": cfg.model.model_dump(mode="json"),
+        "progress": cfg.progress.model_dump(mode="json"),
+        "dtype": name,
+        "alignprog_version": alignprog.__version__,
+        "source": {"run": run_dir.name, "checkpoint": ckpt.name, "step": state.get("step"),
+                   "epoch": state.get("epoch")},
+    }
+    run = RunDir.open(run_dir)
+    card = model_card(config, model, run_meta=_read_optional(run, "meta.json"),
+                      test_report=_read_optional(run, "eval_test.json"),
+                      dataset=cfg.data.root)
+    return export_model(model, config, out_dir, dtype=name, card=card, overwrite=overwrite)
+
+
+def _read_optional(run, name: str) -> Any:
+    try:
+        return run.read_json(name)
+    except AlignprogError:
+        return None
+
+
+def export_model(model: AlignmentModel, config: Mapping[str, Any], out_dir: Path, *,
+                 dtype: str = "fp32", card: str | None = None, overwrite: bool = False) -> Path:
+    """Write `model` with its `config` (see the module docstring) as an export directory.
+
+    The directory is built under a hidden temporary name beside `out_dir` and renamed into place,
+    so an interrupted export leaves nothing under the real name; an existing export is replaced
+    only with `overwrite` (and a directory that is not an export never)."""
+    name = dtype_name(dtype)
+    config = dict(config) | {"dtype": name}
+    out_dir = Path(out_dir)
+    _check_target(out_dir, overwrite)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        t = value.detach().to("cpu")
+        if t.is_floating_point():
+            t = t.to(DTYPES[name])
+        # clone(): each name its own storage (safetensors refuses shared ones; tied weights are
+        # stored twice and loaded into the same parameter twice, which is harmless).
+        tensors[key] = t.contiguous().clone()
+    bad = [k for k in tensors if not k.startswith(PREFIXES)]
+    if bad:
+        raise ExportError(f"tensor names outside {'/'.join(PREFIXES)}: {bad[:_MAX_LISTED]}")
+    config_json = json.dumps(config, sort_keys=False)
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config_json,
+                "dtype": name}
+
+    from safetensors.torch import save_file
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(tensors, tmp / MODEL_FILE, metadata=metadata)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        # mkdtemp makes the directory 0700 and safetensors its file 0600: give them the
+        # permissions a plain mkdir/open would, so that others can read the export.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+            _fsync(f)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / MODEL_FILE
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_export_dir(path: Path) -> bool:
+    return (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file()
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory; choose another --out")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it or choose "
+                          "another --out")
+    if not _is_export_dir(out_dir):
+        raise ExportError(f"refusing to overwrite {out_dir}: it is not an alignprog export (no "
+                          f"{MODEL_FILE} and {CONFIG_FILE}); delete it yourself or choose "
+                          "another --out")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        # The old export stays whole (under a hidden name) until the new one is in place.
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / out_dir.name)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(old / out_dir.name, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+
+
+def model_card(config: Mapping[str, Any], model: AlignmentModel, *, run_meta: Mapping | None,
+               test_report: Mapping | None, dataset: Path | None = None) -> str:
+    """README.md of an export: what the model is, what it was trained on, how well it did."""
+    mc, pc, src = config["model"], config["progress"], config.get("source", {})
+    n_params = sum(p.numel() for p in model.parameters())
+    head = model.progress_head
+    if head is not None:
+        lc = pc["learnable"]
+        arch = "mean" if not lc.get("use_gru", True) else lc["arch"]
+        online = "streams frame by frame" if head.streamable else "re-runs each prefix online"
+        head_line = (f"learnable `{arch}` head, width {lc['hidden_dim']}, position feature "
+                     f"`{lc['position']}` ({online})")
+    elif pc.get("enabled") and pc.get("method") == "cumulative_l2":
+        head_line = "none (the run used `cumulative_l2`, which needs no weights)"
+    else:
+        head_line = "none (the run trained no progress head)"
+    encoder = f"`{mc['encoder']}`"
+    if mc.get("mcn"):
+        heads = mc.get("num_heads") or config["num_tasks"]
+        encoder += f" with multi-head attention fusion ({heads} heads)"
+    lines = [
+        f"# alignprog model: {src.get('run', 'export')}",
+        "",
+        f"Exported by alignprog {config.get('alignprog_version', alignprog.__version__)} from "
+        f"run `{src.get('run')}`, checkpoint `{src.get('checkpoint')}`.",
+        "",
+        "## Model",
+        "",
+        f"- alignment method: `{config['method']}`",
+        f"- encoder: {encoder}; input: the `{config['layout']}` layout, one frame of shape "
+        f"{tuple(config['input_shape'])}; embedding width {mc['output_dim']}",
+        f"- progress head: {head_line}",
+        f"- weights: {n_params:,} parameters stored as {config['dtype']}",
+        "",
+        "## Data and training",
+        "",
+    ]
+    data_name = (run_meta or {}).get("dataset") or (str(dataset) if dataset else "synthetic")
+    videos = (run_meta or {}).get("videos")
+    lines.append(f"- dataset: {data_name}" + (f" ({videos} videos)" if videos else ""))
+    lines.append(f"- tasks: {config['num_tasks']}")
+    lines.append(f"- training: {src.get('step')} optimizer steps, {src.get('epoch')} epoch(s)")
+    if run_meta and run_meta.get("git_commit"):
+        lines.append(f"- source commit: `{run_meta['git_commit']}`")
+    lines += ["", "## Evaluation", ""]
+    if test_report and test_report.get("predictors"):
+        lines += [f"Progress error on the {test_report.get('split', 'test')} split "
+                  f"({test_report.get('convention', '')}), from the run's eval_test.json:",
+                  "", "| predictor | MAE (mean over videos) | MAE (all frames) |",
+                  "|---|---|---|"]
+        for pname, res in test_report["predictors"].items():
+            mae = res.get("metrics", {}).get("mae", {})
+            lines.append(f"| {pname} | {_num(mae.get('mean_over_videos'))} | "
+                         f"{_num(mae.get('pooled'))} |")
+    else:
+        lines.append("The run holds no evaluation report (eval_test.json).")
+    lines += [
+        "", "## Files", "",
+        f"- `{MODEL_FILE}`: tensors named as `AlignmentModel.state_dict()`, under `encoder.` "
+        "and `progress_head.`; metadata `format_version`, `config` (JSON), `dtype`",
+        f"- `{CONFIG_FILE}`: the same config",
+        "", "## Use", "",
+        "```python", "import alignprog", 'model = alignprog.load("THIS_DIR")', "```", "",
+        "```", "alignprog predict THIS_DIR video.npy --segments segments.json", "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) and math.isfinite(x) else "-"
+
+
+# ----------------------------------------------------------------------------------------------
+# Load
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an export's metadata says: the raw config and its validated parts."""
+
+    path: Path                    # the model.safetensors file
+    config: dict[str, Any]        # the raw config JSON
+    model: ModelConfig
+    progress: ProgressConfig
+    method: str
+    layout: str                   # "features" (T, D) or "frames" (T, C, H, W)
+    input_shape: tuple[int, ...]  # one frame's shape
+    num_tasks: int
+    background_labels: tuple[str, ...]
+    dtype: str                    # the stored dtype of the floating tensors
+    format_version: str
+
+
+def _export_file(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file (expected an export directory or its "
+                          f"{MODEL_FILE})")
+    return path
+
+
+def read_export_info(path: Path) -> ExportInfo:
+    """The export's metadata, checked, without reading any tensor data."""
+    from safetensors import safe_open
+
+    path = _export_file(path)
+    try:
+        with safe_open(path, framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception as exc:  # SafetensorError for damaged files, OSError for unreadable ones
+        raise ExportError(f"{path}: not a readable safetensors file ({_short(exc)}); is it "
+                          "truncated or corrupted?") from None
+    return _parse_metadata(path, metadata)
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).replace("Error while deserializing header: ", "").splitlines()[0]
+
+
+def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> ExportInfo:
+    if "format_version" not in metadata or "config" not in metadata:
+        raise ExportError(f"{path}: not an alignprog export (its safetensors metadata lacks "
+                          "'format_version'/'config'; a training checkpoint? export it with "
+                          "`alignprog export RUN_DIR --out DIR`)")
+    version = metadata["format_version"]
+    if version != FORMAT_VERSION:
+        raise ExportError(f"{path}: export format_version {version!r} is not readable by "
+                          f"alignprog {alignprog.__version__} (reads version {FORMAT_VERSION})")
+    try:
+        config = json.loads(metadata["config"])
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: the 'config' metadata is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{path}: the 'config' metadata must be a JSON object")
+    missing = [k for k in ("model", "progress", "method", "input_shape", "num_tasks")
+               if k not in config]
+    if missing:
+        raise ExportError(f"{path}: the config lacks {', '.join(missing)}")
+    try:
+        model_cfg = ModelConfig.model_validate(config["model"])
+        progress_cfg = ProgressConfig.model_validate(config["progress"])
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        raise ExportError(f"{path}: the export's config is invalid ({problems})") from None
+    shape = config["input_shape"]
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(v, int) and v > 0 for v in shape)):
+        raise ExportError(f"{path}: config input_shape must be a list of positive integers, "
+                          f"got {shape!r}")
+    num_tasks = config["num_tasks"]
+    if not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ExportError(f"{path}: config num_tasks must be a positive integer, got "
+                          f"{num_tasks!r}")
+    dtype = metadata.get("dtype", config.get("dtype", "fp32"))
+    if dtype not in DTYPES:
+        raise ExportError(f"{path}: unknown dtype {dtype!r} in the metadata")
+    background = config.get("background_labels") or list(DEFAULT_BACKGROUND)
+    return ExportInfo(path, config, model_cfg, progress_cfg, str(config["method"]),
+                      ENCODER_LAYOUT[model_cfg.encoder], tuple(shape), num_tasks,
+                      tuple(str(b) for b in background), dtype, version)
+
+
+def build_from_info(info: ExportInfo) -> AlignmentModel:
+    """The (untrained) model the export's config describes."""
+    try:
+        return build_model(info.model, info.progress, input_shape=info.input_shape,
+                           num_tasks=info.num_tasks, method=info.method)
+    except (ValueError, TypeError) as exc:
+        raise ExportError(f"{info.path}: cannot build the model its config describes "
+                          f"({exc})") from None
+
+
+def check_tensors(expected: Mapping[str, torch.Tensor],
+                  found: Mapping[str, tuple[tuple[int, ...], str]]) -> list[str]:
+    """Problems between a model's state dict and a file's ``{name: (shape, dtype name)}``:
+    missing, unexpected and mismatched tensors (name, expected shape, got shape)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = []
+    for k, v in expected.items():
+        if k not in found:
+            continue
+        shape, dt = found[k]
+        if tuple(shape) != tuple(v.shape):
+            mismatched.append(f"{k} expected {tuple(v.shape)} got {tuple(shape)}")
+        elif v.is_floating_point() != dt.startswith(("F", "BF")):
+            mismatched.append(f"{k} expected a {v.dtype} tensor got {dt}")
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} (in the model, not the file): {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} (in the file, not the model): "
+                        f"{_listed(unexpected)}")
+    if mismatched:
+        problems.append(f"mismatched {len(mismatched)}: {_listed(mismatched)}")
+    return problems
+
+
+def _listed(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+
+
+def load_with_config(path: Path, *, device: str | torch.device = "cpu",
+                     dtype: str | torch.dtype | None = None) -> tuple[AlignmentModel, ExportInfo]:
+    """Rebuild the model from an export (directory or model.safetensors) alone, in eval mode.
+
+    `dtype` is the compute dtype of the returned model; None means float32 (a bf16/fp16 export is
+    upcast: its weights are the rounded values). Tensor names and shapes are checked against the
+    model the config describes before any weight is loaded."""
+    from safetensors import safe_open
+
+    info = read_export_info(path)
+    model = build_from_info(info)
+    expected = model.state_dict()
+    try:
+        with safe_open(info.path, framework="pt") as fh:
+            found = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype())
+                     for k in fh.keys()}
+            problems = check_tensors(expected, found)
+            if problems:
+                raise ExportError(f"{info.path}: the tensors do not match the architecture its "
+                                  "config describes: " + "; ".join(problems))
+            tensors = {k: fh.get_tensor(k) for k in expected}
+    except AlignprogError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{info.path}: cannot read the tensors ({_short(exc)}); is the file "
+                          "truncated or corrupted?") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ExportError(f"{info.path}: tensors hold NaN/Inf values (corrupted?): {_listed(bad)}")
+    target = DTYPES[dtype_name(dtype)]
+    model = model.to(target)
+    model.load_state_dict(tensors, strict=True)  # copy_ casts each tensor to its parameter dtype
+    return model.to(device).eval(), info
+
+
+def load(path: Path, *, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype | None = None) -> AlignmentModel:
+    """``alignprog.load(DIR or FILE)``: the model of an export, in eval mode (see
+    `load_with_config`)."""
+    return load_with_config(path, device=device, dtype=dtype)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference on new videos
+
+
+def read_video_array(path: Path, info: ExportInfo) -> np.ndarray:
+    """A (T, *input_shape) float16/32 .npy file, memory-mapped, never unpickled; checked and
+    returned as float32 (T, *input_shape)."""
+    path = Path(path)
+    rank = 1 + len(info.input_shape)
+    layout = "(T, D)" if info.layout == "features" else "(T, C, H, W)"
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError("no such file", file=str(path)) from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"not a readable .npy array ({_short(exc)})", file=str(path)) from None
+    if not isinstance(array, np.ndarray):
+        raise DataError("expected one .npy array, got an .npz archive", file=str(path))
+    if array.dtype not in (np.dtype(np.float16), np.dtype(np.float32)):
+        raise DataError(f"dtype {array.dtype} is not float16/float32", file=str(path))
+    if array.ndim != rank or tuple(array.shape[1:]) != info.input_shape:
+        raise DataError(f"shape {tuple(array.shape)} does not fit the model, which reads the "
+                        f"{info.layout} layout {layout} with frames of shape {info.input_shape}",
+                        file=str(path))
+    if array.shape[0] == 0:
+        raise DataError("empty video: 0 frames", file=str(path))
+    try:
+        out = np.array(array, dtype=np.float32)  # a copy, never the memmap
+    except (OSError, ValueError) as exc:
+        raise DataError(f"truncated or unreadable array ({exc})", file=str(path)) from None
+    finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)                  # (T,)
+    if not finite.all():
+        raise DataError(f"contains NaN/Inf values (first at frame {np.flatnonzero(~finite)[0]})",
+                        file=str(path))
+    return out
+
+
+def embed(model: AlignmentModel, array: np.ndarray) -> torch.Tensor:
+    """One video (T, *F) through the encoder at once: embeddings (T, D), float32 on the CPU."""
+    param = next(model.parameters())
+    x = torch.from_numpy(np.asarray(array))[None].to(param.device, param.dtype)   # (1, T, *F)
+    mask = torch.ones(x.shape[:2], dtype=torch.bool, device=param.device)         # (1, T)
+    with torch.no_grad():
+        emb = model.encoder(x, mask).embeddings                                   # (1, T, D)
+    return emb[0].float().cpu()                                                   # (T, D)
+
+
+def whole_video_annotation(handle: str, num_frames: int) -> VideoAnnotation:
+    """One foreground segment over every frame (predict without segments)."""
+    return VideoAnnotation("-", handle, num_frames, (WHOLE_VIDEO_LABEL,), (0,),
+                           (num_frames - 1,), frozenset())
+
+
+def predict_progress(model: AlignmentModel, array: np.ndarray,
+                     annotation: VideoAnnotation) -> np.ndarray:
+    """Online action-level progress (T,): frame t of foreground segment [s, e] gets the head's
+    output on the prefix s..t (what a live system sees), background frames 0. The encoder runs
+    once over the whole video."""
+    from alignprog.evaluation.progress import online_progress
+
+    if model.progress_head is None:
+        raise ExportError("this model has no learnable progress head (the run trained "
+                          "progress.method=cumulative_l2 or none); predict needs one")
+    emb = embed(model, array)                                                     # (T, D)
+    return online_progress(model.progress_head, emb, annotation).float().numpy()  # (T,)
+
+
+def read_segments(path: Path) -> dict[str | None, RawAnnotation]:
+    """Segments per video from a JSON file; key None = the same segments for every video.
+
+    Accepted forms (bounds are inclusive feature-frame indices, as in dataset.json):
+
+    * ``{"<file stem>": {"labels": [...], "starts": [...], "ends": [...]}, ...}``
+    * ``{"<file stem>": [[start, end, label], ...], ...}``
+    * ``[[start, end, label], ...]``: the same segments for every video given
+    * a dataset annotation file (``{"<task>": {"handles": [...], "hdl_actions": [...],
+      "hdl_start_times": [...], "hdl_end_times": [...]}}``), videos matched by handle
+
+    Labels in the export's background labels (e.g. "0", "background") are background: their
+    frames get progress 0. Unannotated stretches become background, overlaps are cut, and the
+    last segment is fitted to the video's length, as the dataset loader does (`canonicalise`).
+    """
+    path = Path(path)
+    file = str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError("no such segments file", file=file) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read the segments JSON ({exc})", file=file) from None
+    if isinstance(data, list):
+        return {None: _raw_from_entry("-", "*", data, file)}
+    if not isinstance(data, dict) or not data:
+        raise DataError("segments must be a JSON object (one entry per video) or a list of "
+                        "[start, end, label]", file=file)
+    out: dict[str | None, RawAnnotation] = {}
+    if all(isinstance(v, dict) and "handles" in v for v in data.values()):
+        for task, record in data.items():
+            for raw in parse_task_record(task, record, file=file):
+                out[raw.handle] = raw
+        return out
+    for handle, entry in data.items():
+        out[handle] = _raw_from_entry("-", handle, entry, file)
+    return out
+
+
+def _raw_from_entry(task: str, handle: str, entry: Any, file: str) -> RawAnnotation:
+    if isinstance(entry, list):
+        bad = [e for e in entry if not (isinstance(e, list) and len(e) == 3)]
+        if bad or not entry:
+            raise DataError(f"segments must be a non-empty list of [start, end, label], got "
+                            f"{(bad or [entry])[0]!r}", file=file, handle=handle)
+        entry = {"starts": [e[0] for e in entry], "ends": [e[1] for e in entry],
+                 "labels": [e[2] for e in entry]}
+    if not isinstance(entry, dict) or not {"labels", "starts", "ends"} <= entry.keys():
+        raise DataError("a video's segments must be {\"labels\": [...], \"starts\": [...], "
+                        "\"ends\": [...]} or a list of [start, end, label]", file=file,
+                        handle=handle)
+    record = {"handles": [handle], "hdl_actions": [entry["labels"]],
+              "hdl_start_times": [entry["starts"]], "hdl_end_times": [entry["ends"]]}
+    return parse_task_record(task, record, file=file)[0]
+
+
+def segments_for(segments: Mapping[str | None, RawAnnotation], handle: str, num_frames: int,
+                 info: ExportInfo, *, file: str | None = None,
+                 log: RepairLog | None = None) -> VideoAnnotation:
+    """The canonical segments of video `handle` (T = num_frames) from `read_segments`' result."""
+    raw = segments.get(handle, segments.get(None))
+    if raw is None:
+        known = ", ".join(sorted(k for k in segments if k is not None)[:8])
+        raise DataError(f"no segments for video '{handle}' (the file has: {known})", file=file)
+    if raw.handle != handle:
+        raw = RawAnnotation(raw.task, handle, raw.labels, raw.starts, raw.ends)
+    background = frozenset(info.background_labels)
+    return canonicalise(raw, num_frames, background=background,
+                        gap_label=info.background_labels[0], log=log, file=file)

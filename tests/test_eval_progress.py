@@ -1,0 +1,175 @@
+"""`alignprog eval-progress` through the CLI, on a tiny run trained for a few steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from alignprog.cli import app
+from alignprog.config import load_config
+from alignprog.training.loop import fit
+from alignprog.training.restore import resolve_checkpoint
+from alignprog.training.rundir import RunDir
+
+runner = CliRunner()
+
+TINY = {"data.synthetic.tasks": 2, "data.synthetic.videos_per_task": 6, "data.synthetic.dim": 16,
+        "model.conv_channels": 32, "model.output_dim": 16, "model.head_layers": [16, 8, 16],
+        "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
+        "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
+        "train.steps": 4}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    fit(load_config(overrides=TINY), run=RunDir.create(root, "r"))
+    return root / "r"
+
+
+@pytest.fixture
+def run_copy(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy, so tests that write reports never see each other's files."""
+    return Path(shutil.copytree(trained_run, tmp_path / "r"))
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["eval-progress", *args])
+
+
+def test_val_reproduces_what_train_logged_for_the_checkpoint(run_copy: Path):
+    epochs = [r for r in RunDir.open(run_copy).read_metrics() if r["kind"] == "epoch"]
+    logged = epochs[-1]
+    result = invoke(str(run_copy), "--split", "val", "--checkpoint", "last", "--json",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    assert rep["checkpoint"]["step"] == logged["step"]
+    assert rep["split"] == "val"
+    got = {name: entry["metrics"]["mae"]["mean_over_videos"]
+           for name, entry in rep["predictors"].items()}
+    assert set(logged["val_progress_mae"]) == {"head", "constant_0.5", "frame_count"}
+    for name, value in logged["val_progress_mae"].items():
+        assert got[name] == value, name  # exactly, not approximately
+    # The report is saved in the run, equal to what was printed.
+    assert RunDir.open(run_copy).read_json("eval_val.json") == rep
+
+
+def test_test_split_equals_the_report_train_wrote(run_copy: Path):
+    trained = RunDir.open(run_copy).read_json("eval_test.json")
+    result = invoke(str(run_copy), "--checkpoint", "last", "--json", "--device", "cpu",
+                    "--baselines", "constant_0.5,frame_count")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    assert rep["predictors"].keys() >= trained["predictors"].keys()
+    for name, entry in trained["predictors"].items():
+        assert rep["predictors"][name] == entry, name
+    for key in ("split", "split_sha256", "counts", "convention", "ground_truth", "dataset"):
+        assert rep[key] == trained[key], key
+    assert rep["priors"]["frame_count"] == trained["priors"]["frame_count"]
+    # The extras: cumulative_l2 (clipped, raw, offline) and the video-level OGPE.
+    assert {"cumulative_l2", "cumulative_l2_raw", "cumulative_l2_offline"} <= set(rep["predictors"])
+    assert rep["priors"]["cumulative_l2"]["split"] == "train"
+    vl = rep["video_level"]
+    assert vl["normaliser"]["split"] == "train"
+    assert {"cumulative_geodesic", "frame_count", "constant_0.5"} == set(vl["predictors"])
+    assert rep["trained_predictor"]["predictor"] == "head"
+    assert rep["protocol"] and rep["checkpoint"]["requested"] == "last"
+
+
+def test_tables_render_and_report_is_written(run_copy: Path):
+    result = invoke(str(run_copy), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for text in ("action-level progress error on the test split", "per task",
+                 "video-level OGPE", "head", "cumulative_l2", "constant_0.5", "frame_count",
+                 "random", "protocol", "sha256", "checkpoint", "counts", "synth_t0"):
+        assert text in out, text
+    saved = RunDir.open(run_copy).read_json("eval_test.json")
+    assert saved["checkpoint"]["requested"] == "best" and "video_level" in saved
+    # best (by validation loss), else the latest: the tiny val split forms no loss batch.
+    assert saved["checkpoint"]["path"] == str(resolve_checkpoint(run_copy, "best"))
+
+
+def test_plots_are_png_files(run_copy: Path, tmp_path: Path):
+    out = tmp_path / "figs"
+    result = invoke(str(run_copy), "--split", "val", "--plots", str(out), "--json",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["error_by_bin.png", "progress_curves.png"]
+    for name in files:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    # The per-frame curves feed the plots but stay out of the report.
+    assert "curves" not in json.loads(result.stdout)
+
+
+def test_alignment_section(run_copy: Path):
+    result = invoke(str(run_copy), "--alignment", "--device", "cpu", "--baselines",
+                    "constant_0.5")
+    try:
+        from alignprog.evaluation.alignment import evaluate_alignment  # noqa: F401
+    except ImportError:
+        assert result.exit_code != 0
+        assert "--alignment" in result.output and "Traceback" not in result.output
+        return
+    assert result.exit_code == 0, result.output
+    assert "alignment" in result.stdout
+    assert "alignment" in RunDir.open(run_copy).read_json("eval_test.json")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}"], "no run directory"),
+    (["{empty}"], "no checkpoint"),
+    (["{run}", "--split", "dev"], "--split must be one of"),
+    (["{run}", "--checkpoint", "step-99999999"], "no such checkpoint"),
+    (["{run}", "--checkpoint", "{broken}"], "cannot"),
+    (["{run}", "--baselines", "constant_7"], "--baselines"),
+    (["{run}", "--device", "tpu"], "device"),
+    (["{run}", "--alignment", "--split", "train"], "train"),
+])
+def test_bad_inputs_give_one_line_errors(run_copy: Path, tmp_path: Path, args, message):
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    broken = tmp_path / "broken"
+    shutil.copytree(RunDir.open(run_copy).latest_checkpoint(), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    paths = {"missing": tmp_path / "nope", "empty": empty, "run": run_copy, "broken": broken}
+    extra = [] if "--device" in args else ["--device", "cpu"]
+    result = invoke(*(a.format(**paths) for a in args), *extra)
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:") and message in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_help_documents_every_option():
+    result = runner.invoke(app, ["eval-progress", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in ("--split", "--dataset", "--checkpoint", "--device", "--alignment", "--json",
+                   "--plots", "--baselines"):
+        assert option in result.output
+    assert "alignprog eval-progress runs/" in result.output
+
+
+def test_dataset_override_reads_the_same_videos_from_a_root(run_copy: Path, tmp_path: Path):
+    from alignprog.data.write import write_synthetic_root
+
+    cfg = load_config(overrides=TINY)
+    root = tmp_path / "root"
+    write_synthetic_root(cfg.data, root, layouts=["features"])
+    base = invoke(str(run_copy), "--split", "val", "--json", "--device", "cpu")
+    other = invoke(str(run_copy), "--split", "val", "--json", "--device", "cpu",
+                   "--dataset", str(root))
+    assert base.exit_code == 0 and other.exit_code == 0, other.output
+    a, b = json.loads(base.stdout), json.loads(other.stdout)
+    assert b["split_sha256"] == a["split_sha256"]
+    assert b["predictors"]["head"] == a["predictors"]["head"]
+    assert b["dataset"] == "root"
