@@ -57,7 +57,7 @@ def test_val_reproduces_what_train_logged_for_the_checkpoint(run_copy: Path):
     for name, value in logged["val_progress_mae"].items():
         assert got[name] == value, name  # exactly, not approximately
     # The report is saved in the run, equal to what was printed.
-    assert RunDir.open(run_copy).read_json("eval_val.json") == rep
+    assert RunDir.open(run_copy).read_json("evaluation_val.json") == rep
 
 
 def test_test_split_equals_the_report_train_wrote(run_copy: Path):
@@ -90,7 +90,7 @@ def test_tables_render_and_report_is_written(run_copy: Path):
                  "video-level OGPE", "head", "cumulative_l2", "constant_0.5", "frame_count",
                  "random", "protocol", "sha256", "checkpoint", "counts", "synth_t0"):
         assert text in out, text
-    saved = RunDir.open(run_copy).read_json("eval_test.json")
+    saved = RunDir.open(run_copy).read_json("evaluation_test.json")
     assert saved["checkpoint"]["requested"] == "best" and "video_level" in saved
     # best (by validation loss), else the latest: the tiny val split forms no loss batch.
     assert saved["checkpoint"]["path"] == str(resolve_checkpoint(run_copy, "best"))
@@ -121,7 +121,7 @@ def test_alignment_section(run_copy: Path):
         return
     assert result.exit_code == 0, result.output
     assert "alignment" in result.stdout
-    assert "alignment" in RunDir.open(run_copy).read_json("eval_test.json")
+    assert "alignment" in RunDir.open(run_copy).read_json("evaluation_test.json")
 
 
 @pytest.mark.parametrize("args, message", [

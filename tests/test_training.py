@@ -216,3 +216,18 @@ def test_cli_resume_continues_with_the_runs_own_config(tmp_path: Path):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     result = runner.invoke(app, ["train", "--resume", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 2 and "--name" in result.output
+
+
+def test_cumulative_l2_trains_with_class_normalisers(tmp_path: Path):
+    cfg = tiny_config(**{"train.steps": 4, "progress.method": "cumulative_l2"})
+    run = RunDir.create(tmp_path, "r")
+    res = fit(cfg, run=run)
+    steps = [r for r in res.history if r["kind"] == "step"]
+    assert all(r["progress"] is not None and 0 <= r["progress"] for r in steps)
+    from alignprog.training.checkpoint import load_checkpoint
+    state = load_checkpoint(run.latest_checkpoint(), restore_rng=False)
+    assert any(state["class_seen"]) and all(v >= 0 for v in state["class_paths"])
+    # the reference's self-normalisation still works
+    cfg = tiny_config(**{"train.steps": 2, "progress.method": "cumulative_l2",
+                         "progress.cumulative_normaliser": "self"})
+    assert all(r["progress"] is not None for r in fit(cfg).history if r["kind"] == "step")

@@ -3,7 +3,7 @@
 Loads the run's model from a checkpoint, the dataset from the checkpoint's config (and the
 run's split.json), runs `evaluation.progress.evaluate_progress` with the cumulative_l2 predictor
 and the video-level OGPE on, optionally the alignment metrics, then prints tables (or JSON),
-saves ``eval_<split>.json`` in the run and, with ``--plots``, writes PNG figures.
+saves ``evaluation_<split>.json`` in the run and, with ``--plots``, writes PNG figures.
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ def eval_progress(
     Reports the learnable head (online, action-level), the cumulative_l2 progress of the
     embeddings (normalised by training-split path lengths, clipped and raw), the video-level
     OGPE, and the naive baselines, with shape metrics (monotonicity, endpoint errors) beside the
-    errors. The report is saved as eval_<split>.json in the run directory.
+    errors. The report is saved as evaluation_<split>.json in the run directory.
     """
     if split not in SPLITS:
         fail(f"--split must be one of {', '.join(SPLITS)}, got '{split}'", 2)
@@ -421,7 +421,8 @@ def eval_progress(
         "method": cfg.train.method,
     } | rep
     try:
-        saved = run.write_json(f"eval_{split}.json", rep)
+        # not eval_test.json: that is train's record of its final model
+        saved = run.write_json(f"evaluation_{split}.json", rep)
         written = write_plots(rep, curves, plots) if plots is not None else []
     except OSError as exc:
         fail(f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}")

@@ -21,7 +21,8 @@ from alignprog.data import Batch, Dataset, load_dataset, make_loader
 from alignprog.errors import AlignprogError, ConfigError
 from alignprog.evaluation import evaluate_progress
 from alignprog.losses import ALIGNMENT_LOSSES
-from alignprog.losses.progress import cumulative_l2_loss, progress_loss
+from alignprog.losses.progress import (cumulative_l2_loss, progress_loss,
+                                       segment_path_lengths)
 from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
 from alignprog.runtime import (autocast, deterministic, device_info, resolve_device,
                                seed_everything)
@@ -91,6 +92,9 @@ class Trainer:
         # Local generators for progress sampling and GTCC's draws (spec P30), checkpointed.
         self.generators = {"sampling": torch.Generator().manual_seed(tc.seed + 1),
                            "gtcc": torch.Generator().manual_seed(tc.seed + 2)}
+        # cumulative_l2 with class normalisers: running mean path length per label
+        self.class_paths = torch.zeros(len(dataset.labels))
+        self.class_seen = torch.zeros(len(dataset.labels), dtype=torch.bool)
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -131,11 +135,37 @@ class Trainer:
                                          weighted=lc.weighted_loss, weight_cap=lc.weight_cap,
                                          kind=lc.loss)
         elif cfg.progress.enabled:
+            normaliser = None
+            if cfg.progress.cumulative_normaliser == "class":
+                normaliser = self.class_normaliser(emb, batch, update=self.model.training)
             progress = cumulative_l2_loss(
                 emb, batch.mask, batch.seg_start, batch.seg_end, batch.seg_foreground,
                 batch.seg_mask, frames_per_video=lc.samples_per_video * lc.frames_per_segment,
-                generator=generators["sampling"])
+                normaliser=normaliser, generator=generators["sampling"])
         return {"alignment": alignment, "progress": progress, "samples": n_samples}
+
+    @torch.no_grad()
+    def class_normaliser(self, emb: torch.Tensor, batch: Batch, *, update: bool) -> torch.Tensor:
+        """Per-segment normaliser (B, K) of cumulative_l2: the running mean path length of the
+        segment's action class (momentum 0.9 over training batches; the evaluator uses the
+        class means over the training split, the same quantity at the end of training). A class
+        not seen yet normalises by the segment's own path length."""
+        paths = segment_path_lengths(emb.detach(), batch.mask, batch.seg_start, batch.seg_end,
+                                     batch.seg_mask).cpu()                     # (B, K)
+        labels = batch.seg_label.clamp(min=0).cpu()                             # (B, K)
+        fg = (batch.seg_mask & batch.seg_foreground).cpu()
+        if update and fg.any():
+            n = len(self.class_paths)
+            sums = torch.zeros(n).index_add_(0, labels[fg], paths[fg].float())
+            counts = torch.zeros(n).index_add_(0, labels[fg], torch.ones(int(fg.sum())))
+            present = counts > 0
+            mean = sums[present] / counts[present]
+            old = self.class_paths[present]
+            self.class_paths[present] = torch.where(self.class_seen[present],
+                                                    0.9 * old + 0.1 * mean, mean)
+            self.class_seen |= present
+        norm = torch.where(self.class_seen[labels], self.class_paths[labels], paths)
+        return norm.to(emb.device)
 
     def step_batch(self, batch: Batch, *, head_only: bool = False) -> dict:
         """One optimizer step, or a skipped one when the loss is not finite; its metrics."""
@@ -247,7 +277,9 @@ class Trainer:
 
     def state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "skipped": self.skipped, "best_val": self.best_val}
+                "skipped": self.skipped, "best_val": self.best_val,
+                "class_paths": self.class_paths.tolist(),
+                "class_seen": self.class_seen.tolist()}
 
     def save(self, run: RunDir, *, best: bool = False) -> None:
         meta = {"method": self.cfg.train.method, "step": self.step, "epoch": self.epoch,
@@ -263,6 +295,9 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped"]
         self.best_val = state.get("best_val")
+        if "class_paths" in state:
+            self.class_paths = torch.tensor(state["class_paths"], dtype=torch.float32)
+            self.class_seen = torch.tensor(state["class_seen"], dtype=torch.bool)
 
 
 def summarise(report: dict | None) -> dict:
