@@ -39,7 +39,7 @@ from sklearn.svm import SVC
 
 from alignprog.data.annotations import VideoAnnotation
 from alignprog.data.dataset import Dataset
-from alignprog.evaluation.progress import embed_videos
+from alignprog.evaluation.progress import embed_videos, video_progress_gt
 
 # Spec 3.1: label fractions of the PC probe ("PC 0.1 / 0.5 / 1.0").
 PC_FRACTIONS = (0.1, 0.5, 1.0)
@@ -404,26 +404,6 @@ def phase_classification(train_embs: Sequence[Array], train_anns: Sequence[Video
 
 # ----------------------------------------------------------------------------------------------
 # Phase progression (spec 3.2, corrected protocol: P14)
-
-
-def video_progress_gt(ann: VideoAnnotation) -> np.ndarray:
-    """Video-level ground-truth progress (T,) (spec 3.0, SPEC background set, P1).
-
-    With M foreground segments, each rises linearly from p to p + 1/M over its frames (a
-    one-frame segment is p), then p += 1/M; a background segment holds the value of the frame
-    before it (0 at the start). All zeros when the video has no foreground segment.
-    """
-    g = np.zeros(ann.num_frames)
-    fg = ann.is_foreground
-    m = int(fg.sum())
-    p = 0.0
-    for s, e, is_fg in zip(ann.starts, ann.ends, fg):
-        if is_fg:
-            g[s:e + 1] = p + (np.arange(e - s + 1) / (e - s) if e > s else 0.0) / m
-            p += 1.0 / m
-        else:
-            g[s:e + 1] = g[s - 1] if s > 0 else 0.0
-    return g
 
 
 def _r2(y: np.ndarray, pred: np.ndarray) -> float | None:

@@ -603,7 +603,11 @@ VIDEO_GROUND_TRUTH = (
 
 
 def video_progress_gt(annotation: VideoAnnotation) -> np.ndarray:
-    """Video-level ground-truth progress (T,) (spec 3.0, the full background set: P1)."""
+    """Video-level ground-truth progress (T,) (spec 3.0, the full background set: P1).
+
+    With M foreground segments, each rises linearly from p to p + 1/M over its frames (a
+    one-frame segment is p), then p += 1/M; a background segment holds the value of the frame
+    before it (0 at the start). All zeros when the video has no foreground segment."""
     fg = annotation.is_foreground
     delta = 1.0 / max(int(fg.sum()), 1)
     g = np.zeros(annotation.num_frames)
@@ -613,8 +617,7 @@ def video_progress_gt(annotation: VideoAnnotation) -> np.ndarray:
             g[s:e + 1] = p + delta * (np.arange(e - s + 1) / (e - s) if e > s else 0.0)
             p += delta
         else:
-            # Flat over background: the value of frame s - 1, which is the running p.
-            g[s:e + 1] = p
+            g[s:e + 1] = g[s - 1] if s > 0 else 0.0
     return g
 
 
