@@ -384,7 +384,18 @@ class _AlibiBlock(nn.Module):
         return x, (k, v)
 
 
-class TransformerProgressHead(ProgressHead):
+class _HiddenReadoutHead(ProgressHead):
+    """Heads computing per-position hidden states (`_hidden`) read out by one MLP + sigmoid."""
+
+    def _forward(self, x, lengths, mask, dense):
+        h = self._hidden(x, lengths, mask)                                        # (N, L, C)
+        if not dense:
+            return torch.sigmoid(self.mlp(_last(h, lengths))).squeeze(-1)         # (N,)
+        y = torch.sigmoid(self.mlp(h)).squeeze(-1)                                # (N, L)
+        return y.masked_fill(~mask, 0)
+
+
+class TransformerProgressHead(_HiddenReadoutHead):
     """Spec 3.3: Linear(D'->64)+LN, 2 pre-norm causal ALiBi blocks (4 heads, FFN 128 GELU,
     dropout 0.1), no final LN, readout MLP 64->32->1 with bias init -2, sigmoid.
 
@@ -427,13 +438,6 @@ class TransformerProgressHead(ProgressHead):
         for block in self.blocks:
             h, _ = block(h, bias)
         return h
-
-    def _forward(self, x, lengths, mask, dense):
-        h = self._hidden(x, lengths, mask)                                        # (N, L, C)
-        if not dense:
-            return torch.sigmoid(self.mlp(_last(h, lengths))).squeeze(-1)         # (N,)
-        y = torch.sigmoid(self.mlp(h)).squeeze(-1)                                # (N, L)
-        return y.masked_fill(~mask, 0)
 
     def init_state(self, n, *, device=None, dtype=None):
         if not self.streamable:
@@ -499,7 +503,7 @@ class _DilatedBlock(nn.Module):
         return y, buf
 
 
-class DilatedConvProgressHead(ProgressHead):
+class DilatedConvProgressHead(_HiddenReadoutHead):
     """Spec 3.4: Linear(D'->64)+ReLU, six causal residual blocks (kernel 3, dilations 1..32,
     receptive field 127 frames), readout MLP 64->32->1 with bias init -2, sigmoid.
 
@@ -535,13 +539,6 @@ class DilatedConvProgressHead(ProgressHead):
         for block in self.blocks:
             h = block(h)
         return h
-
-    def _forward(self, x, lengths, mask, dense):
-        h = self._hidden(x, lengths, mask)                                        # (N, L, C)
-        if not dense:
-            return torch.sigmoid(self.mlp(_last(h, lengths))).squeeze(-1)         # (N,)
-        y = torch.sigmoid(self.mlp(h)).squeeze(-1)                                # (N, L)
-        return y.masked_fill(~mask, 0)
 
     def init_state(self, n, *, device=None, dtype=None):
         if not self.streamable:
