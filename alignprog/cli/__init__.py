@@ -8,6 +8,7 @@ from alignprog import __version__
 from alignprog.cli import data as data_cmd
 from alignprog.cli import eval_progress as eval_progress_cmd
 from alignprog.cli import export as export_cmd
+from alignprog.cli import extract_features as extract_features_cmd
 from alignprog.cli import predict as predict_cmd
 from alignprog.cli import sample_inspect as sample_inspect_cmd
 from alignprog.cli import train as train_cmd
@@ -30,6 +31,8 @@ app.command("sample-inspect", epilog=sample_inspect_cmd.EPILOG)(sample_inspect_c
 app.command("eval-progress", epilog=eval_progress_cmd.EPILOG)(eval_progress_cmd.eval_progress)
 app.command("export", epilog=export_cmd.EPILOG)(export_cmd.export)
 app.command("predict", epilog=predict_cmd.EPILOG)(predict_cmd.predict)
+app.command("extract-features", epilog=extract_features_cmd.EPILOG)(
+    extract_features_cmd.extract_features)
 
 
 def _version(value: bool) -> None:
