@@ -12,8 +12,24 @@ import torch
 from alignprog.errors import ConfigError
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``; a clear error otherwise."""
+def resolve_device(spec: str = "auto", *, local_rank: int | None = None) -> torch.device:
+    """``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``; a clear error otherwise.
+
+    Under torchrun (`local_rank` given) each process takes the GPU of its local rank:
+    ``auto``/``cuda`` become ``cuda:LOCAL_RANK``; naming one GPU (``cuda:N``) is refused, since
+    every rank would train on the same card."""
+    if local_rank is not None:
+        device = resolve_device(spec)
+        if device.type == "cpu":
+            return device
+        if spec not in ("auto", "cuda"):
+            raise ConfigError(f"train.device is '{spec}' but under torchrun each process uses "
+                              "the GPU of its LOCAL_RANK: use --device cuda (or auto, or cpu)")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank} but there are only "
+                              f"{torch.cuda.device_count()} CUDA device(s) on this node: "
+                              "start at most that many processes per node (--nproc-per-node)")
+        return torch.device("cuda", local_rank)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -31,6 +47,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"train.device: '{spec}' is not supported (use auto, cpu, cuda, cuda:N)")
     return device
+
+
+def collective_backend(device: torch.device) -> str:
+    """The torch.distributed backend for a device: NCCL between GPUs, gloo between CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def autocast(device: torch.device, precision: str):

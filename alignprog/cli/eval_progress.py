@@ -354,6 +354,10 @@ def eval_progress(
     OGPE, and the naive baselines, with shape metrics (monotonicity, endpoint errors) beside the
     errors. The report is saved as evaluation_<split>.json in the run directory.
     """
+    from alignprog.distributed import is_main_process
+
+    if not is_main_process():
+        return  # under torchrun, rank 0 alone evaluates and writes the report
     if split not in SPLITS:
         fail(f"--split must be one of {', '.join(SPLITS)}, got '{split}'", 2)
     if alignment and split == "train":

@@ -115,7 +115,9 @@ class Display:
         if kind == "start":
             if self.mode != "quiet":
                 err_console.print(
-                    f"training {record['method']} on {record['device']}: {record['steps']} steps "
+                    f"training {record['method']} on {record['device']}"
+                    + (f" x {record['ranks']} ranks" if record.get("ranks", 1) > 1 else "")
+                    + f": {record['steps']} steps "
                     f"({record['steps_per_epoch']} per epoch), lambda {record['lambda']:g}",
                     highlight=False)
             if self.mode == "live":
@@ -234,6 +236,9 @@ def train(
     Every run writes runs/NAME/ (config.yaml, split.json, meta.json, metrics.jsonl,
     checkpoints/, eval_test.json) and prints the progress error of the trained head on the
     test split beside the constant-0.5 and frame-counting baselines.
+
+    Under torchrun (torchrun --nproc-per-node 2 -m alignprog train ...) every process trains
+    on its share of the batches (one GPU each, NCCL; gloo on the CPU) and rank 0 writes the run.
     """
     flags = {
         "train.method": method.value if method else None, "data.root": dataset,
@@ -260,24 +265,61 @@ def train(
         if config is None and saved.is_file():
             config = saved
     cfg = resolve_config(config, set_, flags)
+    from alignprog import distributed
+
     if print_config:
-        typer.echo(dump_config(cfg), nl=False)
+        if distributed.is_main_process():
+            typer.echo(dump_config(cfg), nl=False)
         return
-    from alignprog.runtime import resolve_device
+    if distributed.launched_by_torchrun():
+        with distributed.process_group(cfg.train.device) as dist:
+            _train(cfg, dist, resume=resume, overwrite=overwrite, json_logs=json_logs,
+                   quiet=quiet)
+    else:
+        _train(cfg, distributed.SINGLE, resume=resume, overwrite=overwrite, json_logs=json_logs,
+               quiet=quiet)
+
+
+def _create_run(cfg, dist, *, resume: bool, overwrite: bool):
+    """Rank 0 creates (or reopens) the run directory and picks its name; the other ranks learn
+    the name, or rank 0's error, so that none of them waits for a run that never starts."""
     from alignprog.training import RunDir, default_run_name
+
+    if not dist.is_main:
+        answer = json.loads(dist.broadcast_text(None))
+        if "error" in answer:  # rank 0 reports it
+            raise typer.Exit(1)
+        return None, answer["name"]
+    try:
+        run_name = cfg.train.name or default_run_name(cfg.train.method, cfg.train.runs_dir)
+        run = RunDir.create(Path(cfg.train.runs_dir), run_name, overwrite=overwrite,
+                            resume=resume)
+    except Exception as exc:
+        dist.broadcast_text(json.dumps({"error": str(exc)}))
+        raise
+    dist.broadcast_text(json.dumps({"name": run_name}))
+    return run, run_name
+
+
+def _train(cfg, dist, *, resume: bool, overwrite: bool, json_logs: bool, quiet: bool) -> None:
+    from alignprog.runtime import resolve_device
     from alignprog.training.loop import fit
 
     resolve_device(cfg.train.device)  # a bad device fails before any run directory exists
 
-    run_name = cfg.train.name or default_run_name(cfg.train.method, cfg.train.runs_dir)
-    run = RunDir.create(Path(cfg.train.runs_dir), run_name, overwrite=overwrite, resume=resume)
+    run, run_name = _create_run(cfg, dist, resume=resume, overwrite=overwrite)
     mode = ("json" if json_logs else "quiet" if quiet
             else "live" if sys.stdout.isatty() else "plain")
-    display = Display(mode)
+    display = Display(mode) if dist.is_main else None   # rank 0 alone shows the run
     try:
-        result = fit(cfg, run=run, resume=resume, callback=display)
+        result = fit(cfg, run=run, resume=resume, callback=display, dist=dist)
     finally:
-        display.stop()
+        if display is not None:
+            display.stop()
+    if not dist.is_main:
+        if result.interrupted:
+            raise typer.Exit(130)
+        return
     if result.interrupted:
         err_console.print(f"interrupted at step {result.step}: checkpoint saved; continue with "
                           f"--name {escape(run_name)} --resume", highlight=False)

@@ -120,18 +120,30 @@ class TaskBatchSampler(Sampler[list[int]]):
     so that small tasks are trained on; a task with a single video cannot form a pair and is
     listed in ``skipped_tasks``. Randomness comes from a local generator seeded by
     ``(seed, epoch)``: the same seed and epoch give the same batches (spec P30).
+
+    Several processes (``num_replicas`` > 1, this one ``rank``): every rank draws the same
+    epoch's batches from the shared seed and takes every ``num_replicas``-th one from its
+    ``rank``, so the shares are disjoint and each batch stays single-task. So that all ranks take
+    the same number of steps (each step is a collective), the epoch's list is first padded to a
+    multiple of ``num_replicas`` by repeating its first batches, as torch's DistributedSampler
+    does: every video of the epoch is seen, and at most ``num_replicas - 1`` batches twice.
     """
 
     def __init__(self, groups: dict[str, list[int]], batch_size: int, *, shuffle: bool,
-                 drop_last: bool, seed: int = 0) -> None:
+                 drop_last: bool, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas), got rank {rank} of "
+                             f"{num_replicas}")
         self.groups = {task: list(idx) for task, idx in groups.items() if idx}
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
         self.epoch = 0
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.skipped_tasks = [t for t, idx in self.groups.items()
                               if drop_last and len(idx) < min(2, batch_size)]
 
@@ -146,7 +158,8 @@ class TaskBatchSampler(Sampler[list[int]]):
             return [idx[i:i + bs] for i in range(0, len(idx) - bs + 1, bs)]
         return [idx[i:i + bs] for i in range(0, len(idx), bs)]
 
-    def batches(self) -> list[list[int]]:
+    def epoch_batches(self) -> list[list[int]]:
+        """All of the epoch's batches, the same on every rank (before the split)."""
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         out = []
         for idx in self.groups.values():
@@ -158,27 +171,39 @@ class TaskBatchSampler(Sampler[list[int]]):
             rng.shuffle(out)
         return out
 
+    def batches(self) -> list[list[int]]:
+        """This rank's batches of the epoch: all of them for a single process."""
+        out = self.epoch_batches()
+        if self.num_replicas == 1 or not out:
+            return out
+        padded = [out[i % len(out)] for i in range(len(self) * self.num_replicas)]
+        return padded[self.rank::self.num_replicas]
+
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches())
 
     def __len__(self) -> int:
-        return sum(len(self._task_batches(idx)) for idx in self.groups.values())
+        """This rank's number of batches (steps) per epoch."""
+        total = sum(len(self._task_batches(idx)) for idx in self.groups.values())
+        return -(-total // self.num_replicas)  # ceil: the padded share
 
 
 def make_loader(dataset: Dataset, split: str | None, *, batch_size: int, shuffle: bool,
                 drop_last: bool, seed: int = 0, tasks: Iterable[str] | None = None,
-                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                num_workers: int = 0, pin_memory: bool = False, num_replicas: int = 1,
+                rank: int = 0) -> DataLoader:
     """A DataLoader of single-task `Batch`es over one split (None: all videos).
 
     Training: ``shuffle=True, drop_last=True``. Evaluation: ``shuffle=False, drop_last=False``,
     which visits every video exactly once (pitfall P8). ``tasks`` restricts to some tasks
-    (single-task mode passes one).
+    (single-task mode passes one). ``num_replicas``/``rank``: this process's share of the
+    batches in a multi-process run (see `TaskBatchSampler`).
     """
     groups: dict[str, list[int]] = {}
     for i in dataset.indices(split, tasks):
         groups.setdefault(dataset.videos[i].task, []).append(i)
     sampler = TaskBatchSampler(groups, batch_size, shuffle=shuffle, drop_last=drop_last,
-                               seed=seed)
+                               seed=seed, num_replicas=num_replicas, rank=rank)
     return DataLoader(_Arrays(dataset), batch_sampler=sampler, collate_fn=Collator(dataset),
                       num_workers=num_workers, pin_memory=pin_memory)
 

@@ -2,8 +2,15 @@
 
 Per step: forward -> alignment loss of the method -> progress loss (learnable head on sampled
 segments, or cumulative_l2, or none) -> total = alignment + lambda * progress -> backward ->
-progress-head gradients divided by lambda -> clipping -> optimizer step -> zero grads.
+(several processes: gradients averaged over the ranks) -> progress-head gradients divided by
+lambda -> clipping -> optimizer step -> zero grads.
 Reporting goes through a callback (the CLI renders it; tests collect it), so no rich here.
+
+Several processes (torchrun, `alignprog.distributed`): every rank holds the same model and takes
+its share of each epoch's single-task batches; one step is one batch per rank, so the effective
+batch is ranks x data.batch_size (the learning rate is not scaled). Rank 0 alone writes the run
+directory and evaluates (validation, test) while the others wait; `fit` calls the callback on
+every rank (the CLI passes a display to rank 0 only).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from torch import nn
 
 from alignprog.config import Config
 from alignprog.data import Batch, Dataset, load_dataset, make_loader
+from alignprog.distributed import SINGLE, Dist
 from alignprog.errors import AlignprogError, ConfigError
 from alignprog.evaluation import evaluate_progress
 from alignprog.losses import ALIGNMENT_LOSSES
@@ -61,24 +69,47 @@ def split_parameters(model: AlignmentModel) -> tuple[list[nn.Parameter], list[nn
     return [p for p in model.parameters() if id(p) not in ids], head
 
 
+# Rank r > 0 of a multi-process run offsets its seeds by r * this: the same sampling streams on
+# every rank would draw the same relative segment positions in every rank's batch.
+RANK_SEED_STRIDE = 1_000_003
+
+
+def rank_seed(seed: int, rank: int = 0, step: int = 0) -> int:
+    """The seed of rank `rank`'s own random streams: `seed` itself for rank 0 (a single process
+    draws what it always drew); other ranks, which restart their streams on resume (only rank
+    0's are checkpointed), also fold in the step they resume at."""
+    return seed if rank == 0 else seed + RANK_SEED_STRIDE * rank + step
+
+
+def training_generators(seed: int) -> dict[str, torch.Generator]:
+    """Local generators for progress sampling and GTCC's draws (spec P30), checkpointed."""
+    return {"sampling": torch.Generator().manual_seed(seed + 1),
+            "gtcc": torch.Generator().manual_seed(seed + 2)}
+
+
 def grad_norm(params: list[nn.Parameter]) -> float:
     norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 class Trainer:
-    """The state of one run; `step_batch` is one optimizer step."""
+    """The state of one run; `step_batch` is one optimizer step (of every rank together, when
+    `dist` spans several processes)."""
 
-    def __init__(self, cfg: Config, dataset: Dataset, device: torch.device) -> None:
+    def __init__(self, cfg: Config, dataset: Dataset, device: torch.device,
+                 dist: Dist = SINGLE) -> None:
         self.cfg = cfg
         self.dataset = dataset
         self.device = device
+        self.dist = dist
         tc, pc = cfg.train, cfg.progress
         shape = dataset.videos[0].arrays[cfg.data.layout].shape[1:]
         self.input_shape = tuple(shape)
         seed_everything(tc.seed)
         self.model = build_model(cfg.model, pc, input_shape=shape, num_tasks=len(dataset.tasks),
                                  method=tc.method).to(device)
+        if dist.rank:  # the same initial weights (seeded above), then the rank's own dropout
+            seed_everything(rank_seed(tc.seed, dist.rank))
         self.encoder_params, self.head_params = split_parameters(self.model)
         groups = [{"params": self.encoder_params, "lr": tc.lr}]
         if self.head_params:
@@ -89,15 +120,13 @@ class Trainer:
         self.loss_kw = loss_keywords(cfg)
         self.lam = pc.lambda_for(tc.method) if pc.enabled else 0.0
         self.learnable = pc.enabled and pc.method == "learnable"
-        # Local generators for progress sampling and GTCC's draws (spec P30), checkpointed.
-        self.generators = {"sampling": torch.Generator().manual_seed(tc.seed + 1),
-                           "gtcc": torch.Generator().manual_seed(tc.seed + 2)}
+        self.generators = training_generators(rank_seed(tc.seed, dist.rank))
         # cumulative_l2 with class normalisers: running mean path length per label
         self.class_paths = torch.zeros(len(dataset.labels))
         self.class_seen = torch.zeros(len(dataset.labels), dtype=torch.bool)
         self.step = 0
         self.epoch = 0
-        self.batch_in_epoch = 0
+        self.batch_in_epoch = 0   # batches of the epoch done by all ranks together
         self.bad_steps = 0
         self.skipped = 0
         self.best_val: float | None = None
@@ -185,8 +214,13 @@ class Trainer:
         return record
 
     def backward(self, batch: Batch, *, head_only: bool = False) -> dict:
-        """Forward, losses, backward and the head-gradient rescaling; gradients are left in
-        the parameters' .grad (none when the step is skipped)."""
+        """Forward, losses, backward, the gradients averaged over the ranks (several
+        processes) and the head-gradient rescaling; gradients are left in the parameters' .grad
+        (none when the step is skipped).
+
+        With several processes the record holds the mean losses over the ranks and the videos,
+        frames and samples of all ranks, and the step is skipped on every rank when any rank's
+        loss is not finite (or no rank has a loss)."""
         tc = self.cfg.train
         batch = batch.to(self.device, non_blocking=True)
         self.model.train()
@@ -202,14 +236,18 @@ class Trainer:
                   "progress": None if progress is None else progress.item(),
                   "lambda": self.lam, "samples": out["samples"], "videos": batch.size,
                   "frames": int(batch.lengths.sum())}
-        record["weighted_progress"] = (None if progress is None
+        finite = total is not None and bool(torch.isfinite(total))
+        if finite:
+            total.backward()
+        # Every rank joins this reduction on every step, whatever its batch held.
+        n_loss, n_bad, bad = self.reduce(record, alignment, progress, total)
+        mean_total = record.pop("mean_total", None)
+        record["weighted_progress"] = (None if record["progress"] is None
                                        else self.lam * record["progress"])
-        if total is None or not torch.isfinite(total):
-            bad = [name for name, v in (("alignment", alignment), ("progress", progress))
-                   if v is not None and not torch.isfinite(v)]
+        if n_bad or not n_loss:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
-            self.bad_steps += total is not None
+            self.bad_steps += n_bad > 0
             record.update(skipped=True, bad_terms=bad, total=None, skipped_total=self.skipped)
             if self.bad_steps >= tc.max_bad_steps:
                 raise TrainingError(
@@ -218,8 +256,7 @@ class Trainer:
                     "the learning rate or lambda, or use --precision fp32")
             return record
         self.bad_steps = 0
-        record["total"] = total.item()
-        total.backward()
+        record["total"] = mean_total if mean_total is not None else total.item()
         # DOC step 7: the head received lambda * grad(progress); dividing by lambda lets it
         # learn at the natural scale while the encoder keeps the lambda-scaled signal.
         if self.learnable and not head_only and self.lam > 0 and self.lam != 1:
@@ -227,6 +264,34 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.div_(self.lam)
         return record
+
+    def reduce(self, record: dict, alignment: torch.Tensor, progress: torch.Tensor | None,
+               total: torch.Tensor | None) -> tuple[int, int, list[str]]:
+        """(ranks with a loss, ranks with a non-finite loss, the non-finite terms) of this step
+        over all ranks. Several processes: averages the gradients over the ranks (the spec's
+        order: before the head rescaling and the clipping) and puts the ranks' mean losses and
+        summed counts in `record`, all in one all_reduce."""
+        terms = (("alignment", alignment), ("progress", progress))
+        bad_term = [v is not None and not bool(torch.isfinite(v)) for _, v in terms]
+        has_loss = total is not None
+        bad = has_loss and not bool(torch.isfinite(total))
+        if not self.dist.active:
+            return int(has_loss), int(bad), [n for (n, _), b in zip(terms, bad_term) if b]
+        stats = torch.tensor([has_loss, bad, *bad_term, record["alignment"],
+                              record["progress"] or 0.0, progress is not None,
+                              total.item() if has_loss else 0.0, record["videos"],
+                              record["frames"], record["samples"]], dtype=torch.float64)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        (n_loss, n_bad, bad_align, bad_prog, align_sum, prog_sum, n_prog, total_sum, videos,
+         frames, samples) = self.dist.average_gradients(params, stats)
+        ranks = self.dist.world_size
+        record.update(alignment=align_sum / ranks,
+                      progress=prog_sum / n_prog if n_prog else None,
+                      videos=int(videos), frames=int(frames), samples=int(samples), ranks=ranks)
+        if n_loss:
+            record["mean_total"] = total_sum / n_loss
+        return int(n_loss), int(n_bad), [n for (n, _), b in zip(terms, (bad_align, bad_prog))
+                                         if b]
 
     def clip(self, record: dict, *, head_only: bool = False) -> None:
         """Gradient clipping (spec 7 step 10, B2): global, separate or none."""
@@ -279,7 +344,7 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "skipped": self.skipped, "best_val": self.best_val,
                 "class_paths": self.class_paths.tolist(),
-                "class_seen": self.class_seen.tolist()}
+                "class_seen": self.class_seen.tolist(), "world_size": self.dist.world_size}
 
     def save(self, run: RunDir, *, best: bool = False) -> None:
         meta = {"method": self.cfg.train.method, "step": self.step, "epoch": self.epoch,
@@ -289,15 +354,38 @@ class Trainer:
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, state=self.state(),
                         meta=meta, generators=self.generators)
 
-    def restore(self, path) -> None:
+    def restore(self, path) -> dict:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                 generators=self.generators)
+        self._set_state(state)
+        return state
+
+    def _set_state(self, state: dict) -> None:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped"]
         self.best_val = state.get("best_val")
         if "class_paths" in state:
             self.class_paths = torch.tensor(state["class_paths"], dtype=torch.float32)
             self.class_seen = torch.tensor(state["class_seen"], dtype=torch.bool)
+
+    def sync(self, extra: dict | None = None) -> dict:
+        """Every rank takes rank 0's weights, optimizer state and counters (its initial
+        weights, or the checkpoint it alone restored: other nodes need not see the run
+        directory), and rank 0's `extra`, which it returns. Ranks > 0 restart their own random
+        streams at this step (only rank 0's are checkpointed)."""
+        if not self.dist.active:
+            return dict(extra or {})
+        self.dist.broadcast_module_(self.model)
+        tree = self.dist.broadcast_tree({"state": self.state(), "extra": dict(extra or {}),
+                                         "optimizer": self.optimizer.state_dict()}
+                                        if self.dist.is_main else None)
+        if not self.dist.is_main:
+            self.optimizer.load_state_dict(tree["optimizer"])
+            self._set_state(tree["state"])
+            seed = rank_seed(self.cfg.train.seed, self.dist.rank, self.step)
+            seed_everything(seed)
+            self.generators = training_generators(seed)
+        return tree["extra"]
 
 
 def summarise(report: dict | None) -> dict:
@@ -315,15 +403,19 @@ def _iterate(loader, batches: list[list[int]], skip: int):
 
 
 def fit(cfg: Config, *, dataset: Dataset | None = None, run: RunDir | None = None,
-        resume: bool = False, callback: Callback | None = None) -> FitResult:
+        resume: bool = False, callback: Callback | None = None,
+        dist: Dist = SINGLE) -> FitResult:
     """Train the model `cfg` describes; the same seed and config give the same numbers on
-    the same device (deterministic kernels are switched on for the run)."""
+    the same device (deterministic kernels are switched on for the run).
+
+    `dist`: this process's place in a multi-process run (`alignprog.distributed.setup`); it
+    trains on `dist.device`, and only rank 0 uses `run` (the others may pass None)."""
     with deterministic(cfg.train.deterministic):
-        return _fit(cfg, dataset=dataset, run=run, resume=resume, callback=callback)
+        return _fit(cfg, dataset=dataset, run=run, resume=resume, callback=callback, dist=dist)
 
 
 def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bool,
-         callback: Callback | None) -> FitResult:
+         callback: Callback | None, dist: Dist) -> FitResult:
     """Train the model `cfg` describes (see the module docstring for one step).
 
     Every `train.log_every` steps a "step" record, at each epoch end an "epoch" record with the
@@ -339,29 +431,39 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
         raise ConfigError(f"model.encoder '{cfg.model.encoder}' reads the "
                           f"'{ENCODER_LAYOUT[cfg.model.encoder]}' layout but data.layout is "
                           f"'{cfg.data.layout}'")
-    device = resolve_device(tc.device)
+    device = dist.device if dist.active else resolve_device(tc.device)
+    run = run if dist.is_main else None          # rank 0 alone writes the run directory
     dataset = dataset or load_dataset(cfg.data)
-    trainer = Trainer(cfg, dataset, device)
+    trainer = Trainer(cfg, dataset, device, dist)
+    saved: dict = {}
     if run is not None:
         if resume:
-            trainer.restore(run.latest_checkpoint())
+            state = trainer.restore(run.latest_checkpoint())
+            saved["world_size"] = state.get("world_size", 1)
             run.truncate_metrics_after(trainer.step)
         else:
             run.write_config(cfg)
             run.write_split(dataset.splits)
             run.write_environment(device_info(device) | {"dataset": dataset.name,
                                                          "videos": len(dataset.videos)})
+    saved = trainer.sync(saved)   # rank 0's weights, optimizer and counters on every rank
     loader = make_loader(dataset, "train", batch_size=cfg.data.batch_size, shuffle=True,
                          drop_last=True, seed=tc.seed, num_workers=tc.num_workers,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", num_replicas=dist.world_size,
+                         rank=dist.rank)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ConfigError("the training split forms no batch (a task needs at least two "
                           "training videos)")
     total_steps = tc.steps or tc.epochs * steps_per_epoch
+    if resume and not tc.steps and saved.get("world_size", 1) != dist.world_size:
+        # Resumed with another number of ranks: the steps done were counted at the old one;
+        # finish the remaining epochs at the new one (checkpoints hold the global step).
+        total_steps = (trainer.step + (tc.epochs - trainer.epoch) * steps_per_epoch
+                       - trainer.batch_in_epoch // dist.world_size)
     emit("start", {"steps": total_steps, "epochs": math.ceil(total_steps / steps_per_epoch),
                    "steps_per_epoch": steps_per_epoch, "device": str(device),
-                   "lambda": trainer.lam, "method": tc.method,
+                   "lambda": trainer.lam, "method": tc.method, "ranks": dist.world_size,
                    "resumed_at": trainer.step if resume else None})
     result = FitResult(trainer.model, trainer.step, trainer.epoch)
 
@@ -374,20 +476,24 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
     try:
         while trainer.step < total_steps:
             loader.batch_sampler.set_epoch(trainer.epoch)
+            # batch_in_epoch counts the batches of all ranks: a run resumed with another
+            # number of ranks redoes at most one batch per rank rather than skipping any.
             for batch in _iterate(loader, loader.batch_sampler.batches(),
-                                  trainer.batch_in_epoch):
+                                  trainer.batch_in_epoch // dist.world_size):
                 record = trainer.step_batch(batch)
-                trainer.batch_in_epoch += 1
+                trainer.batch_in_epoch += dist.world_size
                 if (record.get("skipped") or trainer.step % tc.log_every == 0
                         or trainer.step == total_steps):
                     log("step", record)
                 if trainer.step >= total_steps:
                     break
             record = {"step": trainer.step, "epoch": trainer.epoch}
-            record |= trainer.validation_losses("val")
-            record["val_progress_mae"] = summarise(trainer.evaluate("val"))
-            improved = record.get("val_total") is not None and (
-                trainer.best_val is None or record["val_total"] < trainer.best_val)
+            improved = False
+            if dist.is_main:  # the others wait at the barrier below: no double counting
+                record |= trainer.validation_losses("val")
+                record["val_progress_mae"] = summarise(trainer.evaluate("val"))
+                improved = record.get("val_total") is not None and (
+                    trainer.best_val is None or record["val_total"] < trainer.best_val)
             if improved:
                 trainer.best_val = record["val_total"]
             trainer.epoch += 1
@@ -397,6 +503,7 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
                 trainer.save(run)
                 if improved:
                     trainer.save(run, best=True)
+            dist.barrier()
         if tc.two_stage and trainer.learnable:
             _train_head_only(trainer, loader, log)
     except KeyboardInterrupt:
@@ -405,7 +512,8 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
         result.interrupted = True
         result.step, result.epoch = trainer.step, trainer.epoch
         return result
-    test = trainer.evaluate("test")
+    test = trainer.evaluate("test") if dist.is_main else None
+    dist.barrier()
     if run is not None and test is not None:
         run.write_json("eval_test.json", test)
     log("end", {"step": trainer.step, "epoch": trainer.epoch,
@@ -428,7 +536,9 @@ def _train_head_only(trainer: Trainer, loader, log: Callable[[str, dict], None])
             record = trainer.step_batch(batch, head_only=True)
             if trainer.step % tc.log_every == 0:
                 log("step", record | {"stage": "head"})
-        record = {"step": trainer.step, "epoch": trainer.epoch, "stage": "head",
-                  "val_progress_mae": summarise(trainer.evaluate("val"))}
+        record = {"step": trainer.step, "epoch": trainer.epoch, "stage": "head"}
+        if trainer.dist.is_main:
+            record["val_progress_mae"] = summarise(trainer.evaluate("val"))
+        trainer.dist.barrier()
         trainer.epoch += 1
         log("epoch", record)
