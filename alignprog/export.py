@@ -45,6 +45,7 @@ from alignprog.config import DEFAULT_BACKGROUND, ModelConfig, ProgressConfig
 from alignprog.data.annotations import (RawAnnotation, RepairLog, VideoAnnotation, canonicalise,
                                         parse_task_record)
 from alignprog.errors import AlignprogError, DataError
+from alignprog.fileio import fsync_file
 from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
 
 FORMAT = "alignprog-export"
@@ -166,20 +167,12 @@ def export_model(model: AlignmentModel, config: Mapping[str, Any], out_dir: Path
         os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
-            _fsync(f)
+            fsync_file(f)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir / MODEL_FILE
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_export_dir(path: Path) -> bool:

@@ -44,6 +44,7 @@ from torch import nn
 
 import alignprog
 from alignprog.errors import AlignprogError
+from alignprog.fileio import fsync_file
 
 SCHEMA_VERSION = 1
 FORMAT = "alignprog-checkpoint"
@@ -141,14 +142,6 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
 # File writing inside the temporary directory
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -165,7 +158,7 @@ def _fsync_dir(path: Path) -> None:
 def _write_json(path: Path, obj: Any) -> None:
     # allow_nan=False: the files must be valid JSON; non-finite floats are tagged by _encode.
     path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _compact(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -197,7 +190,7 @@ def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     stored, aliases = _compact(tensors)
     metadata = {_ALIASES_KEY: json.dumps(aliases)} if aliases else None
     save_file(stored, path, metadata=metadata)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _read_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
