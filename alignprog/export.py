@@ -45,7 +45,7 @@ from alignprog.config import DEFAULT_BACKGROUND, ModelConfig, ProgressConfig
 from alignprog.data.annotations import (RawAnnotation, RepairLog, VideoAnnotation, canonicalise,
                                         parse_task_record)
 from alignprog.errors import AlignprogError, DataError
-from alignprog.fileio import fsync_file
+from alignprog.fileio import fsync_file, replace_dir
 from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
 
 FORMAT = "alignprog-export"
@@ -168,7 +168,7 @@ def export_model(model: AlignmentModel, config: Mapping[str, Any], out_dir: Path
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
             fsync_file(f)
-        _move_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -193,22 +193,6 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         raise ExportError(f"refusing to overwrite {out_dir}: it is not an alignprog export (no "
                           f"{MODEL_FILE} and {CONFIG_FILE}); delete it yourself or choose "
                           "another --out")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        # The old export stays whole (under a hidden name) until the new one is in place.
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / out_dir.name)
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            os.rename(old / out_dir.name, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
 
 
 def model_card(config: Mapping[str, Any], model: AlignmentModel, *, run_meta: Mapping | None,

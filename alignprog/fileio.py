@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
@@ -38,6 +39,26 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished folder `tmp` to `dest`, replacing any folder there.
+
+    Two renames: the old folder stays whole (under a hidden name beside it) until the new one is
+    in place, and is put back if the second rename fails; it is deleted only afterwards."""
+    tmp, dest = Path(tmp), Path(dest)
+    if not dest.exists():
+        os.rename(tmp, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.rename(dest, old / dest.name)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old / dest.name, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -12,7 +12,8 @@ import numpy as np
 from alignprog.config import DataConfig
 from alignprog.data.splits import random_split, write_splits
 from alignprog.errors import DataError
-from alignprog.fileio import atomic_save_npy, atomic_write_json, atomic_write_text
+from alignprog.fileio import (atomic_save_npy, atomic_write_json, atomic_write_text,
+                              replace_dir)
 
 
 def write_synthetic_root(cfg: DataConfig, out_dir: Path, *, layouts: Iterable[str],
@@ -49,14 +50,7 @@ def write_synthetic_root(cfg: DataConfig, out_dir: Path, *, layouts: Iterable[st
                 atomic_save_npy(tmp / layout / f"{handle}.npy", array.astype(np.dtype(dtype)))
             if progress is not None:
                 progress(done, len(handles))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

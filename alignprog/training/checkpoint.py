@@ -44,7 +44,7 @@ from torch import nn
 
 import alignprog
 from alignprog.errors import AlignprogError
-from alignprog.fileio import fsync_file
+from alignprog.fileio import fsync_file, replace_dir
 
 SCHEMA_VERSION = 1
 FORMAT = "alignprog-checkpoint"
@@ -329,22 +329,9 @@ def _remove_stale(parent: Path, name: str, kind: str) -> None:
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    if not path.is_dir():
+    if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a checkpoint directory")
-    # Two renames: the old checkpoint stays whole (under a hidden name) until the new one is in
-    # place, and is put back if the second rename fails.
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.rename(path, old / path.name)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old / path.name, path)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
