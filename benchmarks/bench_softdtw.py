@@ -16,28 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
 
 import torch
 
+from bench_models import timed
+
 from alignprog.losses.lav import lav_loss_batch
 from alignprog.losses.softdtw import soft_dtw
-
-
-def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs, after ``warmup`` runs."""
-    times = []
-    for k in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if k >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def loop_soft_dtw_grad(c: list[list[float]], gamma: float) -> tuple[float, list[list[float]]]:
