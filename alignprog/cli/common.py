@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -19,6 +20,23 @@ err_console = Console(stderr=True)    # diagnostics: stderr
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="YAML or JSON config file (see `alignprog/config.py` for every key).",
     show_default=False)]
+class FpsPreset(str, Enum):
+    none = "none"
+    egoprocel = "egoprocel"
+
+
+# Dataset options shared by the commands that read a dataset root.
+AnnotationsOpt = Annotated[Optional[Path], typer.Option(
+    "--annotations", help="Annotation JSON to use instead of ROOT/dataset.json.",
+    show_default=False)]
+LenientOpt = Annotated[bool, typer.Option(
+    "--lenient", help="Pair unequal handle/annotation lists by position with a warning instead "
+    "of failing (needed for the EgoProceL CMU tasks).")]
+FpsPresetOpt = Annotated[Optional[FpsPreset], typer.Option(
+    "--fps-preset", help="Frame units of the annotations: none (annotation frames are feature "
+    "frames) or egoprocel (source fps per EgoProceL source, features at data.fps.feature, "
+    "1 fps by default).", show_default="none")]
+
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override any setting by its dotted key, e.g. --set data.split.seed=3 "
     "(repeatable; applied after --config, before the other flags).", show_default=False)]

@@ -13,8 +13,8 @@ from rich.table import Table
 
 from rich.markup import escape
 
-from alignprog.cli.common import (ConfigOpt, SetOpt, console, err_console, guarded, report,
-                                   resolve_config)
+from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, LenientOpt, SetOpt,
+                                   console, err_console, guarded, report, resolve_config)
 from alignprog.data.dataset import DatasetErrors, load_dataset, scan_arrays
 from alignprog.data.splits import write_splits
 from alignprog.data.write import write_synthetic_root
@@ -32,11 +32,6 @@ class SynthLayout(str, Enum):
 class Dtype(str, Enum):
     float16 = "float16"
     float32 = "float32"
-
-
-class FpsPreset(str, Enum):
-    none = "none"
-    egoprocel = "egoprocel"
 
 
 @app.command(epilog="Example: alignprog data synth data/synth --tasks 3 --videos-per-task 10 "
@@ -98,20 +93,15 @@ def check(
     root: Annotated[Optional[Path], typer.Argument(
         help="Dataset root. Omit to check the embedded synthetic dataset.",
         show_default=False)] = None,
-    annotations: Annotated[Optional[Path], typer.Option(
-        help="Annotation JSON to use instead of ROOT/dataset.json.", show_default=False)] = None,
+    annotations: AnnotationsOpt = None,
     id2action: Annotated[Optional[Path], typer.Option(
         help="Action vocabulary (`<id> <name>` lines). Default: <json stem>-id2action.txt beside "
         "the JSON, else ROOT/id2action.txt.", show_default=False)] = None,
     tasks: Annotated[Optional[list[str]], typer.Option(
         "--task", help="Keep only this task (name or pattern like '*.egtea'; repeatable).",
         show_default=False)] = None,
-    lenient: Annotated[bool, typer.Option(
-        "--lenient", help="Pair unequal handle/annotation lists by position with a warning "
-        "instead of failing (needed for the EgoProceL CMU tasks).")] = False,
-    fps_preset: Annotated[Optional[FpsPreset], typer.Option(
-        help="Frame units of the annotations: none (annotation frames are feature frames) or "
-        "egoprocel (source fps per EgoProceL source, features at --feature-fps).", show_default="none")] = None,
+    lenient: LenientOpt = False,
+    fps_preset: FpsPresetOpt = None,
     feature_fps: Annotated[Optional[float], typer.Option(
         help="Frame rate of the feature files.", show_default="1.0")] = None,
     split_file: Annotated[Optional[Path], typer.Option(

@@ -12,9 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from alignprog.cli.common import (ConfigOpt, SetOpt, console, err_console, fail, guarded, report,
-                                   resolve_config)
-from alignprog.cli.data import FpsPreset
+from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, LenientOpt, SetOpt,
+                                   console, err_console, fail, guarded, report, resolve_config)
 from alignprog.fileio import atomic_write_bytes
 from alignprog.sampling_report import plot_report, require_matplotlib, sampling_report
 
@@ -44,14 +43,9 @@ def sample_inspect(
     video: Annotated[Optional[str], typer.Option(
         help="Handle of the video whose timeline is shown. Default: the first video of the "
         "split that got samples.", show_default=False)] = None,
-    annotations: Annotated[Optional[Path], typer.Option(
-        help="Annotation JSON to use instead of ROOT/dataset.json.", show_default=False)] = None,
-    lenient: Annotated[bool, typer.Option(
-        "--lenient", help="Pair unequal handle/annotation lists by position with a warning "
-        "instead of failing (needed for the EgoProceL CMU tasks).")] = False,
-    fps_preset: Annotated[Optional[FpsPreset], typer.Option(
-        help="Frame units of the annotations: none (annotation frames are feature frames) or "
-        "egoprocel (source fps per EgoProceL source).", show_default="none")] = None,
+    annotations: AnnotationsOpt = None,
+    lenient: LenientOpt = False,
+    fps_preset: FpsPresetOpt = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the report as JSON (nothing else on stdout).")] = False,
     plot: Annotated[Optional[Path], typer.Option(
