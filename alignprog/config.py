@@ -381,7 +381,19 @@ class TrainConfig(StrictModel):
                                                 "model; losses stay in fp32.")
     deterministic: bool = Field(True, description="Deterministic kernels: the same seed and "
                                 "config give the same numbers on the same device.")
-    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps (on a GPU the "
+                           "only steps that wait for it: the others run ahead).")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="Replay the whole training step as a CUDA graph, one per shape "
+        "bucket (frames rounded up to graph_frame_bucket): removes the per-kernel launch cost "
+        "that dominates small models. auto: on for a single CUDA process with a launch-bound "
+        "configuration (stacking or naive encoder; tcc, lav or vava; learnable or no progress); "
+        "on: wherever supported (the reason is printed where not); off: never.")
+    graph_frame_bucket: int = Field(64, ge=1, description="CUDA graphs: a batch's frames are "
+                                    "padded up to a multiple of this (fewer graphs, some "
+                                    "padding work).")
+    max_graphs: int = Field(16, ge=1, description="CUDA graphs kept at once (each holds the "
+                            "memory of one step); the least recently used goes first.")
     max_bad_steps: int = Field(20, ge=1, description="Stop after this many consecutive steps "
                                "with a non-finite loss (each is skipped and counted).")
     two_stage: bool = Field(False, description="Train alignment first (epochs), then the "
@@ -390,6 +402,12 @@ class TrainConfig(StrictModel):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     runs_dir: Path = Field(Path("runs"), description="Folder of the run directories.")
     name: str | None = Field(None, description="Run name. Unset: <method>-<timestamp>.")
+
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        # YAML reads a bare on/off as true/false (`--set train.cuda_graphs=off`).
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class Config(StrictModel):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import random
 
 import numpy as np
@@ -61,6 +62,44 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     raise ConfigError(f"train.precision must be fp32 or bf16, got {precision!r}")
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without stalling the host: on CUDA it is copied through pinned
+    memory asynchronously (a plain `.to("cuda")` from pageable memory waits for the GPU to
+    finish its queue first, a host sync in the middle of the step)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+_TRUSTED = contextvars.ContextVar("alignprog_trusted_inputs", default=False)
+
+
+@contextlib.contextmanager
+def trusted_inputs():
+    """Within: the input checks of losses and heads that read tensor values on the host skip
+    CUDA tensors. The trainer feeds them batches it built itself, and each such check would be
+    a host-device sync in the middle of the step."""
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def checks_values(tensor: torch.Tensor) -> bool:
+    """Whether an input check may read `tensor`'s values on the host: always on the CPU; on a
+    GPU not inside `trusted_inputs()` nor while a CUDA graph is being captured."""
+    if tensor.device.type != "cuda":
+        return True
+    return not (_TRUSTED.get() or torch.cuda.is_current_stream_capturing())
+
+
+def fused_optimizer(device: torch.device) -> bool:
+    """Fused Adam on CUDA: one kernel for all parameters, which also skips a step whose
+    gradients are not finite on the device (`found_inf`) without a host sync."""
+    return device.type == "cuda"
 
 
 def seed_everything(seed: int) -> None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from alignprog.runtime import to_device
+
 # Spec 4 step 5: the reference's bin edges (inclusive upper edges).
 BIN_EDGES = (0.33, 0.67)
 BIN_NAMES = ("early", "mid", "late")
@@ -140,16 +142,25 @@ def gather_segments(embeddings: torch.Tensor, samples: SegmentSamples
     """Left-aligned, zero-padded segment embeddings for the head: (Q, L_max, D) and lengths (Q,).
 
     ``embeddings`` (B, T, D) stays in the graph: progress gradients reach the encoder (spec 3).
+    The samples stay on the host (L_max is read there); only their indices go to the device.
     """
     device = embeddings.device
-    lengths = samples.segment_length.to(device)                             # (Q,)
+    lengths = samples.segment_length                                        # (Q,) host
     width = int(lengths.max()) if len(lengths) else 0
-    offs = torch.arange(width, device=device)[None, :]                       # (1, L)
-    frame = samples.start.to(device)[:, None] + offs                         # (Q, L)
-    inside = offs < lengths[:, None]                                         # (Q, L)
-    frame = torch.where(inside, frame, 0)
-    seg = embeddings[samples.video.to(device)[:, None], frame]               # (Q, L, D)
-    return seg * inside[..., None].to(seg.dtype), lengths
+    seg = gather_frames(embeddings, to_device(samples.video, device),
+                        to_device(samples.start, device), to_device(lengths, device), width)
+    return seg, to_device(lengths, device)
+
+
+def gather_frames(embeddings: torch.Tensor, video: torch.Tensor, start: torch.Tensor,
+                  length: torch.Tensor, width: int) -> torch.Tensor:
+    """Frames start .. start + length - 1 of row `video` of (B, T, D) embeddings, left-aligned
+    and zero-padded to `width`: (Q, width, D); `video`, `start`, `length` (Q,) on the device."""
+    offs = torch.arange(width, device=embeddings.device)[None, :]           # (1, L)
+    inside = offs < length[:, None]                                          # (Q, L)
+    frame = torch.where(inside, start[:, None] + offs, 0)                    # (Q, L)
+    seg = embeddings[video[:, None], frame]                                  # (Q, L, D)
+    return seg * inside[..., None].to(seg.dtype)
 
 
 @dataclass

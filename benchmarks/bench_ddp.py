@@ -3,7 +3,7 @@
     PYTHONPATH=. torchrun --nproc-per-node 1 benchmarks/bench_ddp.py --json ddp-1.json
     PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/bench_ddp.py --json ddp-2.json
 
-The document's configuration, as in bench_train.py (16 MCN heads, D = 128, `stacking` on
+The document's configuration, as in train_step.py (16 MCN heads, D = 128, `stacking` on
 (T, 2048) features, a batch of 2 videos of 450 and 380 frames, the GRU progress head with 10 x 5
 samples per video, Adam), one batch per rank per step through the real `Trainer` (gradients
 averaged over the ranks every step). Reports videos/s over all ranks (wall time of the timed
@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from bench_train import make_batch
+from train_step import make_batch
 
 from alignprog import distributed
 from alignprog.config import load_config

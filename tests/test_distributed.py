@@ -92,7 +92,7 @@ def _steps_worker(rank: int, world: int, port: int, out: str, device: str,
                 batch = loader.collate_fn([loader.dataset[i] for i in indices])
                 if rank == no_foreground_rank:
                     batch = without_foreground(batch)
-                records.append(trainer.step_batch(batch))
+                records.append(trainer.read(trainer.step_batch(batch)))
                 used.append(indices)
                 for i, p in enumerate(trainer.model.parameters()):
                     snapshots[f"{trainer.step}.{i}"] = p.detach().cpu().clone()

@@ -77,6 +77,7 @@ def test_clip_modes(mode):
     trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cpu"))
     record = trainer.backward(first_batch(trainer))
     trainer.clip(record)
+    record = trainer.read(record)
     enc, head = record["grad_encoder_clipped"], record["grad_head_clipped"]
     assert record["grad_encoder"] > 1e-5 and record["grad_head"] > 1e-3
     if mode == "global":

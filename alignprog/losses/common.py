@@ -48,30 +48,50 @@ def ordered_pairs(batch: int, *, include_self: bool = False,
                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (i, j) of the ordered pairs of a batch, row-major: (P,), (P,).
 
-    ``include_self`` adds i == j (the reference TCC's B^2 pairs; spec 6.1)."""
-    i, j = torch.meshgrid(torch.arange(batch, device=device), torch.arange(batch, device=device),
-                          indexing="ij")
-    keep = torch.ones_like(i, dtype=torch.bool) if include_self else i != j
-    return i[keep], j[keep]
+    ``include_self`` adds i == j (the reference TCC's B^2 pairs; spec 6.1). Built from the
+    counts alone (no boolean indexing), so it never waits for the device."""
+    if include_self:
+        first = torch.arange(batch, device=device).repeat_interleave(batch)      # (B^2,)
+        return first, torch.arange(batch, device=device).repeat(batch)
+    first = torch.arange(batch, device=device).repeat_interleave(max(batch - 1, 0))  # (P,)
+    k = torch.arange(max(batch - 1, 0), device=device).repeat(batch)               # (P,)
+    return first, k + (k >= first).long()                                           # skip i
+
+
+# Elements of the (..., rows, M, D) difference block that `_direct_sq_distances` builds at once.
+DIFF_BLOCK = 2 ** 26
+
+
+def _direct_sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_d (x_nd - y_md)^2 from the differences themselves (no ||x||^2 + ||y||^2 - 2xy
+    expansion), in blocks of rows so the difference tensor stays under DIFF_BLOCK elements."""
+    n, m, dim = x.shape[-2], y.shape[-2], x.shape[-1]
+    lead = max(1, x[..., :1, :1].numel())
+    rows = max(1, DIFF_BLOCK // max(1, lead * m * dim))
+    blocks = [(x[..., s:s + rows, None, :] - y[..., None, :, :]).square().sum(-1)
+              for s in range(0, n, rows)]                                   # (..., rows, M) each
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)    # (..., N, M)
 
 
 class _Distances(torch.autograd.Function):
     """Euclidean (or squared) distances with an exact, memory-light backward.
 
-    Forward: ``torch.cdist`` without the ||x||^2 + ||y||^2 - 2xy expansion, which cancels
-    catastrophically for near-identical frames. Backward: the gradient of sum_nm G_nm d_nm is
-    linear in the inputs, sum_m W_nm (x_n - y_m) with W = G / d (2G when squared), so it is two
-    matmuls; ``torch.cdist``'s own CUDA backward materialises a (..., M, N, D) buffer instead,
-    which runs out of memory (and overflows 32-bit indexing) for long videos. The gradient at
-    d = 0 (identical frames) is 0, as cdist's.
+    Forward: the squared differences summed directly (what ``torch.cdist``'s
+    ``donot_use_mm_for_euclid_dist`` mode computes, ~10x faster on a GPU), without the
+    ||x||^2 + ||y||^2 - 2xy expansion, which cancels catastrophically for near-identical frames.
+    Backward: the gradient of sum_nm G_nm d_nm is linear in the inputs, sum_m W_nm (x_n - y_m)
+    with W = G / d (2G when squared), so it is two matmuls; ``torch.cdist``'s own CUDA backward
+    materialises a (..., M, N, D) buffer instead, which runs out of memory (and overflows 32-bit
+    indexing) for long videos. The gradient at d = 0 (identical frames) is 0, as cdist's.
     """
 
     @staticmethod
     def forward(ctx, x, y, squared: bool):
-        d = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")    # (..., N, M)
+        sq = _direct_sq_distances(x, y)                                       # (..., N, M)
+        d = None if squared else sq.sqrt()
         ctx.save_for_backward(x, y, d)
         ctx.squared = squared
-        return d.square() if squared else d
+        return sq if squared else d
 
     @staticmethod
     @once_differentiable

@@ -10,6 +10,11 @@ own history, step sizes, line-search bracket and stopping state; masks freeze th
 stopped, so a fit's result does not depend on the other fits of the batch (up to summation order
 in the reductions). The test compares it with ``torch.optim.LBFGS`` run on each vector.
 
+``fit_gmm(..., backend=...)`` picks how the fits run: "torch" is ``lbfgs_batched`` in torch ops
+(any device; the reference implementation, with a few host syncs per L-BFGS iteration), "triton"
+is ``alignprog.losses.gmm_triton``, the same replay as one kernel launch with one program per fit
+and no host sync, "auto" (default) Triton on CUDA when it imports, torch otherwise.
+
 Everything here is detached (B15: the fit gives constants, no gradient reaches the embeddings).
 Pure tensor functions, no config import (STYLE habit 6).
 """
@@ -18,9 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+
+from alignprog.losses import gmm_triton
+
+Backend = Literal["auto", "torch", "triton"]
 
 # Guard inside both logarithms of the symmetric KL (spec 6.3, objective).
 KL_EPS = 1e-30
@@ -50,6 +59,7 @@ class GMMFit:
     ok: torch.Tensor | None = None           # (...,) bool
     means: torch.Tensor | None = None        # (..., K) mu as optimised (before the clip)
     objective: torch.Tensor | None = None    # (...,) final symmetric KL J
+    n_evals: torch.Tensor | None = None      # (...,) long: objective evaluations of each fit
 
 
 def init_params(lengths: torch.Tensor, n_components: int, dtype: torch.dtype) -> torch.Tensor:
@@ -421,7 +431,7 @@ def lbfgs_batched(fun: Objective, x: torch.Tensor, active: torch.Tensor, *, n_st
 @torch.no_grad()
 def fit_gmm(p: torch.Tensor, lengths: torch.Tensor, *, n_components: int = 15,
             max_steps: int = 8, lr: float = 0.5, max_iter: int = 4, history_size: int = 10,
-            max_ls: int | None = None) -> GMMFit:
+            max_ls: int | None = None, backend: Backend = "auto") -> GMMFit:
     """Fit a K-component discrete-Gaussian mixture to every probability vector of a batch.
 
     p (E, M_max): row e is a distribution over its first ``lengths[e]`` entries (the rest is
@@ -433,10 +443,24 @@ def fit_gmm(p: torch.Tensor, lengths: torch.Tensor, *, n_components: int = 15,
     NaN alpha rows, B12), or a final J that is non-finite or negative (the reference's failure
     test) give ``ok`` False; nothing is raised. ``max_ls``: see ``lbfgs_batched`` (None: the
     rule of the installed PyTorch, 2.14; 25: older releases).
+
+    ``backend``: "torch" runs ``lbfgs_batched`` (any device and dtype), "triton" the one-launch
+    kernel of ``gmm_triton`` (float32 / float64, CUDA, or CPU under TRITON_INTERPRET=1), "auto"
+    Triton for float32 / float64 CUDA tensors when it imports, torch otherwise. Both give the same
+    fits up to rounding (tests/test_gmm_triton.py); the Triton path makes no host sync.
     """
     if p.dim() != 2 or lengths.shape != p.shape[:1]:
         raise ValueError(f"p must be (E, M) with lengths (E,), got {tuple(p.shape)} and "
                          f"{tuple(lengths.shape)}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    kernel_dtype = p.dtype in (torch.float32, torch.float64)
+    if backend == "auto":
+        backend = ("triton" if p.is_cuda and kernel_dtype and gmm_triton.triton is not None
+                   else "torch")
+    if backend == "triton" and (gmm_triton.triton is None or not kernel_dtype):
+        raise ValueError("backend='triton' needs the triton package and a float32 or float64 p, "
+                         f"got {p.dtype}" + ("" if gmm_triton.triton else " (triton missing)"))
     p = p.detach()
     lengths = lengths.to(device=p.device, dtype=torch.long)
     m_max = p.shape[-1]
@@ -456,10 +480,21 @@ def fit_gmm(p: torch.Tensor, lengths: torch.Tensor, *, n_components: int = 15,
         return gmm_value_and_grad(params, safe_p[rows], safe_lengths[rows])
 
     params = init_params(safe_lengths, n_components, p.dtype)                  # (E, 3K)
-    params, _ = lbfgs_batched(value_and_grad, params, active, n_steps=max_steps, lr=lr,
-                              max_iter=max_iter, history_size=history_size, max_ls=max_ls)
+    max_eval = max_iter * 5 // 4                     # torch.optim.LBFGS's default
+    if backend == "triton":
+        params, _, n_evals = gmm_triton.lbfgs_gmm(
+            safe_p, safe_lengths, active, params, n_components=n_components, n_steps=max_steps,
+            lr=lr, max_iter=max_iter, max_eval=max_eval, history_size=history_size,
+            max_ls=max_ls, tolerance_grad=TOLERANCE_GRAD, tolerance_change=TOLERANCE_CHANGE,
+            curvature_eps=CURVATURE_EPS, wolfe_c1=WOLFE_C1, wolfe_c2=WOLFE_C2, kl_eps=KL_EPS,
+            var_floor=VAR_FLOOR, log_tiny=math.log(torch.finfo(p.dtype).tiny))
+    else:
+        params, n_evals = lbfgs_batched(value_and_grad, params, active, n_steps=max_steps,
+                                        lr=lr, max_iter=max_iter, max_eval=max_eval,
+                                        history_size=history_size, max_ls=max_ls)
     g, pi = gmm_components(params, safe_lengths, m_max)
     q = torch.einsum("ek,ekm->em", pi, g)                                      # (E, M)
     j = symmetric_kl(safe_p, q)
     ok = active & j.isfinite() & (j >= 0) & params.isfinite().all(-1)
-    return GMMFit(components=g, weights=pi, ok=ok, means=params[:, :n_components], objective=j)
+    return GMMFit(components=g, weights=pi, ok=ok, means=params[:, :n_components], objective=j,
+                  n_evals=n_evals)

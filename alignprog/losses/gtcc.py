@@ -4,7 +4,12 @@ Spec ALGORITHMS 6.3 (and 6.1 for the pairs and the reduction; bugs B9, B12-B16, 
 Pure tensor functions, no config import (STYLE habit 6): ``gtcc_loss_batch`` on a padded batch
 and the list form ``gtcc_loss``. All ordered pairs (i, j), i != j, and all their sampled frames
 are computed at once; the GMM fits of the whole batch run as one batched L-BFGS
-(``alignprog.losses.gmm``).
+(``alignprog.losses.gmm``; one Triton launch on CUDA).
+
+On CUDA the loss makes no host sync when ``check_inputs=False`` (issue 9): the random draws are
+copied to the device without waiting, every (pair, sampled frame) slot is fitted (padded slots as
+inactive fits) instead of selecting the real ones with a boolean index, and the counts in
+``GTCCDetails`` stay tensors until the caller reads them.
 
 For a primary video i (U, N frames) and a secondary j (V, M frames), each sampled frame s of i:
 alpha_s = softmax_k(-||u_s - v_k|| / tau) -> a K-component discrete-Gaussian mixture fitted to it
@@ -50,8 +55,8 @@ class GTCCDetails:
     secondary: torch.Tensor      # (P,) long
     pair_losses: torch.Tensor    # (P,) sum of the frame terms of each pair, 0 where skipped
     pair_skipped: torch.Tensor   # (P,) bool: a fit of the pair failed (or M < 2), pair left out
-    n_failed_fits: int           # failed fits among the real (pair, sampled frame) slots
-    n_skipped_pairs: int
+    n_failed_fits: torch.Tensor  # () long: failed fits among the real (pair, sampled frame) slots
+    n_skipped_pairs: torch.Tensor  # () long
 
 
 def draw_samples(mask: torch.Tensor, num_samples: int = NUM_SAMPLES,
@@ -63,7 +68,9 @@ def draw_samples(mask: torch.Tensor, num_samples: int = NUM_SAMPLES,
     smallest keys are taken, so every subset of that size is equally likely."""
     b, t = mask.shape
     device = generator.device if generator is not None else torch.device("cpu")
-    keys = torch.rand((b, t), generator=generator, device=device).to(mask.device)  # (B, T)
+    # non_blocking: a copy from (pageable) host memory is staged at once; no wait on the device.
+    keys = torch.rand((b, t), generator=generator, device=device).to(mask.device,
+                                                                     non_blocking=True)  # (B, T)
     keys = torch.where(mask, keys, 2.0)          # padded frames sort after every real frame
     s = min(num_samples, t)
     picked = keys.argsort(dim=1)[:, :s]                                        # (B, S)
@@ -76,7 +83,8 @@ def draw_directions(batch: int, generator: torch.Generator | None = None,
                     device: torch.device | None = None) -> torch.Tensor:
     """Spec 6.3 step 3: forward with probability 1/2, one direction per primary. (B,) bool."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    return (torch.rand((batch,), generator=generator, device=gen_device) < 0.5).to(device)
+    draw = torch.rand((batch,), generator=generator, device=gen_device) < 0.5
+    return draw.to(device, non_blocking=True)
 
 
 def window_mask(lengths: torch.Tensor, samples: torch.Tensor, directions: torch.Tensor,
@@ -114,8 +122,9 @@ def _sq_distances_centered(a: torch.Tensor, b: torch.Tensor, center: torch.Tenso
     return sq.clamp_min(0.0)
 
 
-def _as_sample_tensor(samples, mask: torch.Tensor) -> torch.Tensor:
-    """Explicit samples -> (B, S) long with -1 padding, checked against the lengths."""
+def _as_sample_tensor(samples, mask: torch.Tensor, check: bool) -> torch.Tensor:
+    """Explicit samples -> (B, S) long with -1 padding, checked against the lengths when
+    ``check`` (a host sync on accelerators)."""
     b = mask.shape[0]
     if isinstance(samples, (list, tuple)):
         if len(samples) != b:
@@ -133,7 +142,7 @@ def _as_sample_tensor(samples, mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"samples must be a (B, S) long tensor with -1 padding (B = {b}), got "
                          f"{tuple(samples.shape)} {samples.dtype}")
     lengths = mask.sum(1, keepdim=True)
-    if bool(((samples < -1) | (samples >= lengths)).any()):
+    if check and bool(((samples < -1) | (samples >= lengths)).any()):
         raise ValueError("samples must be -1 or real frame indices 0 <= s < N_b of their video")
     return samples
 
@@ -162,7 +171,8 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
                     directions: torch.Tensor | None = None,
                     gmm: GMMFit | tuple[torch.Tensor, torch.Tensor] | None = None,
                     return_details: bool = False, drop_floor_eps: float = 1e-3,
-                    compat: Compat = "fixed", reduction: Reduction = "reference"):
+                    compat: Compat = "fixed", reduction: Reduction = "reference",
+                    check_inputs: bool = True):
     """GTCC loss of a padded batch (spec ALGORITHMS 6.3): scalar, or (scalar, GTCCDetails).
 
     x (B, T, D) embeddings, mask (B, T) bool with real frames first (a prefix mask, as
@@ -210,6 +220,11 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
     sampled frames, as the document's lambda values assume. reduction="mean": the mean over the
     non-skipped ordered pairs of (pair loss / |S_i|), |S_i| = min(num_samples, N_i) the number of
     sampled frames of the pair's primary, i.e. the mean frame term.
+
+    ``check_inputs``: the checks that read data (mask is a prefix mask, every video has a frame,
+    passed samples are real frames) each cost a host sync on an accelerator; False skips them
+    there (a caller whose batches come from ``pad_sequences`` or the data loader, such as the
+    training loop, knows they hold). On CPU tensors they always run. The shape checks always run.
     """
     check_compat(compat, reduction)
     if not 0.05 <= delta <= 1.0:
@@ -222,24 +237,27 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
                          f"{tuple(mask.shape)}")
     b, t, dim = x.shape
     mask = mask.to(device=x.device, dtype=torch.bool)
+    check = check_inputs or x.device.type == "cpu"
     lengths = mask.sum(1)                                                      # (B,)
-    if bool((mask != (torch.arange(t, device=x.device)[None, :] < lengths[:, None])).any()):
+    if check and bool((mask != (torch.arange(t, device=x.device)[None, :]
+                                < lengths[:, None])).any()):
         raise ValueError("mask must mark each video's real frames first (a prefix mask)")
     if drop is not None and drop.shape != (b, dim + 1):
         raise ValueError(f"drop must be (B, D+1) = {(b, dim + 1)}, got {tuple(drop.shape)}")
-    if b >= 2 and bool((lengths < 1).any()):
+    if check and b >= 2 and bool((lengths < 1).any()):
         raise ValueError("every video needs at least one real frame")
 
     if samples is None:
         samples = draw_samples(mask, num_samples, generator)
     else:
-        samples = _as_sample_tensor(samples, mask)
+        samples = _as_sample_tensor(samples, mask, check)
     if directions is None:
         directions = draw_directions(b, generator, x.device)
     directions = torch.as_tensor(directions, device=x.device).to(torch.bool).reshape(b)
 
     x = torch.where(mask[..., None], x, 0.0)       # padded garbage (even NaN) never enters
-    pi_idx, pj_idx = ordered_pairs(b, device=x.device)                          # (P,), (P,)
+    # Built on the host (a boolean index on the device would sync) and copied without waiting.
+    pi_idx, pj_idx = (ix.to(x.device, non_blocking=True) for ix in ordered_pairs(b))  # (P,) x2
     p, s = pi_idx.numel(), samples.shape[1]
     k = n_components
     if p == 0:  # spec 6.1: fewer than 2 videos, no alignment loss
@@ -249,8 +267,9 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
         empty = x.new_zeros(0)
         fit = GMMFit(components=x.new_zeros(0, s, k, t), weights=x.new_zeros(0, s, k),
                      ok=torch.zeros(0, s, dtype=torch.bool, device=x.device))
+        none = torch.zeros((), dtype=torch.long, device=x.device)
         return zero, GTCCDetails(samples, directions, fit, pi_idx, pj_idx, empty,
-                                 torch.zeros(0, dtype=torch.bool, device=x.device), 0, 0)
+                                 torch.zeros(0, dtype=torch.bool, device=x.device), none, none)
 
     real_slot = samples[pi_idx] >= 0                                            # (P, S)
     s_idx = samples.clamp_min(0)                                               # (B, S) safe
@@ -269,25 +288,23 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
             else:
                 raw = torch.where(mask_v[:, None, :], torch.exp(-d_alpha / softmax_temp), 0.0)
                 alpha = raw / raw.sum(-1, keepdim=True)                        # NaN if all 0
-            # Every real (pair, sampled frame) slot is one fit: E = number of real slots.
-            rows = real_slot.reshape(-1)                                       # (P*S,)
-            fitted = fit_gmm(alpha.reshape(p * s, t)[rows],                    # (E, T)
-                             m_len[:, None].expand(p, s).reshape(-1)[rows],    # (E,) M
+            # One fit per (pair, sampled frame) slot, E = P S; a padded slot gets M = 0, an
+            # inactive fit that costs nothing (fit_gmm: ok False), and the same stand-in values
+            # as before (no fit, ok True, weights 1/K). No boolean index: no host sync.
+            fitted = fit_gmm(alpha.reshape(p * s, t),                          # (E, T)
+                             torch.where(real_slot, m_len[:, None], 0).reshape(-1),  # (E,) M
                              n_components=k, max_steps=max_gmm_iters)
-            comps = x.new_zeros(p * s, k, t)
-            comps[rows] = fitted.components.to(x.dtype)
-            weights = x.new_full((p * s, k), 1.0 / k)
-            weights[rows] = fitted.weights.to(x.dtype)
-            ok = torch.ones(p * s, dtype=torch.bool, device=x.device)
-            ok[rows] = fitted.ok
-            means = x.new_zeros(p * s, k)
-            means[rows] = fitted.means.to(x.dtype)
-            objective = x.new_zeros(p * s)
-            objective[rows] = fitted.objective.to(x.dtype)
-            gmm = GMMFit(components=comps.reshape(p, s, k, t),                 # (P, S, K, T)
-                         weights=weights.reshape(p, s, k),
-                         ok=ok.reshape(p, s), means=means.reshape(p, s, k),
-                         objective=objective.reshape(p, s))
+            real = real_slot.reshape(p, s)                                     # (P, S)
+            gmm = GMMFit(
+                components=torch.where(real[..., None, None],                  # (P, S, K, T)
+                                       fitted.components.to(x.dtype).reshape(p, s, k, t), 0.0),
+                weights=torch.where(real[..., None],                           # (P, S, K)
+                                    fitted.weights.to(x.dtype).reshape(p, s, k), 1.0 / k),
+                ok=fitted.ok.reshape(p, s) | ~real,                            # (P, S)
+                means=torch.where(real[..., None], fitted.means.to(x.dtype).reshape(p, s, k),
+                                  0.0),
+                objective=torch.where(real, fitted.objective.to(x.dtype).reshape(p, s), 0.0),
+                n_evals=fitted.n_evals.reshape(p, s))
     else:
         gmm = _as_gmm(gmm, p, s, k, t, x)
 
@@ -296,8 +313,7 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
     use = real_slot & pair_ok[:, None]                                         # (P, S)
     # Skipped pairs and padded slots get a stand-in fit (all mass on frame 0, uniform weights)
     # so that nothing non-finite enters the graph; their terms are masked out below.
-    stand_in = torch.zeros(t, dtype=x.dtype, device=x.device)
-    stand_in[0] = 1.0
+    stand_in = (torch.arange(t, device=x.device) == 0).to(x.dtype)    # (T,) (no item write)
     comps = torch.where(use[..., None, None], gmm.components, stand_in)        # (P, S, K, T)
     weights = torch.where(use[..., None], gmm.weights, 1.0 / k)                # (P, S, K)
 
@@ -360,7 +376,7 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
         return loss
     details = GTCCDetails(samples=samples, directions=directions, gmm=gmm, primary=pi_idx,
                           secondary=pj_idx, pair_losses=pair_losses, pair_skipped=~pair_ok,
-                          n_failed_fits=int(failed.sum()), n_skipped_pairs=int((~pair_ok).sum()))
+                          n_failed_fits=failed.sum(), n_skipped_pairs=(~pair_ok).sum())
     return loss, details
 
 

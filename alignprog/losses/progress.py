@@ -20,18 +20,21 @@ def progress_weights(gt: torch.Tensor, weight_cap: float = 10.0) -> torch.Tensor
 
 
 def progress_loss(pred: torch.Tensor, gt: torch.Tensor, *, weighted: bool = True,
-                  weight_cap: float = 10.0, kind: Literal["l1", "mse"] = "l1"
-                  ) -> torch.Tensor | None:
+                  weight_cap: float = 10.0, kind: Literal["l1", "mse"] = "l1",
+                  valid: torch.Tensor | None = None) -> torch.Tensor | None:
     """The loss over all samples of a batch, or None when there are none (spec 5: the progress
-    term is then omitted, with no gradient)."""
+    term is then omitted, with no gradient). ``valid`` (Q,) bool: only these samples count (the
+    trainer pads its samples to a fixed count for its CUDA graphs); at least one must be."""
     if kind not in ("l1", "mse"):
         raise ValueError(f"kind must be 'l1' or 'mse', got {kind!r}")
     if pred.numel() == 0:
         return None
     err = (pred - gt).abs() if kind == "l1" else (pred - gt).square()     # (Q,)
-    if not weighted:
+    w = progress_weights(gt, weight_cap) if weighted else torch.ones_like(err)  # (Q,)
+    if valid is not None:
+        w = torch.where(valid, w, 0.0)
+    elif not weighted:
         return err.mean()
-    w = progress_weights(gt, weight_cap)                                   # (Q,)
     return (w * err).sum() / w.sum()
 
 

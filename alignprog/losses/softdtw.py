@@ -42,6 +42,8 @@ from typing import Literal
 import torch
 from torch.autograd.function import once_differentiable
 
+from alignprog.runtime import checks_values
+
 try:  # Triton comes with CUDA builds of torch; without it the torch path serves everywhere.
     import triton
     import triton.language as tl
@@ -90,8 +92,9 @@ def _lengths(lengths: torch.Tensor | None, p: int, size: int, device: torch.devi
     lengths = torch.as_tensor(lengths, device=device).long().reshape(-1)          # (P,)
     if lengths.shape[0] != p:
         raise ValueError(f"{name} must have {p} entries, got {lengths.shape[0]}")
-    # One host sync: a bad length would silently read another cell.
-    if bool(((lengths < 1) | (lengths > size)).any()):
+    # One host sync (skipped for the trainer's own batches): a bad length would silently read
+    # another cell.
+    if checks_values(lengths) and bool(((lengths < 1) | (lengths > size)).any()):
         raise ValueError(f"{name} must lie in [1, {size}], got {lengths.tolist()}")
     return lengths
 
@@ -267,7 +270,9 @@ def _forward_triton(cs, len_n, len_m, n, gamma):
     r[:, 0, 0] = 0.0
     prob = torch.zeros((3, p, kk, w), dtype=cs.dtype, device=cs.device)         # (3, P, K, W)
     # gamma travels as a tensor of the compute dtype: a float argument would be cut to float32.
-    g = torch.tensor([gamma, 1.0 / gamma], dtype=cs.dtype, device=cs.device)
+    # Filled on the device (a copy from the host could not be captured in a CUDA graph).
+    g = torch.full((2,), gamma, dtype=cs.dtype, device=cs.device)
+    g[1:] = 1.0 / gamma
     block, warps = _launch_config(n)
     _sdtw_fwd_kernel[(p,)](cs, r, prob, len_n.to(torch.int32), len_m.to(torch.int32), g,
                            kk * w, w, p * kk * w, BLOCK=block, num_warps=warps)
@@ -277,7 +282,9 @@ def _forward_triton(cs, len_n, len_m, n, gamma):
 def _backward_triton(prob, len_n, len_m, n):
     _, p, kk, w = prob.shape
     e = torch.zeros((p, kk, w), dtype=prob.dtype, device=prob.device)          # (P, K, W)
-    e[torch.arange(p, device=e.device), len_n + len_m, len_n] = 1.0            # E[end] = 1
+    # E[end] = 1, from a device tensor (a Python 1.0 would be copied from the host)
+    e.index_put_((torch.arange(p, device=e.device), len_n + len_m, len_n),
+                 torch.ones((), dtype=e.dtype, device=e.device))
     block, warps = _launch_config(n)
     _sdtw_bwd_kernel[(p,)](prob, e, len_n.to(torch.int32), len_m.to(torch.int32),
                            kk * w, w, p * kk * w, BLOCK=block, num_warps=warps)

@@ -115,15 +115,21 @@ class VavaTerms:
     loss: torch.Tensor         # (P,) pair loss
 
 
-def vava_phi(global_step: int, schedule: PhiSchedule = "sqrt") -> float:
+def vava_phi(global_step: int | torch.Tensor, schedule: PhiSchedule = "sqrt"
+             ) -> float | torch.Tensor:
     """phi of spec 6.5: F3 clip(0.999^floor(sqrt(t+1))) or G clip(0.999^(t+1)), in
-    [0.001, 0.999]."""
+    [0.001, 0.999]. A 0-dim tensor step gives a 0-dim float64 tensor on its device (the
+    trainer's CUDA graphs read the step from the device rather than baking it in)."""
+    if schedule not in ("sqrt", "exp"):
+        raise ValueError(f"phi_schedule must be 'sqrt' or 'exp', got {schedule!r}")
+    if isinstance(global_step, torch.Tensor):
+        t = global_step.to(torch.float64)
+        power = torch.floor(torch.sqrt(t + 1.0)) if schedule == "sqrt" else t + 1.0
+        return torch.pow(0.999, power).clamp(0.001, 0.999)
     if schedule == "sqrt":
         power = math.floor(math.sqrt(global_step + 1))
-    elif schedule == "exp":
-        power = global_step + 1
     else:
-        raise ValueError(f"phi_schedule must be 'sqrt' or 'exp', got {schedule!r}")
+        power = global_step + 1
     return min(max(0.999 ** power, 0.001), 0.999)
 
 
@@ -181,11 +187,11 @@ def optimality_offsets(i: torch.Tensor, j: torch.Tensor, r_i: torch.Tensor, c_j:
     return (j - r_i) / m1, (i - c_j) / n1
 
 
-def vava_terms(x: torch.Tensor, mask: torch.Tensor, *, global_step: int = 0, max_iter: int = 20,
-               lambda1: float = 1.0, lambda2: float = 0.1, gamma: float = 0.5, zeta: float = 0.5,
-               delta: float = 0.6, epsilon: float | None = None, window: int = 15,
-               margin: float = 2.0, phi_schedule: PhiSchedule = "sqrt",
-               compat: Compat = "fixed") -> VavaTerms:
+def vava_terms(x: torch.Tensor, mask: torch.Tensor, *, global_step: int | torch.Tensor = 0,
+               max_iter: int = 20, lambda1: float = 1.0, lambda2: float = 0.1,
+               gamma: float = 0.5, zeta: float = 0.5, delta: float = 0.6,
+               epsilon: float | None = None, window: int = 15, margin: float = 2.0,
+               phi_schedule: PhiSchedule = "sqrt", compat: Compat = "fixed") -> VavaTerms:
     """Every ordered pair's VAVA terms for a left-aligned padded batch x (B, T, D), mask (B, T).
 
     See the module docstring for the objective and the compat differences. Needs B >= 2."""
@@ -196,7 +202,8 @@ def vava_terms(x: torch.Tensor, mask: torch.Tensor, *, global_step: int = 0, max
     dev, dt = x.device, x.dtype
     # Zero the padded frames: their content (even NaN) then reaches neither values nor gradients.
     x = torch.where(mask[:, :, None], x, 0.0)                               # (B, T, D)
-    phi = vava_phi(int(global_step), phi_schedule)
+    phi = vava_phi(global_step if isinstance(global_step, torch.Tensor) else int(global_step),
+                   phi_schedule)
     lengths = mask.sum(1)                                                    # (B,)
 
     # Distances of the B(B-1)/2 unordered pairs only; (j, i) uses the transpose (halves the
@@ -286,7 +293,7 @@ def vava_terms(x: torch.Tensor, mask: torch.Tensor, *, global_step: int = 0, max
                      contrast_x=contrast_x, contrast_y=contrast_y, loss=loss)
 
 
-def vava_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, global_step: int = 0,
+def vava_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, global_step: int | torch.Tensor = 0,
                     max_iter: int = 20, lambda1: float = 1.0, lambda2: float = 0.1,
                     gamma: float = 0.5, zeta: float = 0.5, delta: float = 0.6,
                     epsilon: float | None = None, window: int = 15, margin: float = 2.0,
@@ -295,7 +302,8 @@ def vava_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, global_step: int = 0
     """VAVA over all ordered pairs of a left-aligned padded batch x (B, T, D), mask (B, T) bool.
 
     ``global_step``: the epoch with ``compat="reference"`` (F3), the optimiser step with
-    ``compat="fixed"`` (B19), fed to ``vava_phi(global_step, phi_schedule)``.
+    ``compat="fixed"`` (B19), fed to ``vava_phi(global_step, phi_schedule)``; an int or a
+    0-dim tensor on x's device.
     ``epsilon``: Sinkhorn entropy; None = N (reference) or 0.1 * mean real distance (fixed).
     ``reduction``: "reference" = sum over ordered pairs (spec 6.1); "mean" = mean over ordered
     pairs of pair_loss / (N + M). Fewer than 2 videos: a zero attached to the graph (spec 6.1).

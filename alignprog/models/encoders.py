@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -65,15 +66,43 @@ class ResNet50Encoder(BaseEncoder):
     so tests can build a small model. `out_dim` is honoured (fix of B10; the reference always emits
     128). The last Linear is followed by ReLU as in the reference, so embeddings are non-negative.
 
-    Real frames are processed in chunks of `chunk_frames` to bound the forward peak memory of the
-    (n, C, k, H, W) stacks and conv activations; during training the activations of every chunk
-    are still kept for backward.
+    The parameters are the spec's two `nn.Conv3d` (so checkpoints keep their keys), but the forward
+    never runs a 3-D convolution or builds the (n, C, k, H, W) stacks; it computes the same sums
+    with 2-D convolutions, exactly up to float rounding (tests/test_resnet50_fast.py):
+
+    * conv1, per frame once: with "same" padding in depth, stack slot s feeds output depth d
+      through the kernel's temporal tap j = s - d + 1 (taps outside 0..2 fall on the padding). So
+      each frame meets each tap at most once whichever stack it sits in: one Conv2d of every frame
+      with the three taps side by side, Y = conv2d(x_t, [W_0; W_1; W_2]) (3*c1 channels), and
+      stack r's depth-d map is  b + sum_s Y_{s-d+1}[r + offset_s], a sum of row-shifted channel
+      slices of Y. 3 taps per frame instead of the k*k = 4 the stacks need (and the 6 a padded
+      Conv3d runs for k = 2).
+    * conv2 on the k depth maps of one stack is a Conv2d from k*c1 to k*c2 channels whose weight
+      holds tap d_in - d_out + 1 in block (d_out, d_in) (zero outside the kernel).
+    * max-pool: ReLU and the per-channel bias commute with a max over (depth, H, W), so the max is
+      taken on conv2's raw output and bias + ReLU act on the (n, c2) result; only the arg-max
+      indices are kept for backward, not the conv2 output.
+
+    The frames run as rows: per video `halo` zero frames (the frames before 0 that the first
+    stacks read), then its frames up to its last real one, so a stack slot is a plain row shift.
+    Channels-last layout throughout (what cuDNN's tensor-core kernels read). Rows are processed in
+    balanced chunks of at most `chunk_frames` (by default as many as fit `CHUNK_BYTES` of
+    temporaries); a chunk recomputes conv1 on the `halo` rows before it. During training the
+    activations kept for backward are conv1's input and the stacks, (C + k*c1) * H * W values per
+    frame: ~2.4 MB in fp32, ~1.2 MB in bf16 at the spec's sizes, 33 GB in bf16 (52 GB in fp32)
+    peak for two videos of 8192 frames on an H200, the 12 GB input included.
     """
 
     frame_ndim = 3
+    # Temporaries of one chunk (gathered input, Y, the stacks, conv2's output; the same again in
+    # backward): 534 frames per chunk at the spec's sizes in fp32, 1069 in bf16, a few GB next
+    # to an 80 GB card. Measured on an H200 (2 videos, 450 + 380 frames): bigger chunks are not
+    # slower, and some chunk sizes (256-300 frames) made cuDNN pick a 2.6x slower bf16 kernel
+    # for conv2, so the budget is large enough to run such a batch in one chunk.
+    CHUNK_BYTES = 4 * 2**30
 
     def __init__(self, in_channels: int = 1024, temporal_depth: int = 2, out_dim: int = 128,
-                 reference_window: bool = False, chunk_frames: int = 64,
+                 reference_window: bool = False, chunk_frames: int | None = None,
                  conv_channels: Sequence[int] = (1024, 512), mlp_dim: int = 512) -> None:
         super().__init__()
         if in_channels < 1 or out_dim < 1 or mlp_dim < 1:
@@ -81,8 +110,9 @@ class ResNet50Encoder(BaseEncoder):
                              f"{in_channels}, {out_dim}, {mlp_dim}")
         if temporal_depth < 1:
             raise ValueError(f"temporal_depth must be >= 1, got {temporal_depth}")
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        if chunk_frames is not None and chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1 (or None: from a memory budget), "
+                             f"got {chunk_frames}")
         if len(conv_channels) != 2 or min(conv_channels) < 1:
             raise ValueError(f"conv_channels must be two positive widths, got {tuple(conv_channels)}")
         c1, c2 = (int(c) for c in conv_channels)
@@ -91,7 +121,13 @@ class ResNet50Encoder(BaseEncoder):
         self.out_dim = out_dim
         self.reference_window = reference_window
         self.chunk_frames = chunk_frames
+        # Run every padded position (True; padding as zero maps, outputs dropped) instead of
+        # each video's frames only: the same values with no host sync and shapes fixed by
+        # (B, T), for CUDA graphs, at the cost of the padding's FLOPs. Not a parameter.
+        self.dense = False
         # §1.1 step 2: two 3x3x3 convs with "same" padding (padding 1 for kernel 3) and bias.
+        # Kept as the spec's modules (parameters and state_dict keys); forward uses their weights
+        # through 2-D convolutions (class docstring).
         self.conv = nn.Sequential(
             nn.Conv3d(in_channels, c1, kernel_size=3, padding=1), nn.ReLU(),
             nn.Conv3d(c1, c2, kernel_size=3, padding=1), nn.ReLU(),
@@ -109,35 +145,169 @@ class ResNet50Encoder(BaseEncoder):
         last = -1 if self.reference_window else 0  # B5: reference ends at r-1, intended at r
         return torch.arange(last - k + 1, last + 1, device=device)  # (k,)
 
+    def conv1_taps(self) -> tuple[int, int]:
+        """First and last temporal tap of conv1 that any stack uses: all three for k >= 2; only
+        the centre one for k = 1 (a lone slot sees taps 0 and 2 only on the depth padding)."""
+        return (0, 2) if self.temporal_depth > 1 else (1, 1)
+
+    def chunk_size(self, height: int, width: int, element_size: int) -> int:
+        """Most frames per chunk: `chunk_frames`, or as many as fit `CHUNK_BYTES` of temporaries."""
+        if self.chunk_frames is not None:
+            return self.chunk_frames
+        c1, c2 = self.conv[0].out_channels, self.conv[2].out_channels
+        lo, hi = self.conv1_taps()
+        k = self.temporal_depth
+        # gathered input (+ its autocast copy), Y, stacks (+ their gradient), conv2 output
+        per_frame = height * width * element_size * (
+            2 * self.in_channels + (hi - lo + 1) * c1 + 2 * k * c1 + k * c2)
+        return max(1, self.CHUNK_BYTES // per_frame)
+
+    def _weights(self, dtype: torch.dtype | None):
+        """The Conv3d parameters as the 2-D convolutions' weights (channels-last), cast once
+        to the autocast `dtype` if given (conv2's bias is added after the max-pool, in forward).
+
+        w1: (J*c1, C, 3, 3), tap block j - lo for taps lo..hi. w2: (k*c2, k*c1, 3, 3), block
+        (d_out, e) = conv2 tap j = d_in - d_out + 1 with d_in = k-1-e (zero outside 0..2); the
+        stacks' depth blocks run newest first (e = k-1-d), which makes every conv1 term a
+        contiguous channel slice of Y (see `forward`)."""
+        conv1, conv2 = self.conv[0], self.conv[2]
+        k = self.temporal_depth
+        lo, hi = self.conv1_taps()
+        c1, c2 = conv1.out_channels, conv2.out_channels
+        w1 = conv1.weight[:, :, lo:hi + 1]                               # (c1, C, J, 3, 3)
+        w1 = w1.permute(2, 0, 3, 4, 1).reshape(-1, 3, 3, self.in_channels)  # (J*c1, 3, 3, C)
+        w1 = w1.permute(0, 3, 1, 2)                                      # (J*c1, C, 3, 3) CL
+        d_out = torch.arange(k, device=w1.device)
+        d_in = k - 1 - torch.arange(k, device=w1.device)                 # depth of block e
+        pad = max(0, k - 2)                                              # taps -pad .. 2+pad
+        tap = d_in[None, :] - d_out[:, None] + 1 + pad                   # (k, k) [d_out, e]
+        w2 = F.pad(conv2.weight, (0, 0, 0, 0, pad, pad))                 # (c2, c1, 3+2pad, 3, 3)
+        w2 = w2[:, :, tap]                                               # (c2, c1, k, k, 3, 3)
+        w2 = w2.permute(2, 0, 4, 5, 3, 1).reshape(k * c2, 3, 3, k * c1)  # (k*c2, 3, 3, k*c1)
+        w2 = w2.permute(0, 3, 1, 2)                                      # (k*c2, k*c1, 3, 3) CL
+        b1 = conv1.bias.repeat(k)                                        # (k*c1,) per block
+        if dtype is not None:
+            w1, w2, b1 = (p.to(dtype) for p in (w1, w2, b1))
+        return w1, b1, w2
+
+    def _stack_terms(self) -> list[tuple[int, int, int, int]]:
+        """How conv1's per-frame taps Y sum into the stacks: one (row, y_channel, h_channel,
+        width) per stack slot s. Slot s (frame r + o_s) feeds stack block e (depth d = k-1-e)
+        through tap j = e + s - k + 2, so it adds Y's channels [y_channel, +width) of the frame
+        `row` = halo + o_s rows up into the stack's channels [h_channel, +width)."""
+        k = self.temporal_depth
+        c1 = self.conv[0].out_channels
+        lo, hi = self.conv1_taps()
+        offsets = self.window_offsets().tolist()
+        halo = -min(offsets)
+        terms = []
+        for s, o in enumerate(offsets):
+            e_lo, e_hi = max(0, lo - s + k - 2), min(k - 1, hi - s + k - 2)
+            if e_lo <= e_hi:
+                j_lo = e_lo + s - k + 2 - lo                     # Y's tap block of e_lo
+                terms.append((halo + o, j_lo * c1, e_lo * c1, (e_hi - e_lo + 1) * c1))
+        return terms
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self._check(x, mask)
         if x.shape[2] != self.in_channels:
             raise ValueError(f"resnet50 encoder expects {self.in_channels} input channels, "
                              f"got x of shape {tuple(x.shape)}")
-        batch, frames = mask.shape
-        b_idx, t_idx = mask.nonzero(as_tuple=True)          # (N,), (N,) real frames, row-major
-        offsets = self.window_offsets(device=x.device)      # (k,)
+        batch, frames, _, height, width = x.shape
+        k = self.temporal_depth
+        halo = -min(self.window_offsets().tolist())                       # frames read before r
+        # Rows to run through conv1: for each video, `halo` zero frames (§1.1 step 1: frames
+        # before 0 are zero maps), then every frame up to its last real one. A video's frames
+        # are then consecutive rows and the frame at offset o of row i is row i + o, always: the
+        # stacks are plain row shifts, with no test for the start of a video. Hole frames (mask
+        # False inside a video; never made by the batcher) run as zero maps and their outputs
+        # are dropped; padding after a video's last real frame is never read.
+        col = torch.arange(frames + halo, device=mask.device)            # (T + halo,)
+        if self.dense:  # every position: no data-dependent shape, no host sync
+            b_row = torch.arange(batch, device=mask.device).repeat_interleave(frames + halo)
+            c_row = col.repeat(batch)                                     # (R,) = (B*(T+halo),)
+        else:
+            length = (mask * (col[None, :frames] + 1)).amax(dim=1) if frames else \
+                col.new_zeros(batch)                                      # (B,) last real + 1
+            grid = (col[None, :] < (length + halo)[:, None]) & (length > 0)[:, None]  # (B, T+h)
+            b_row, c_row = grid.nonzero(as_tuple=True)                    # (R,), (R,)
+        t_row = (c_row - halo).clamp(min=0)                               # (R,) frame (0 on zeros)
+        real = (c_row >= halo) & mask[b_row, t_row]                       # (R,) real frames
+        src = b_row * frames + t_row                                      # (R,) row in (B*T)
+        x_cl = x.permute(0, 1, 3, 4, 2).flatten(0, 1)                    # (B*T, H, W, C) view
+        amp = torch.is_autocast_enabled(x.device.type)
+        w1, b1, w2 = self._weights(torch.get_autocast_dtype(x.device.type) if amp else None)
+        elem = torch.finfo(w1.dtype if amp else x.dtype).bits // 8
+        terms = self._stack_terms()
+        rows = b_row.numel()
+        # balanced chunks (no small last chunk: small GEMMs run far below the card's rate)
+        limit = self.chunk_size(height, width, elem)
+        chunks = -(-max(rows - halo, 0) // limit)
+        step = -(-(rows - halo) // chunks) if chunks else 1
         embs = []
-        for start in range(0, b_idx.numel(), self.chunk_frames):
-            b = b_idx[start:start + self.chunk_frames]      # (n,)
-            t = t_idx[start:start + self.chunk_frames]      # (n,)
-            src = t[:, None] + offsets[None, :]             # (n, k) source frame per stack slot
-            # §1.1 step 1: indices below 0 are zero maps. Clamp only to gather safely; the
-            # `valid` test below zeroes those slots (and any masked frame, so padding never leaks).
-            src_c = src.clamp(min=0)                        # (n, k)
-            valid = (src >= 0) & mask[b[:, None], src_c]    # (n, k)
-            stack = x[b[:, None], src_c]                    # (n, k, C, H, W)
-            # torch.where (not a multiply) so NaN/inf garbage in unused slots cannot propagate.
-            stack = torch.where(valid[:, :, None, None, None], stack, 0.0)
-            stack = stack.transpose(1, 2)                   # (n, C, k, H, W): depth = time
-            feat = self.conv(stack)                         # (n, c2, k, H, W)
-            feat = feat.amax(dim=(2, 3, 4))                 # (n, c2) §1.1 step 3 global max-pool
-            embs.append(self.mlp(feat))                     # (n, D)
+        for start in range(halo, rows, step):  # stacks of rows start..stop-1 (none for row < halo)
+            stop = min(start + step, rows)
+            xs = x_cl.index_select(0, src[start - halo:stop])             # (n+halo, H, W, C)
+            xs.masked_fill_(~real[start - halo:stop, None, None, None], 0.0)  # zero frames
+            y = F.conv2d(xs.permute(0, 3, 1, 2), w1, padding=1)           # (n+halo, J*c1, H, W)
+            h = _StackSum.apply(y, b1, terms, stop - start)               # (n, k*c1, H, W)
+            z = F.conv2d(h, w2, padding=1)                                 # (n, k*c2, H, W)
+            # §1.1 step 3: global max over (depth, H, W); channels-last puts depth next to c2
+            z = z.permute(0, 2, 3, 1).reshape(stop - start, -1, w2.shape[0] // k)  # (n, HWk, c2)
+            # conv2's bias after the max (exact: rounding is monotonic), added in its own dtype
+            feat = torch.relu(z.max(dim=1).values + self.conv[2].bias)    # (n, c2)
+            embs.append(self.mlp(feat))                                   # (n, D)
         if embs:
-            emb = torch.cat(embs, dim=0)                    # (N, D)
+            emb = torch.cat(embs, dim=0)                                  # (R - halo, D)
         else:  # no real frame at all: keep the output dtype that a forward would produce
-            emb = self.mlp(x.new_zeros((0, self.mlp[0].in_features)))  # (0, D)
-        return _scatter_frames(emb, b_idx, t_idx, batch, frames)  # (B, T, D)
+            emb = self.mlp(x.new_zeros((0, self.mlp[0].in_features)))   # (0, D)
+        emb = torch.where(real[halo:, None], emb, 0.0)                    # zero/hole rows -> 0
+        # Scatter into (B, halo + T, D): each row has its own slot (zero frames in the first
+        # `halo` columns), so no sync to select the real rows and no duplicate indices.
+        out = emb.new_zeros((batch, frames + halo, emb.shape[-1]))       # (B, halo+T, D)
+        out = out.index_put((b_row[halo:], c_row[halo:]), emb)
+        return out[:, halo:].contiguous()                                 # (B, T, D)
+
+
+class _StackSum(torch.autograd.Function):
+    """relu(b1 + the k row-shifted channel slices of conv1's per-frame taps Y): conv1's output
+    on every stack of a chunk (see ResNet50Encoder). Written out so that backward builds dY in
+    one buffer; autograd's slice backward would allocate and fill a full dY per slice."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, bias: torch.Tensor, terms: list[tuple[int, int, int, int]],
+                n: int) -> torch.Tensor:
+        # y: (n + halo, J*c1, H, W), bias: (k*c1,) -> h: (n, k*c1, H, W)
+        kc = bias.numel()
+        b = bias.view(1, kc, 1, 1)                                        # (1, k*c1, 1, 1)
+        row, y_lo, h_lo, w = terms[0]
+        if w == kc:  # the first slot covers every block (all k >= 2 windows): start from it
+            h = y[row:row + n, y_lo:y_lo + w] + b                         # (n, k*c1, H, W)
+            rest = terms[1:]
+        else:
+            h = b.expand(n, kc, *y.shape[2:]).clone(memory_format=torch.channels_last)
+            rest = terms
+        for row, y_lo, h_lo, w in rest:
+            h[:, h_lo:h_lo + w] += y[row:row + n, y_lo:y_lo + w]
+        h = h.relu_()
+        ctx.save_for_backward(h)
+        ctx.terms, ctx.y_shape = terms, y.shape
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        n = h.shape[0]
+        g = torch.ops.aten.threshold_backward(grad, h, 0)                 # (n, k*c1, H, W) relu'
+        gb = g.sum(dim=(0, 2, 3)) if ctx.needs_input_grad[1] else None    # (k*c1,)
+        gy = None
+        if ctx.needs_input_grad[0]:
+            gy = torch.empty(ctx.y_shape, dtype=g.dtype, device=g.device,
+                             memory_format=torch.channels_last).zero_()  # (n+halo, J*c1, H, W)
+            for row, y_lo, h_lo, w in ctx.terms:
+                gy[row:row + n, y_lo:y_lo + w] += g[:, h_lo:h_lo + w]
+        return gy, gb, None, None
 
 
 # ---------------------------------------------------------------------------------------------

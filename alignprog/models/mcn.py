@@ -87,22 +87,32 @@ class MultiHeadEncoder(nn.Module):
                              last_activation=False)
         # Spec 2 step 3: Tanh after every hidden layer, none before the softmax.
         self.drop = mlp([out_dim, *drop_layers, out_dim + 1], nn.ReLU) if drop_layers else None
+        # Heads over every padded position (True) or the real frames only (False, default);
+        # the trainer sets it on CUDA. Not a parameter: checkpoints do not see it.
+        self.dense = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> EncoderOutput:
         z = self.base(x, mask)                                           # (B, T, D)
         b, t, d = z.shape
-        z_real = z[mask]                                                 # (N, D) real frames
+        # dense: every position of the padded batch, padding dropped afterwards; the same
+        # values for real frames (everything here is per frame) and no data-dependent shape
+        # (no host sync; what CUDA graphs need). Otherwise the real frames alone.
+        z_real = z.reshape(b * t, d) if self.dense else z[mask]         # (N, D)
         heads = self.heads(z_real)                                       # (N, H, D)
         # Frame t's attention input is its own H embeddings, head-major: (N, H*D). The
         # reference flattens the (H, N, D) stack without permuting it (bug B4).
         logits = self.attention(heads.reshape(len(heads), self.num_heads * d))  # (N, H)
         weights = torch.softmax(logits, dim=-1)                          # (N, H)
         fused = (weights.unsqueeze(-1) * heads).sum(1)                   # (N, D)
-        # new tensors take the dtype of what fills them (autocast may give bf16 heads and
-        # fp32 softmax weights)
-        emb = fused.new_zeros(b, t, d).masked_scatter(mask.unsqueeze(-1), fused)  # (B, T, D)
-        attn = weights.new_zeros(b, t, self.num_heads).masked_scatter(mask.unsqueeze(-1),
-                                                                      weights)  # (B, T, H)
+        keep = mask.unsqueeze(-1)                                        # (B, T, 1)
+        if self.dense:
+            emb = torch.where(keep, fused.reshape(b, t, d), 0.0)                   # (B, T, D)
+            attn = torch.where(keep, weights.reshape(b, t, self.num_heads), 0.0)   # (B, T, H)
+        else:
+            # new tensors take the dtype of what fills them (autocast may give bf16 heads
+            # and fp32 softmax weights)
+            emb = fused.new_zeros(b, t, d).masked_scatter(keep, fused)             # (B, T, D)
+            attn = weights.new_zeros(b, t, self.num_heads).masked_scatter(keep, weights)
         drop = None
         if self.drop is not None:
             drop = masked_mean(self.drop(emb), mask)                     # (B, D+1)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from alignprog.runtime import checks_values
+
 POSITIONS = ("relative", "count", "none")
 
 
@@ -55,7 +57,7 @@ def _check_inputs(x: torch.Tensor, lengths: torch.Tensor, in_dim: int) -> None:
         raise ValueError(f"lengths must be a tensor of shape ({x.shape[0]},), got {got}")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise ValueError(f"lengths must be an integer tensor, got {lengths.dtype}")
-    if lengths.numel():
+    if lengths.numel() and checks_values(lengths):
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > x.shape[1]:
             raise ValueError(f"lengths must lie in [1, L={x.shape[1]}], got min {lo}, max {hi}")

@@ -32,10 +32,12 @@ from alignprog.losses import ALIGNMENT_LOSSES
 from alignprog.losses.progress import (cumulative_l2_loss, progress_loss,
                                        segment_path_lengths)
 from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
-from alignprog.runtime import (autocast, deterministic, device_info, resolve_device,
-                               seed_everything)
+from alignprog.models.mcn import MultiHeadEncoder
+from alignprog.runtime import (autocast, deterministic, device_info, fused_optimizer,
+                               resolve_device, seed_everything, to_device, trusted_inputs)
 from alignprog.sampling import gather_segments, sample_segments
 from alignprog.training.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from alignprog.training.graphs import StepGraphs
 from alignprog.training.rundir import RunDir
 
 Callback = Callable[[str, dict], None]
@@ -87,9 +89,33 @@ def training_generators(seed: int) -> dict[str, torch.Generator]:
             "gtcc": torch.Generator().manual_seed(seed + 2)}
 
 
-def grad_norm(params: list[nn.Parameter]) -> float:
-    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients, a 0-dim float32 tensor on their
+    device (no host sync; 0 when none has a gradient)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
+
+
+def clip_to(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale the gradients of `params` whose global norm is `norm` down to at most `max_norm`,
+    as `nn.utils.clip_grad_norm_` does (coefficient max_norm / (norm + 1e-6), at most 1), on
+    the device; returns the norm after clipping."""
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, coef)
+    return norm * coef
+
+
+def read_record(record: dict) -> dict:
+    """A step record with its device scalars read as Python numbers (one host sync)."""
+    keys = [k for k, v in record.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(record)
+    values = torch.stack([record[k].detach().double().reshape(()) for k in keys]).tolist()
+    return record | dict(zip(keys, values))
 
 
 class Trainer:
@@ -115,7 +141,13 @@ class Trainer:
         if self.head_params:
             groups.append({"params": self.head_params, "lr": tc.head_lr or tc.lr})
         # Spec 7: Adam over all parameters, betas (0.9, 0.999), eps 1e-8, no weight decay.
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8)
+        # Fused on CUDA: one kernel, capturable in a CUDA graph, and it skips a non-finite
+        # step on the device (found_inf) without a host sync.
+        fused = fused_optimizer(device)
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8,
+                                          fused=fused or None, capturable=fused)
+        if isinstance(self.model.encoder, MultiHeadEncoder):
+            self.model.encoder.dense = device.type == "cuda"  # no host sync in the heads
         self.loss_fn = ALIGNMENT_LOSSES[tc.method]
         self.loss_kw = loss_keywords(cfg)
         self.lam = pc.lambda_for(tc.method) if pc.enabled else 0.0
@@ -127,30 +159,62 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0   # batches of the epoch done by all ranks together
-        self.bad_steps = 0
-        self.skipped = 0
+        # Skipped (non-finite) steps, counted on the device: all of them, and the current run
+        # of consecutive ones; read at the logged steps.
+        self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_run = torch.zeros((), dtype=torch.long, device=device)
         self.best_val: float | None = None
+        self.graphs = StepGraphs.create(self)
 
     def losses(self, batch: Batch, *, epoch: int, step: int,
-               generators: dict[str, torch.Generator]) -> dict[str, Any]:
-        """The forward pass: alignment and progress losses of a batch on the device."""
+               generators: dict[str, torch.Generator], host: Batch | None = None
+               ) -> dict[str, Any]:
+        """The forward pass: alignment and progress losses of a batch on the device.
+
+        `host`: the same batch on the CPU, where the sampler reads the segments (default
+        `batch`); giving it spares the copies back from the device."""
+        out = self.forward(batch)
+        emb = out.embeddings.float()                          # losses run in fp32
+        drop = None if out.drop_logits is None else out.drop_logits.float()
+        alignment = self.alignment_loss(emb, drop, batch.mask, epoch=epoch, step=step,
+                                        generators=generators)
+        progress, n_samples = self.progress_loss(emb, batch, host or batch,
+                                                 generators=generators)
+        return {"alignment": alignment, "progress": progress, "samples": n_samples}
+
+    def forward(self, batch: Batch):
+        """The encoder on a device batch (`EncoderOutput`), in the configured precision."""
+        with autocast(self.device, self.cfg.train.precision):
+            return self.model(batch.features, batch.mask)
+
+    def alignment_loss(self, emb: torch.Tensor, drop: torch.Tensor | None, mask: torch.Tensor,
+                       *, epoch: int | None = None, step: int | torch.Tensor | None = None,
+                       generators: dict[str, torch.Generator] | None = None) -> torch.Tensor:
+        """The method's alignment loss of fp32 embeddings (B, T, D) with their mask (B, T)
+        (GTCC: and drop logits). `step` may be a device scalar (VAVA's phi in a CUDA graph)."""
+        epoch = self.epoch if epoch is None else epoch
+        step = self.step if step is None else step
+        generators = generators or self.generators
+        kw = dict(self.loss_kw)
+        if self.cfg.train.method == "gtcc":
+            kw.update(drop=drop, epoch=epoch, generator=generators["gtcc"],
+                      check_inputs=False)   # the loader's masks are prefixes: no host sync
+        elif self.cfg.train.method == "vava":
+            # Reference: phi indexed by the epoch (B19); fixed: by the optimizer step.
+            kw.update(global_step=epoch if self.cfg.loss.compat == "reference" else step)
+        return self.loss_fn(emb, mask, **kw)
+
+    def progress_loss(self, emb: torch.Tensor, batch: Batch, host: Batch, *,
+                      generators: dict[str, torch.Generator] | None = None
+                      ) -> tuple[torch.Tensor | None, int]:
+        """(progress loss or None, number of head samples) of fp32 embeddings (B, T, D)."""
         cfg, tc = self.cfg, self.cfg.train
         lc = cfg.progress.learnable
-        with autocast(self.device, tc.precision):
-            out = self.model(batch.features, batch.mask)
-        emb = out.embeddings.float()                          # losses run in fp32
-        kw = dict(self.loss_kw)
-        if tc.method == "gtcc":
-            kw.update(drop=None if out.drop_logits is None else out.drop_logits.float(),
-                      epoch=epoch, generator=generators["gtcc"])
-        elif tc.method == "vava":
-            # Reference: phi indexed by the epoch (B19); fixed: by the optimizer step.
-            kw.update(global_step=epoch if cfg.loss.compat == "reference" else step)
-        alignment = self.loss_fn(emb, batch.mask, **kw)
+        generators = generators or self.generators
         progress, n_samples = None, 0
         if self.learnable:
-            samples = sample_segments(batch.seg_start, batch.seg_end, batch.seg_foreground,
-                                      batch.seg_mask, samples_per_video=lc.samples_per_video,
+            samples = sample_segments(host.seg_start, host.seg_end, host.seg_foreground,
+                                      host.seg_mask, samples_per_video=lc.samples_per_video,
                                       frames_per_segment=lc.frames_per_segment,
                                       min_segment_len=lc.min_segment_len,
                                       stratified=lc.stratified_sampling,
@@ -160,7 +224,7 @@ class Trainer:
                 segments, lengths = gather_segments(emb, samples)   # (Q, L, D), (Q,)
                 with autocast(self.device, tc.precision):
                     pred = self.model.progress_head(segments, lengths).float()  # (Q,)
-                progress = progress_loss(pred, samples.gt.to(self.device),
+                progress = progress_loss(pred, to_device(samples.gt, self.device),
                                          weighted=lc.weighted_loss, weight_cap=lc.weight_cap,
                                          kind=lc.loss)
         elif cfg.progress.enabled:
@@ -171,7 +235,7 @@ class Trainer:
                 emb, batch.mask, batch.seg_start, batch.seg_end, batch.seg_foreground,
                 batch.seg_mask, frames_per_video=lc.samples_per_video * lc.frames_per_segment,
                 normaliser=normaliser, generator=generators["sampling"])
-        return {"alignment": alignment, "progress": progress, "samples": n_samples}
+        return progress, n_samples
 
     @torch.no_grad()
     def class_normaliser(self, emb: torch.Tensor, batch: Batch, *, update: bool) -> torch.Tensor:
@@ -197,34 +261,88 @@ class Trainer:
         return norm.to(emb.device)
 
     def step_batch(self, batch: Batch, *, head_only: bool = False) -> dict:
-        """One optimizer step, or a skipped one when the loss is not finite; its metrics."""
+        """One optimizer step (skipped on the device when the loss or a gradient is not
+        finite); its metrics, as device scalars where they come from the GPU: `read()` them
+        (one host sync) at the steps that log. On CUDA the step is a CUDA-graph replay where
+        `StepGraphs` supports the batch (train.cuda_graphs)."""
         start = time.perf_counter()
-        record = self.backward(batch, head_only=head_only)
-        if record.get("skipped"):
-            return record
-        self.clip(record, head_only=head_only)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        record = None
+        if self.graphs is not None and not head_only:
+            record = self.graphs.step(batch)
+        if record is None:
+            record = self.backward(batch, head_only=head_only)
+            if not record.get("no_loss"):
+                self.clip(record, head_only=head_only)
+                self.optimizer_step(record)
         self.step += 1
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         record["seconds"] = time.perf_counter() - start
-        record["skipped_total"] = self.skipped
         if self.device.type == "cuda":
             record["gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return record
 
+    def optimizer_step(self, record: dict) -> None:
+        """Adam on the clipped gradients, unless the step is bad (a non-finite loss or
+        gradient, or no loss): then nothing changes but the skip counters. No host sync with
+        the fused optimizer (CUDA); the CPU decides on the host, which costs nothing there."""
+        bad = ~(record["finite"] & torch.isfinite(record["grad_encoder"])
+                & torch.isfinite(record["grad_head"]))
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = bad.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(bad):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.count_bad(bad)
+        record["bad"] = bad
+
+    def count_bad(self, bad: torch.Tensor) -> None:
+        self.skipped_steps += bad
+        self.bad_run.copy_(torch.where(bad, self.bad_run + 1, 0))
+
+    @property
+    def skipped(self) -> int:
+        return int(self.skipped_steps)
+
+    def read(self, record: dict) -> dict:
+        """`record` with its device values read (one host sync), the skip counters added; a
+        TrainingError once `train.max_bad_steps` consecutive steps were skipped."""
+        out = read_record(record | {"skipped_total": self.skipped_steps,
+                                    "bad_run": self.bad_run})
+        bad_run = int(out.pop("bad_run"))
+        out["skipped_total"] = int(out["skipped_total"])
+        if "bad" in out:
+            out["skipped"] = bool(out.pop("bad"))
+        out.pop("finite", None)
+        if out.get("skipped"):
+            out["total"] = None
+        if out.get("progress") is not None and "weighted_progress" not in out:
+            out["weighted_progress"] = self.lam * out["progress"]
+        if bad_run >= self.cfg.train.max_bad_steps:
+            raise TrainingError(
+                f"{bad_run} consecutive steps with a non-finite loss or gradient, the last at "
+                f"step {out.get('step', self.step)}: lower the learning rate or lambda, or use "
+                "--precision fp32")
+        return out
+
     def backward(self, batch: Batch, *, head_only: bool = False) -> dict:
         """Forward, losses, backward, the gradients averaged over the ranks (several
-        processes) and the head-gradient rescaling; gradients are left in the parameters' .grad
-        (none when the step is skipped).
+        processes) and the head-gradient rescaling; gradients are left in the parameters'
+        .grad. The record holds the losses as device scalars and `finite`, whether the total
+        is finite (a non-finite total still runs backward: the step is then skipped on the
+        device, without a host sync).
 
         With several processes the record holds the mean losses over the ranks and the videos,
         frames and samples of all ranks, and the step is skipped on every rank when any rank's
         loss is not finite (or no rank has a loss)."""
-        tc = self.cfg.train
-        batch = batch.to(self.device, non_blocking=True)
+        host, batch = batch, batch.to(self.device, non_blocking=True)
         self.model.train()
-        out = self.losses(batch, epoch=self.epoch, step=self.step, generators=self.generators)
+        with trusted_inputs():
+            out = self.losses(batch, epoch=self.epoch, step=self.step,
+                              generators=self.generators, host=host)
         alignment, progress = out["alignment"], out["progress"]
         if head_only:
             total = progress
@@ -232,10 +350,37 @@ class Trainer:
             total = alignment + self.lam * progress
         else:
             total = alignment
-        record = {"step": self.step + 1, "epoch": self.epoch, "alignment": alignment.item(),
-                  "progress": None if progress is None else progress.item(),
+        record = {"step": self.step + 1, "epoch": self.epoch, "alignment": alignment.detach(),
+                  "progress": None if progress is None else progress.detach(),
                   "lambda": self.lam, "samples": out["samples"], "videos": batch.size,
-                  "frames": int(batch.lengths.sum())}
+                  "frames": int(host.lengths.sum())}
+        if self.dist.active:
+            return self._backward_ranks(record, alignment, progress, total, head_only)
+        if total is None:   # nothing to learn from (head only, no sample): a skipped step
+            self.count_bad(torch.ones((), dtype=torch.bool, device=self.device))
+            return record | {"no_loss": True, "bad": torch.ones((), dtype=torch.bool)}
+        total.backward()
+        record["total"] = total.detach()
+        record["finite"] = torch.isfinite(record["total"])
+        if progress is not None:
+            record["weighted_progress"] = self.lam * record["progress"]
+        self.rescale_head(head_only)
+        return record
+
+    def rescale_head(self, head_only: bool) -> None:
+        """DOC step 7: the head received lambda * grad(progress); dividing by lambda lets it
+        learn at the natural scale while the encoder keeps the lambda-scaled signal."""
+        if self.learnable and not head_only and self.lam > 0 and self.lam != 1:
+            grads = [p.grad for p in self.head_params if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, self.lam)
+
+    def _backward_ranks(self, record: dict, alignment: torch.Tensor,
+                        progress: torch.Tensor | None, total: torch.Tensor | None,
+                        head_only: bool) -> dict:
+        """`backward` of one rank of several: the ranks agree on the host (an all_reduce of
+        the losses with the gradients), so a bad step is skipped on every rank."""
+        record = read_record(record)
         finite = total is not None and bool(torch.isfinite(total))
         if finite:
             total.backward()
@@ -244,39 +389,28 @@ class Trainer:
         mean_total = record.pop("mean_total", None)
         record["weighted_progress"] = (None if record["progress"] is None
                                        else self.lam * record["progress"])
-        if n_bad or not n_loss:
+        skip = bool(n_bad or not n_loss)
+        if skip:
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped += 1
-            self.bad_steps += n_bad > 0
-            record.update(skipped=True, bad_terms=bad, total=None, skipped_total=self.skipped)
-            if self.bad_steps >= tc.max_bad_steps:
-                raise TrainingError(
-                    f"{self.bad_steps} consecutive steps with a non-finite loss "
-                    f"({', '.join(bad) or 'total'}), the last at step {self.step + 1}: lower "
-                    "the learning rate or lambda, or use --precision fp32")
+            record.update(bad_terms=bad, no_loss=True, bad=torch.ones((), dtype=torch.bool))
+            self.skipped_steps += 1
+            self.bad_run += int(n_bad > 0)   # no rank with a loss is no bad step
             return record
-        self.bad_steps = 0
         record["total"] = mean_total if mean_total is not None else total.item()
-        # DOC step 7: the head received lambda * grad(progress); dividing by lambda lets it
-        # learn at the natural scale while the encoder keeps the lambda-scaled signal.
-        if self.learnable and not head_only and self.lam > 0 and self.lam != 1:
-            for p in self.head_params:
-                if p.grad is not None:
-                    p.grad.div_(self.lam)
+        record["finite"] = torch.ones((), dtype=torch.bool, device=self.device)
+        self.rescale_head(head_only)
         return record
 
     def reduce(self, record: dict, alignment: torch.Tensor, progress: torch.Tensor | None,
                total: torch.Tensor | None) -> tuple[int, int, list[str]]:
         """(ranks with a loss, ranks with a non-finite loss, the non-finite terms) of this step
-        over all ranks. Several processes: averages the gradients over the ranks (the spec's
-        order: before the head rescaling and the clipping) and puts the ranks' mean losses and
-        summed counts in `record`, all in one all_reduce."""
+        over all ranks: averages the gradients over the ranks (the spec's order: before the
+        head rescaling and the clipping) and puts the ranks' mean losses and summed counts in
+        `record` (read on the host), all in one all_reduce."""
         terms = (("alignment", alignment), ("progress", progress))
         bad_term = [v is not None and not bool(torch.isfinite(v)) for _, v in terms]
         has_loss = total is not None
         bad = has_loss and not bool(torch.isfinite(total))
-        if not self.dist.active:
-            return int(has_loss), int(bad), [n for (n, _), b in zip(terms, bad_term) if b]
         stats = torch.tensor([has_loss, bad, *bad_term, record["alignment"],
                               record["progress"] or 0.0, progress is not None,
                               total.item() if has_loss else 0.0, record["videos"],
@@ -294,19 +428,23 @@ class Trainer:
                                          if b]
 
     def clip(self, record: dict, *, head_only: bool = False) -> None:
-        """Gradient clipping (spec 7 step 10, B2): global, separate or none."""
+        """Gradient clipping (spec 7 step 10, B2): global, separate or none; the norms before
+        and after go to `record` as device scalars."""
         tc = self.cfg.train
-        record["grad_encoder"] = grad_norm(self.encoder_params)
-        record["grad_head"] = grad_norm(self.head_params)
+        enc, head = grad_norm(self.encoder_params), grad_norm(self.head_params)
+        enc_c, head_c = enc, head
         if head_only or tc.clip_mode == "separate":
             if not head_only:
-                nn.utils.clip_grad_norm_(self.encoder_params, tc.encoder_clip)
+                enc_c = clip_to(self.encoder_params, enc, tc.encoder_clip)
             if self.head_params:
-                nn.utils.clip_grad_norm_(self.head_params, tc.head_clip)
+                head_c = clip_to(self.head_params, head, tc.head_clip)
         elif tc.clip_mode == "global":
-            nn.utils.clip_grad_norm_(list(self.model.parameters()), tc.encoder_clip)
-        record["grad_encoder_clipped"] = grad_norm(self.encoder_params)
-        record["grad_head_clipped"] = grad_norm(self.head_params)
+            both = torch.linalg.vector_norm(torch.stack([enc, head]))
+            coef = clip_to(list(self.model.parameters()), both, tc.encoder_clip) / both
+            coef = torch.where(both > 0, coef, 1.0)
+            enc_c, head_c = enc * coef, head * coef
+        record.update(grad_encoder=enc, grad_head=head, grad_encoder_clipped=enc_c,
+                      grad_head_clipped=head_c)
 
     @torch.no_grad()
     def validation_losses(self, split: str = "val") -> dict:
@@ -362,7 +500,8 @@ class Trainer:
 
     def _set_state(self, state: dict) -> None:
         self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch, self.skipped = state["batch_in_epoch"], state["skipped"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.skipped_steps.fill_(state["skipped"])
         self.best_val = state.get("best_val")
         if "class_paths" in state:
             self.class_paths = torch.tensor(state["class_paths"], dtype=torch.float32)
@@ -482,9 +621,12 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
                                   trainer.batch_in_epoch // dist.world_size):
                 record = trainer.step_batch(batch)
                 trainer.batch_in_epoch += dist.world_size
-                if (record.get("skipped") or trainer.step % tc.log_every == 0
-                        or trainer.step == total_steps):
-                    log("step", record)
+                # Reading a record waits for the GPU: only at the logged steps, and every
+                # max_bad_steps steps to stop a run that keeps skipping.
+                if trainer.step % tc.log_every == 0 or trainer.step == total_steps:
+                    log("step", trainer.read(record))
+                elif trainer.step % tc.max_bad_steps == 0:
+                    trainer.read(record)
                 if trainer.step >= total_steps:
                     break
             record = {"step": trainer.step, "epoch": trainer.epoch}
@@ -528,14 +670,18 @@ def _train_head_only(trainer: Trainer, loader, log: Callable[[str, dict], None])
     tc = trainer.cfg.train
     for p in trainer.encoder_params:
         p.requires_grad_(False)
+    fused = fused_optimizer(trainer.device)
     trainer.optimizer = torch.optim.Adam(trainer.head_params, lr=tc.head_lr or 1e-3,
-                                         betas=(0.9, 0.999), eps=1e-8)
+                                         betas=(0.9, 0.999), eps=1e-8, fused=fused or None,
+                                         capturable=fused)
     for _ in range(tc.head_epochs):
         loader.batch_sampler.set_epoch(trainer.epoch)
         for batch in _iterate(loader, loader.batch_sampler.batches(), 0):
             record = trainer.step_batch(batch, head_only=True)
             if trainer.step % tc.log_every == 0:
-                log("step", record | {"stage": "head"})
+                log("step", trainer.read(record) | {"stage": "head"})
+            elif trainer.step % tc.max_bad_steps == 0:
+                trainer.read(record)
         record = {"step": trainer.step, "epoch": trainer.epoch, "stage": "head"}
         if trainer.dist.is_main:
             record["val_progress_mae"] = summarise(trainer.evaluate("val"))

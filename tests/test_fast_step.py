@@ -1,0 +1,245 @@
+"""The fast training step (issue 9): the sync-free eager step and its pieces equal the simple
+forms, skipped steps are skipped on the device, and (on a GPU) the CUDA-graph step equals the
+eager one without a host sync."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from alignprog.config import load_config
+from alignprog.data import load_dataset, make_loader
+from alignprog.losses.progress import progress_loss
+from alignprog.losses.vava import vava_loss_batch, vava_phi
+from alignprog.models.encoders import StackingEncoder
+from alignprog.models.mcn import MultiHeadEncoder
+from alignprog.runtime import checks_values, trusted_inputs
+from alignprog.sampling import gather_frames
+from alignprog.training.graphs import next_power_of_two, round_up, unsupported
+from alignprog.training.loop import Trainer, TrainingError, clip_to, grad_norm, read_record
+
+TINY = {
+    "data.synthetic.tasks": 2, "data.synthetic.videos_per_task": 6, "data.synthetic.dim": 16,
+    "model.conv_channels": 32, "model.output_dim": 16, "model.head_layers": [16, 8, 16],
+    "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
+    "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
+}
+
+
+def batches(trainer: Trainer, n: int):
+    loader = make_loader(trainer.dataset, "train", batch_size=2, shuffle=False, drop_last=True)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            return out
+    return out
+
+
+def test_dense_heads_equal_the_real_frames_path():
+    torch.manual_seed(0)
+    enc = MultiHeadEncoder(StackingEncoder(in_dim=6, channels=8, out_dim=4), 3, out_dim=4,
+                           head_layers=(5,), attn_layers=(6,), drop_layers=(5,))
+    x = torch.randn(2, 7, 6)
+    mask = torch.arange(7)[None, :] < torch.tensor([[7], [4]])
+    x[1, 4:] = float("nan")   # padding garbage reaches neither path
+    outs, grads = [], []
+    for dense in (False, True):
+        enc.dense = dense
+        enc.zero_grad()
+        out = enc(x, mask)
+        (out.embeddings.square().sum() + out.drop_logits.sum()).backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in enc.parameters()])
+    for name in ("embeddings", "attention", "drop_logits"):
+        torch.testing.assert_close(getattr(outs[1], name), getattr(outs[0], name))
+    assert torch.all(outs[1].embeddings[1, 4:] == 0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_progress_loss_valid_mask_equals_the_loss_of_the_valid_samples():
+    g = torch.Generator().manual_seed(1)
+    pred, gt = torch.rand(9, generator=g), torch.rand(9, generator=g).clamp_min(0.05)
+    valid = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    for weighted in (True, False):
+        for kind in ("l1", "mse"):
+            want = progress_loss(pred[valid], gt[valid], weighted=weighted, kind=kind)
+            got = progress_loss(pred, gt, weighted=weighted, kind=kind, valid=valid)
+            torch.testing.assert_close(got, want)
+    # by hand: weights min(1/gt, 10) over the valid samples
+    w = (1 / gt[valid]).clamp(max=10)
+    hand = float((w * (pred[valid] - gt[valid]).abs()).sum() / w.sum())
+    assert float(progress_loss(pred, gt, valid=valid)) == pytest.approx(hand, rel=1e-6)
+
+
+def test_gather_frames_wider_than_needed_only_adds_zero_columns():
+    emb = torch.randn(2, 10, 3)
+    video, start, length = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 7]), torch.tensor([3, 1, 3])
+    exact = gather_frames(emb, video, start, length, 3)
+    wide = gather_frames(emb, video, start, length, 8)
+    torch.testing.assert_close(wide[:, :3], exact)
+    assert torch.all(wide[:, 3:] == 0)
+    torch.testing.assert_close(exact[0], emb[0, 2:5])
+    torch.testing.assert_close(exact[2], emb[1, 7:10])
+    assert torch.all(exact[1, 1:] == 0)
+
+
+def test_vava_phi_of_a_device_step_equals_the_host_value():
+    for schedule in ("sqrt", "exp"):
+        for step in (0, 1, 2, 3, 8, 15, 99, 10_000):
+            got = vava_phi(torch.tensor(step), schedule)
+            assert float(got) == pytest.approx(vava_phi(step, schedule), rel=1e-12)
+    x = torch.randn(2, 6, 3)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    torch.testing.assert_close(vava_loss_batch(x, mask, global_step=torch.tensor(24)),
+                               vava_loss_batch(x, mask, global_step=24))
+
+
+def test_clip_to_equals_clip_grad_norm():
+    torch.manual_seed(2)
+    params = [nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 5
+    ref = [p.grad.clone() for p in params]
+    norm = grad_norm(params)
+    assert float(norm) == pytest.approx(
+        math.sqrt(sum(float(g.square().sum()) for g in ref)), rel=1e-6)
+    after = clip_to(params, norm, 1.5)
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    for p, g in zip(ref_params, ref):
+        p.grad = g.clone()
+    nn.utils.clip_grad_norm_(ref_params, 1.5)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert float(after) == pytest.approx(1.5, rel=1e-5)
+    assert float(grad_norm([])) == 0.0
+
+
+def test_read_record_reads_device_scalars_once():
+    rec = {"a": torch.tensor(1.5), "b": None, "c": 3, "d": torch.tensor(True)}
+    assert read_record(rec) == {"a": 1.5, "b": None, "c": 3, "d": 1.0}
+
+
+def test_trusted_inputs_switch_off_value_checks_on_gpus_only():
+    cpu = torch.zeros(2)
+    with trusted_inputs():
+        assert checks_values(cpu)
+    assert checks_values(cpu)
+
+
+def test_no_graphs_on_the_cpu_and_the_reasons():
+    cfg = load_config(overrides=TINY | {"train.cuda_graphs": "on"})
+    with pytest.warns(UserWarning, match="not CUDA"):
+        trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cpu"))
+    assert trainer.graphs is None
+    assert unsupported(trainer, "auto") == "the device is not CUDA"
+    assert round_up(450, 64) == 512 and round_up(448, 64) == 448
+    assert [next_power_of_two(n) for n in (1, 2, 3, 5, 8, 9)] == [2, 2, 4, 8, 8, 16]
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(monkeypatch):
+    cfg = load_config(overrides=TINY | {"train.max_bad_steps": 3, "train.method": "tcc"})
+    trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cpu"))
+    batch = batches(trainer, 1)[0]
+    good = trainer.read(trainer.step_batch(batch))
+    assert not good["skipped"] and good["skipped_total"] == 0
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    real = trainer.alignment_loss
+    monkeypatch.setattr(trainer, "alignment_loss",
+                        lambda *a, **k: real(*a, **k) * float("nan"))
+    for i in range(2):
+        rec = trainer.read(trainer.step_batch(batch))
+        assert rec["skipped"] and rec["total"] is None and rec["skipped_total"] == i + 1
+    for p, q in zip(trainer.model.parameters(), before):
+        assert torch.equal(p, q)   # nothing moved, Adam's state neither
+    with pytest.raises(TrainingError, match="3 consecutive steps"):
+        trainer.read(trainer.step_batch(batch))
+    monkeypatch.setattr(trainer, "alignment_loss", real)
+    assert not trainer.read(trainer.step_batch(batch))["skipped"]
+    assert int(trainer.bad_run) == 0 and trainer.skipped == 3
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the CUDA-graph step equals the eager step and never waits for the GPU
+
+GPU = dict(TINY, **{"train.device": "cuda", "data.synthetic.dim": 64, "model.num_heads": 4,
+                    "train.graph_frame_bucket": 32})
+
+
+def run_steps(method: str, graphs: str, n: int = 5, sync_check: bool = False,
+              extra: dict | None = None):
+    """n steps on the first n batches; with `sync_check`, then the same batches again (every
+    bucket's graph captured by then) with any host-device sync raising an error."""
+    from alignprog.runtime import deterministic
+    cfg = load_config(overrides=GPU | {"train.method": method, "train.cuda_graphs": graphs}
+                      | (extra or {}))
+    with deterministic(True):
+        trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cuda"))
+        data = [b.pin_memory() for b in batches(trainer, n)]
+        records = [trainer.step_batch(batch) for batch in data]
+        if sync_check:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                records = [trainer.step_batch(batch) for batch in data]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        records = [trainer.read(r) for r in records]
+    return trainer, records
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["tcc", "lav", "vava"])
+def test_graph_step_equals_the_eager_step(method):
+    # reduction "mean": O(1) losses, so float32 rounding (the graph pads the frames to a bucket
+    # and its kernels sum in another order) stays small next to the values compared
+    eager, rec_e = run_steps(method, "off", extra={"loss.reduction": "mean"})
+    graph, rec_g = run_steps(method, "on", extra={"loss.reduction": "mean"})
+    # the first step runs eagerly (it creates Adam's state), every later one is a replay
+    assert graph.graphs is not None and graph.graphs.failed is None
+    assert len(rec_g) >= 3 and graph.graphs.replays == len(rec_g) - 1
+    for a, b in zip(rec_e, rec_g):
+        for key in ("alignment", "progress", "total", "grad_encoder", "grad_head"):
+            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-6), (key, a, b)
+    # Adam moves each weight by about lr = 3e-4 per step whatever its gradient's size, so a
+    # weight whose gradient is rounding noise may differ by up to ~lr per step
+    for p, q in zip(eager.model.parameters(), graph.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1.5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,graphs", [("lav", "on"), ("vava", "on"), ("tcc", "off"),
+                                           ("lav", "off")])
+def test_steps_do_not_wait_for_the_gpu(method, graphs):
+    trainer, records = run_steps(method, graphs, n=5, sync_check=True)
+    assert all(not r["skipped"] for r in records)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_step_skips_a_non_finite_step_on_the_device():
+    cfg = load_config(overrides=GPU | {"train.method": "tcc", "train.cuda_graphs": "on"})
+    trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cuda"))
+    batch = batches(trainer, 1)[0].pin_memory()
+    trainer.step_batch(batch)
+    trainer.step_batch(batch)                       # captured and replayed
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    bad = batch._map(lambda t: t.clone())
+    bad.features[0, 0, 0] = float("nan")            # a NaN in a real frame
+    rec = trainer.read(trainer.step_batch(bad))
+    assert rec["skipped"] and rec["skipped_total"] == 1 and trainer.graphs.replays == 2
+    for p, q in zip(trainer.model.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_cuda_graphs_switch_reads_yaml_on_off():
+    from alignprog.config import parse_overrides
+    for raw, want in (("off", "off"), ("on", "on"), ("auto", "auto"), ("false", "off")):
+        cfg = load_config(overrides=parse_overrides([f"train.cuda_graphs={raw}"]))
+        assert cfg.train.cuda_graphs == want
