@@ -243,3 +243,17 @@ def test_cuda_graphs_switch_reads_yaml_on_off():
     for raw, want in (("off", "off"), ("on", "on"), ("auto", "auto"), ("false", "off")):
         cfg = load_config(overrides=parse_overrides([f"train.cuda_graphs={raw}"]))
         assert cfg.train.cuda_graphs == want
+
+
+def test_take_rows_equals_indexing_in_value_and_gradient():
+    from alignprog.losses.common import take_rows
+    x = torch.randn(3, 5, 4, dtype=torch.float32, requires_grad=True)
+    idx = torch.tensor([0, 2, 0, 1])
+    w = torch.randn(4, 5, 4)
+    got = take_rows(x, idx)
+    assert torch.equal(got, x[idx])                 # exact: one 1.0 per row in float64
+    (g1,) = torch.autograd.grad((got * w).sum(), x)
+    (g2,) = torch.autograd.grad((x[idx] * w).sum(), x)
+    torch.testing.assert_close(g1, g2)
+    # row 0 is taken twice: its gradient is the sum of both slabs
+    torch.testing.assert_close(g1[0], w[0] + w[2])

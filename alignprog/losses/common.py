@@ -58,6 +58,18 @@ def ordered_pairs(batch: int, *, include_self: bool = False,
     return first, k + (k >= first).long()                                           # skip i
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] along the first dim, (B, ...) -> (Q, ...), as a one-hot product in float64.
+
+    The same values as indexing (one 1.0 per row, exact in float64), but its backward is a
+    matmul: on CUDA, deterministic indexing backward (what `alignprog train` runs) sorts and
+    accumulates one (T, D) slab per index in a slow kernel, ~0.2 ms per video pair, which the
+    product does in microseconds, deterministically and summing in float64."""
+    onehot = (index[:, None] == torch.arange(x.shape[0], device=x.device)).to(torch.float64)
+    rows = onehot @ x.reshape(x.shape[0], -1).to(torch.float64)                # (Q, prod(...))
+    return rows.to(x.dtype).reshape(index.shape[0], *x.shape[1:])
+
+
 # Elements of the (..., rows, M, D) difference block that `_direct_sq_distances` builds at once.
 DIFF_BLOCK = 2 ** 26
 

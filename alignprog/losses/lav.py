@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from alignprog.losses.common import (Compat, Reduction, check_compat, intra_contrast,
-                                     pad_sequences, pairwise_sq_distances)
+                                     pad_sequences, pairwise_sq_distances, take_rows)
 from alignprog.losses.softdtw import soft_dtw
 from alignprog.runtime import checks_values
 
@@ -67,7 +67,7 @@ def lav_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, min_temp: float = 0.1
 
     reg = intra_contrast(x, mask, window=window, margin=margin, compat=compat)  # (B,)
     first, second = torch.triu_indices(b, b, offset=1, device=x.device)        # (Q,), Q = B(B-1)/2
-    cost = pairwise_sq_distances(x[first], x[second])                           # (Q, T, T)
+    cost = pairwise_sq_distances(take_rows(x, first), take_rows(x, second))     # (Q, T, T)
     align = soft_dtw(cost, lengths[first], lengths[second], min_temp)           # (Q,)
     pair = align + cr_coefficient * (reg[first] + reg[second])                  # (Q,)
     if reduction == "mean":

@@ -50,6 +50,7 @@ from alignprog.losses.common import (
     check_compat,
     ordered_pairs,
     pad_sequences,
+    take_rows,
 )
 
 # The reference adds this inside the log of the standard deviation (spec 6.2 step 6).
@@ -89,7 +90,7 @@ def tcc_pair_losses(x: torch.Tensor, mask: torch.Tensor, first: torch.Tensor,
     centre = (x.sum((0, 1)) / mask.sum().clamp_min(1)).detach()                # (D,)
     x = torch.where(mask[:, :, None], x - centre, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    u, v = x[first], x[second]                                                 # (P, T, D) each
+    u, v = take_rows(x, first), take_rows(x, second)                           # (P, T, D) each
     u_mask, v_mask = mask[first], mask[second]                                 # (P, T) each
 
     # Steps 1-2: soft nearest neighbour of each primary frame among the secondary's real frames.

@@ -80,7 +80,7 @@ from typing import Literal, Sequence
 import torch
 
 from alignprog.losses.common import (Compat, Reduction, check_compat, intra_contrast,
-                                     pad_sequences, pairwise_distances)
+                                     pad_sequences, pairwise_distances, take_rows)
 
 PhiSchedule = Literal["sqrt", "exp"]
 
@@ -209,7 +209,7 @@ def vava_terms(x: torch.Tensor, mask: torch.Tensor, *, global_step: int | torch.
     # Distances of the B(B-1)/2 unordered pairs only; (j, i) uses the transpose (halves the
     # (Q, T, T, D) difference tensor of pairwise_distances).
     iu, ju = torch.triu_indices(bsz, bsz, offset=1, device=dev)              # (Q,), (Q,)
-    d_unordered = pairwise_distances(x[iu], x[ju])                           # (Q, T, T)
+    d_unordered = pairwise_distances(take_rows(x, iu), take_rows(x, ju))     # (Q, T, T)
     first = torch.cat([iu, ju])                                              # (P,)
     second = torch.cat([ju, iu])                                             # (P,)
     d_real = torch.cat([d_unordered, d_unordered.transpose(1, 2)])           # (P, T, T)
