@@ -168,7 +168,9 @@ def reference_run(device: str, no_foreground_rank: int | None = None):
                     if g is not None:
                         grads[k] = g if grads[k] is None else grads[k] + g
             for k, p in enumerate(params):
-                p.grad = None if grads[k] is None else grads[k] / WORLD
+                # contiguous, as .backward() leaves them (fused Adam wants the params' layout;
+                # autograd.grad may return, e.g., an einsum's gradient transposed)
+                p.grad = None if grads[k] is None else (grads[k] / WORLD).contiguous()
                 if p.grad is not None and id(p) in head:
                     p.grad = p.grad / ref.lam
             ref.clip({})

@@ -214,11 +214,19 @@ def test_graph_step_equals_the_eager_step(method):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method,graphs", [("lav", "on"), ("vava", "on"), ("tcc", "off"),
-                                           ("lav", "off")])
-def test_steps_do_not_wait_for_the_gpu(method, graphs):
-    trainer, records = run_steps(method, graphs, n=5, sync_check=True)
+@pytest.mark.parametrize("method,graphs,extra", [
+    ("lav", "on", {}), ("vava", "on", {}), ("tcc", "off", {}), ("lav", "off", {}),
+    ("gtcc", "auto", {}), ("lav", "auto", {"model.encoder": "naive"}),
+    ("tcc", "auto", {"model.encoder": "resnet50", "data.layout": "frames",
+                     "data.synthetic.frame_channels": 8, "data.synthetic.frame_size": 3})])
+def test_steps_do_not_wait_for_the_gpu(method, graphs, extra):
+    trainer, records = run_steps(method, graphs, n=5, sync_check=True, extra=extra)
     assert all(not r["skipped"] for r in records)
+    expect_graphs = graphs == "on" or (graphs == "auto" and method != "gtcc"
+                                       and extra.get("model.encoder") != "resnet50")
+    assert (trainer.graphs is not None and trainer.graphs.replays > 0) == expect_graphs
+    if trainer.graphs is not None:
+        assert trainer.graphs.failed is None
 
 
 @pytest.mark.gpu
@@ -257,3 +265,34 @@ def test_take_rows_equals_indexing_in_value_and_gradient():
     torch.testing.assert_close(g1, g2)
     # row 0 is taken twice: its gradient is the sum of both slabs
     torch.testing.assert_close(g1[0], w[0] + w[2])
+
+
+def test_naive_dense_equals_the_real_frames_path_and_set_dense_switches_all():
+    from alignprog.models import set_dense
+    from alignprog.models.encoders import NaiveEncoder, ResNet50Encoder
+    torch.manual_seed(3)
+    enc = NaiveEncoder(in_dim=6, layers=(5, 4), out_dim=3)
+    x = torch.randn(2, 5, 6)
+    mask = torch.arange(5)[None, :] < torch.tensor([[5], [2]])
+    x[1, 2:] = float("nan")
+    outs, grads = [], []
+    for dense in (False, True):
+        enc.dense = dense
+        enc.zero_grad()
+        out = enc(x, mask)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in enc.parameters()])
+    torch.testing.assert_close(outs[1], outs[0])
+    assert torch.all(outs[1][1, 2:] == 0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    model = MultiHeadEncoder(NaiveEncoder(in_dim=6, layers=(5,), out_dim=4), 2, out_dim=4,
+                             head_layers=(3,), attn_layers=(3,))
+    set_dense(model)
+    assert model.dense and model.base.dense
+    small = ResNet50Encoder(in_channels=3, conv_channels=(4, 2), mlp_dim=4, out_dim=4)
+    set_dense(small)
+    assert small.dense
+    set_dense(model, False)
+    assert not model.dense and not model.base.dense

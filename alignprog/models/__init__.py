@@ -33,6 +33,15 @@ class AlignmentModel(nn.Module):
         return self.encoder(x, mask)
 
 
+def set_dense(model: nn.Module, dense: bool = True) -> None:
+    """Switch every module of `model` that has a `dense` mode (the MCN heads, the `naive` and
+    `resnet50` encoders): True runs every padded position with fixed shapes and no host sync
+    (what the trainer uses on a GPU), False the real frames only (default)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "dense", None), bool):
+            module.dense = dense
+
+
 def build_model(model: ModelConfig, progress: ProgressConfig | None = None, *,
                 input_shape: Sequence[int], num_tasks: int = 1, method: str | None = None
                 ) -> AlignmentModel:

@@ -31,8 +31,7 @@ from alignprog.evaluation import evaluate_progress
 from alignprog.losses import ALIGNMENT_LOSSES
 from alignprog.losses.progress import (cumulative_l2_loss, progress_loss,
                                        segment_path_lengths)
-from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
-from alignprog.models.mcn import MultiHeadEncoder
+from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model, set_dense
 from alignprog.runtime import (autocast, deterministic, device_info, fused_optimizer,
                                resolve_device, seed_everything, to_device, trusted_inputs)
 from alignprog.sampling import gather_segments, sample_segments
@@ -146,8 +145,8 @@ class Trainer:
         fused = fused_optimizer(device)
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8,
                                           fused=fused or None, capturable=fused)
-        if isinstance(self.model.encoder, MultiHeadEncoder):
-            self.model.encoder.dense = device.type == "cuda"  # no host sync in the heads
+        # On a GPU the model runs every padded position: no data-dependent shape, no host sync.
+        set_dense(self.model, device.type == "cuda")
         self.loss_fn = ALIGNMENT_LOSSES[tc.method]
         self.loss_kw = loss_keywords(cfg)
         self.lam = pc.lambda_for(tc.method) if pc.enabled else 0.0
