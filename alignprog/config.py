@@ -395,7 +395,9 @@ class TrainConfig(StrictModel):
     max_graphs: int = Field(16, ge=1, description="CUDA graphs kept at once (each holds the "
                             "memory of one step); the least recently used goes first.")
     max_bad_steps: int = Field(20, ge=1, description="Stop after this many consecutive steps "
-                               "with a non-finite loss (each is skipped and counted).")
+                               "with a non-finite loss or gradient (each leaves the weights and "
+                               "Adam untouched, is counted in skipped_total and still counts as "
+                               "a step; checked at least every max_bad_steps steps).")
     two_stage: bool = Field(False, description="Train alignment first (epochs), then the "
                             "progress head alone on the frozen encoder (head_epochs).")
     head_epochs: int = Field(10, ge=1, description="Epochs of the second stage.")

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from alignprog.runtime import to_device
+
 try:  # Triton comes with CUDA builds of torch; without it the torch path serves everywhere.
     import triton
     import triton.language as tl
@@ -38,8 +40,9 @@ NUM_WARPS = 4
 def _constants(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """The float constants as a tensor of the compute dtype, read by the kernel: a float kernel
     argument would be float32, and Triton rounds constexpr floats to float32 in comparisons,
-    where torch compares in the tensor's dtype. Built on the host, copied without a sync."""
-    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
+    where torch compares in the tensor's dtype. Built on the host, copied through pinned memory
+    without a sync."""
+    return to_device(torch.tensor(values, dtype=like.dtype), like.device)
 
 
 def _launch_shape(m_max: int) -> tuple[int, int]:

@@ -29,6 +29,7 @@ import torch
 from alignprog.losses.common import (SQRT_EPS, Compat, Reduction, check_compat, ordered_pairs,
                                      pad_sequences, pairwise_distances)
 from alignprog.losses.gmm import GMMFit, fit_gmm
+from alignprog.runtime import to_device
 
 # Sampled frames per primary video: hard-coded 20 in the reference (spec 6.3 step 2, spec 9).
 NUM_SAMPLES = 20
@@ -68,9 +69,9 @@ def draw_samples(mask: torch.Tensor, num_samples: int = NUM_SAMPLES,
     smallest keys are taken, so every subset of that size is equally likely."""
     b, t = mask.shape
     device = generator.device if generator is not None else torch.device("cpu")
-    # non_blocking: a copy from (pageable) host memory is staged at once; no wait on the device.
-    keys = torch.rand((b, t), generator=generator, device=device).to(mask.device,
-                                                                     non_blocking=True)  # (B, T)
+    # to_device: through pinned memory, asynchronously (no wait for the GPU's queue)
+    keys = to_device(torch.rand((b, t), generator=generator, device=device),
+                     mask.device)                                              # (B, T)
     keys = torch.where(mask, keys, 2.0)          # padded frames sort after every real frame
     s = min(num_samples, t)
     picked = keys.argsort(dim=1)[:, :s]                                        # (B, S)
@@ -84,7 +85,7 @@ def draw_directions(batch: int, generator: torch.Generator | None = None,
     """Spec 6.3 step 3: forward with probability 1/2, one direction per primary. (B,) bool."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     draw = torch.rand((batch,), generator=generator, device=gen_device) < 0.5
-    return draw.to(device, non_blocking=True)
+    return draw if device is None else to_device(draw, torch.device(device))
 
 
 def window_mask(lengths: torch.Tensor, samples: torch.Tensor, directions: torch.Tensor,
@@ -256,8 +257,7 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
     directions = torch.as_tensor(directions, device=x.device).to(torch.bool).reshape(b)
 
     x = torch.where(mask[..., None], x, 0.0)       # padded garbage (even NaN) never enters
-    # Built on the host (a boolean index on the device would sync) and copied without waiting.
-    pi_idx, pj_idx = (ix.to(x.device, non_blocking=True) for ix in ordered_pairs(b))  # (P,) x2
+    pi_idx, pj_idx = ordered_pairs(b, device=x.device)                          # (P,), (P,)
     p, s = pi_idx.numel(), samples.shape[1]
     k = n_components
     if p == 0:  # spec 6.1: fewer than 2 videos, no alignment loss

@@ -355,8 +355,8 @@ class Trainer:
                   "frames": int(host.lengths.sum())}
         if self.dist.active:
             return self._backward_ranks(record, alignment, progress, total, head_only)
-        if total is None:   # nothing to learn from (head only, no sample): a skipped step
-            self.count_bad(torch.ones((), dtype=torch.bool, device=self.device))
+        if total is None:   # nothing to learn from (head only, no sample): skipped, not bad
+            self.skipped_steps += 1
             return record | {"no_loss": True, "bad": torch.ones((), dtype=torch.bool)}
         total.backward()
         record["total"] = total.detach()
@@ -526,6 +526,24 @@ class Trainer:
         return tree["extra"]
 
 
+class StepClock:
+    """Seconds per step between two logged steps: on a GPU `step_batch` returns before the GPU
+    is done, so its own duration says nothing; a logged step has waited for it (`read`)."""
+
+    def __init__(self, step: int) -> None:
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.time, self.step = time.perf_counter(), step
+
+    def lap(self, record: dict, step: int) -> dict:
+        now = time.perf_counter()
+        if step > self.step:
+            record["seconds"] = (now - self.time) / (step - self.step)
+        self.time, self.step = now, step
+        return record
+
+
 def summarise(report: dict | None) -> dict:
     """Headline numbers of a progress report: mean-over-videos MAE per predictor."""
     if not report:
@@ -611,6 +629,7 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
             run.log_metrics(record | {"kind": kind})
         emit(kind, record)
 
+    clock = StepClock(trainer.step)
     try:
         while trainer.step < total_steps:
             loader.batch_sampler.set_epoch(trainer.epoch)
@@ -623,7 +642,7 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
                 # Reading a record waits for the GPU: only at the logged steps, and every
                 # max_bad_steps steps to stop a run that keeps skipping.
                 if trainer.step % tc.log_every == 0 or trainer.step == total_steps:
-                    log("step", trainer.read(record))
+                    log("step", clock.lap(trainer.read(record), trainer.step))
                 elif trainer.step % tc.max_bad_steps == 0:
                     trainer.read(record)
                 if trainer.step >= total_steps:
@@ -645,6 +664,7 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
                 if improved:
                     trainer.save(run, best=True)
             dist.barrier()
+            clock.restart(trainer.step)   # evaluation and saving are not training time
         if tc.two_stage and trainer.learnable:
             _train_head_only(trainer, loader, log)
     except KeyboardInterrupt:
