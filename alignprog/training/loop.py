@@ -269,6 +269,8 @@ class Trainer:
         if self.graphs is not None and not head_only:
             record = self.graphs.step(batch)
         if record is None:
+            # No gradient left over: a CUDA graph's replay leaves its own buffers in .grad
+            self.optimizer.zero_grad(set_to_none=True)
             record = self.backward(batch, head_only=head_only)
             if not record.get("no_loss"):
                 self.clip(record, head_only=head_only)
