@@ -96,6 +96,13 @@ def checks_values(tensor: torch.Tensor) -> bool:
     return not (_TRUSTED.get() or torch.cuda.is_current_stream_capturing())
 
 
+def broadcast_distances(tensor: torch.Tensor) -> bool:
+    """Whether exact pairwise distances are summed from blocks of broadcast differences (GPUs:
+    ~10x faster there than cdist's direct kernel) rather than by that kernel (the CPU, where it
+    is ~10x faster than the blocks)."""
+    return tensor.device.type == "cuda"
+
+
 def fused_optimizer(device: torch.device) -> bool:
     """Fused Adam on CUDA: one kernel for all parameters, which also skips a step whose
     gradients are not finite on the device (`found_inf`) without a host sync."""

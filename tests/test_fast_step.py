@@ -326,3 +326,18 @@ def test_an_eager_step_between_graph_steps_starts_from_clean_gradients():
     assert records["on"][2]["progress"] is None and records["on"][2]["grad_head"] == 0
     for p, q in zip(params["off"], params["on"]):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1.5e-3)
+
+
+def test_broadcast_distances_equal_cdist_in_blocks(monkeypatch):
+    """The GPU path of the exact distances (blocks of broadcast differences), run on the CPU
+    with a tiny block so that several blocks are joined."""
+    from alignprog.losses import common
+    x, y = torch.randn(2, 7, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    want = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist").square()
+    monkeypatch.setattr(common, "DIFF_BLOCK", 2 * 4 * 5 * 3)      # 3 rows per block
+    torch.testing.assert_close(common._direct_sq_distances(x, y), want)
+    monkeypatch.setattr(common, "broadcast_distances", lambda t: True)
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    d = common.pairwise_distances(xg, yg)
+    torch.testing.assert_close(d, want.sqrt())
+    assert torch.autograd.gradcheck(common.pairwise_distances, (xg, yg))

@@ -12,6 +12,8 @@ from typing import Literal, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from alignprog.runtime import broadcast_distances
+
 Compat = Literal["fixed", "reference"]
 # "reference": the reference's reduction (spec 6.1: TCC a mean over pairs, the others a sum over
 # ordered pairs; frames summed, nothing length-normalised), which the document's lambda values
@@ -100,10 +102,10 @@ class _Distances(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, squared: bool):
-        if x.is_cuda:
+        if broadcast_distances(x):
             sq = _direct_sq_distances(x, y)                                   # (..., N, M)
             d = None if squared else sq.sqrt()
-        else:   # cdist's direct CPU kernel is ~10x faster than the blocks there
+        else:
             d = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
             sq = d.square() if squared else None
         ctx.save_for_backward(x, y, d)
