@@ -135,6 +135,25 @@ if triton is not None:
         return _cubic(x1, f1, g1, x2, f2, g2, lo, hi)
 
     @triton.jit
+    def _components(m, real_m, real_k, mu, two_var, log_tiny, dtype: tl.constexpr):
+        """(m - mu, unnormalised g) of a (KP, BLOCK_M) block of columns m: exp(-(m-mu)^2 / 2v)
+        on the real (k, m), 0 elsewhere and below the smallest normal number (as
+        gmm.gmm_components)."""
+        real = real_m[None, :] & real_k[:, None]                              # (KP, BLOCK_M)
+        diff = m.to(dtype)[None, :] - mu[:, None]
+        expo = -(diff * diff) / two_var[:, None]
+        g = tl.where(real & (expo > log_tiny), tl.exp(tl.maximum(expo, log_tiny)), 0.0)
+        return diff, g
+
+    @triton.jit
+    def _kl_terms(q, pm, real_m, kl_eps):
+        """log(p+eps), log(q+eps) and c = dJ/dq of a block of columns (0 beyond M)."""
+        log_p = tl.log(pm + kl_eps)
+        log_q = tl.log(q + kl_eps)
+        c = tl.where(real_m, log_q - log_p + (q - pm) / (q + kl_eps), 0.0)
+        return log_p, log_q, c
+
+    @triton.jit
     def _gmm_value_and_grad(x, rows, p_row, m_len, kl_eps, var_floor, log_tiny,
                             K: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr):
         """J and dJ/dx (4, KP) of one fit: ``gmm.gmm_value_and_grad`` for one row."""
@@ -158,10 +177,7 @@ if triton is not None:
         norm = tl.full([KP], 0.0, x.dtype)                                   # (KP,)
         for start in range(0, m_len, BLOCK_M):
             m = start + offs
-            real = (m < m_len)[None, :] & real_k[:, None]                      # (KP, BLOCK_M)
-            diff = m.to(x.dtype)[None, :] - mu[:, None]
-            expo = -(diff * diff) / two_var[:, None]
-            g = tl.where(real & (expo > log_tiny), tl.exp(tl.maximum(expo, log_tiny)), 0.0)
+            _, g = _components(m, m < m_len, real_k, mu, two_var, log_tiny, x.dtype)
             norm += tl.sum(g, axis=1)
         norm = tl.where(real_k, norm, 1.0)
 
@@ -172,18 +188,13 @@ if triton is not None:
         for start in range(0, m_len, BLOCK_M):
             m = start + offs
             real_m = m < m_len
-            real = real_m[None, :] & real_k[:, None]
-            diff = m.to(x.dtype)[None, :] - mu[:, None]
-            expo = -(diff * diff) / two_var[:, None]
-            g = tl.where(real & (expo > log_tiny), tl.exp(tl.maximum(expo, log_tiny)), 0.0)
+            _, g = _components(m, real_m, real_k, mu, two_var, log_tiny, x.dtype)
             g = g / norm[:, None]                                              # (KP, BLOCK_M)
             q = tl.sum(pi[:, None] * g, axis=0)                                # (BLOCK_M,)
             pm = tl.load(p_row + m, mask=real_m, other=0.0)
-            log_p = tl.log(pm + kl_eps)
-            log_q = tl.log(q + kl_eps)
+            log_p, log_q, c = _kl_terms(q, pm, real_m, kl_eps)
             j_pq += tl.where(real_m, pm * (log_p - log_q), 0.0)
             j_qp += tl.where(real_m, q * (log_q - log_p), 0.0)
-            c = tl.where(real_m, log_q - log_p + (q - pm) / (q + kl_eps), 0.0)
             c_bar += tl.sum(g * c[None, :], axis=1)
 
         # Pass 3: w = pi G (c - cbar) and its moments in (m - mu).
@@ -192,15 +203,11 @@ if triton is not None:
         for start in range(0, m_len, BLOCK_M):
             m = start + offs
             real_m = m < m_len
-            real = real_m[None, :] & real_k[:, None]
-            diff = m.to(x.dtype)[None, :] - mu[:, None]
-            expo = -(diff * diff) / two_var[:, None]
-            g = tl.where(real & (expo > log_tiny), tl.exp(tl.maximum(expo, log_tiny)), 0.0)
+            diff, g = _components(m, real_m, real_k, mu, two_var, log_tiny, x.dtype)
             g = g / norm[:, None]
             q = tl.sum(pi[:, None] * g, axis=0)
             pm = tl.load(p_row + m, mask=real_m, other=0.0)
-            c = tl.where(real_m, tl.log(q + kl_eps) - tl.log(pm + kl_eps)
-                         + (q - pm) / (q + kl_eps), 0.0)
+            _, _, c = _kl_terms(q, pm, real_m, kl_eps)
             w_diff = pi[:, None] * g * (c[None, :] - c_bar[:, None]) * diff
             s1 += tl.sum(w_diff, axis=1)
             s2 += tl.sum(w_diff * diff, axis=1)
