@@ -147,9 +147,10 @@ def gather_segments(embeddings: torch.Tensor, samples: SegmentSamples
     device = embeddings.device
     lengths = samples.segment_length                                        # (Q,) host
     width = int(lengths.max()) if len(lengths) else 0
+    lengths_dev = to_device(lengths, device)                                # (Q,)
     seg = gather_frames(embeddings, to_device(samples.video, device),
-                        to_device(samples.start, device), to_device(lengths, device), width)
-    return seg, to_device(lengths, device)
+                        to_device(samples.start, device), lengths_dev, width)
+    return seg, lengths_dev
 
 
 def gather_frames(embeddings: torch.Tensor, video: torch.Tensor, start: torch.Tensor,

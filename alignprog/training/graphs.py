@@ -147,9 +147,10 @@ class StepGraphs:
                 tr.optimizer.zero_grad(set_to_none=True)
                 gen.set_state(state)
                 return None
-            self.graphs[key] = graph
+            self.graphs[key] = graph          # captured with this batch in its buffers
+        else:
+            self.fill(graph, host, samples)
         self.graphs.move_to_end(key)
-        self.fill(graph, host, samples)
         graph.graph.replay()
         self.replays += 1
         m = graph.metrics.clone()
