@@ -30,7 +30,6 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -38,6 +37,7 @@ from alignprog.config import Config, load_config, parse_overrides
 from alignprog.data import Batch, load_dataset
 from alignprog.runtime import deterministic
 from alignprog.training.loop import Trainer
+from benchmarks.bench_models import timed
 
 METHODS = ("tcc", "gtcc", "lav", "vava")
 FRAME_SHAPES = {"stacking": (2048,), "naive": (2048,), "resnet50": (1024, 14, 14)}
@@ -97,25 +97,6 @@ def build(method: str, encoder: str, device: str, precision: str, lengths: tuple
     return trainer, (batch.pin_memory() if device.startswith("cuda") else batch)
 
 
-class Clock:
-    """Milliseconds of a callable: CUDA events on a GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        begin = time.perf_counter()
-        fn()
-        return (time.perf_counter() - begin) * 1e3
-
-
 def stats(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
@@ -128,8 +109,12 @@ def time_steps(trainer: Trainer, batch: Batch, steps: int, warmup: int) -> list[
     for _ in range(warmup):
         trainer.step_batch(batch)
     if trainer.device.type != "cuda":
-        clock = Clock(trainer.device)
-        return [clock(lambda: trainer.step_batch(batch)) for _ in range(steps)]
+        times = []
+        for _ in range(steps):
+            begin = time.perf_counter()
+            trainer.step_batch(batch)
+            times.append((time.perf_counter() - begin) * 1e3)
+        return times
     torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(steps)]
@@ -142,9 +127,10 @@ def time_steps(trainer: Trainer, batch: Batch, steps: int, warmup: int) -> list[
 
 
 def breakdown(trainer: Trainer, batch: Batch, reps: int) -> dict:
-    """Each part of the step alone, forward + backward, median ms over `reps` warm runs."""
-    clock = Clock(trainer.device)
+    """Each part of the step alone, forward + backward, median ms over `reps` warm runs
+    (`bench_models.timed`: a sync around each run)."""
     dev = trainer.device
+    trainer.optimizer.zero_grad(set_to_none=True)   # not a CUDA graph's gradient buffers
     host = batch
     batch = batch.to(dev, non_blocking=True)
     with torch.no_grad():
@@ -171,15 +157,9 @@ def breakdown(trainer: Trainer, batch: Batch, reps: int) -> dict:
         trainer.optimizer.step()
 
     parts = {"encoder": encoder, "alignment": alignment, "progress": progress}
-    out = {}
-    for name, fn in parts.items():
-        for _ in range(2):
-            fn()
-        out[name] = stats([clock(fn) for _ in range(reps)])["median_ms"]
+    out = {name: timed(fn, dev, reps) * 1e3 for name, fn in parts.items()}
     encoder()  # gradients in place for the optimizer
-    for _ in range(2):
-        optimizer()
-    out["optimizer"] = stats([clock(optimizer) for _ in range(reps)])["median_ms"]
+    out["optimizer"] = timed(optimizer, dev, reps) * 1e3
     trainer.optimizer.zero_grad(set_to_none=True)
     return out
 
