@@ -1,17 +1,79 @@
-"""Shared fixtures: small dataset roots written in tmp_path."""
+"""Shared test helpers (imported as `from conftest import ...`) and fixtures: small dataset
+roots written in tmp_path, the tiny training config, hand-made annotations, loop references."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from alignprog.data import VideoAnnotation
 
 # The project's shared/ folder lies beside the repository (as in CI); ALIGNPROG_SHARED overrides.
 SHARED_DATA = Path(os.environ.get("ALIGNPROG_SHARED",
                                   Path(__file__).resolve().parents[2] / "shared")) / "data"
+
+
+# The tiny model and synthetic data of the training tests: a fit takes seconds on a CPU.
+TINY = {
+    "data.synthetic.tasks": 2, "data.synthetic.videos_per_task": 6, "data.synthetic.dim": 16,
+    "model.conv_channels": 32, "model.output_dim": 16, "model.head_layers": [16, 8, 16],
+    "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
+    "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
+}
+
+BG = frozenset({"0", "SIL", "background"})
+
+
+def annotation(segments: list[tuple[str, int]], task: str = "t", handle: str = "v"
+               ) -> VideoAnnotation:
+    """Canonical segments from (label, length) runs; '0' is background."""
+    starts, ends, pos = [], [], 0
+    for _, n in segments:
+        starts.append(pos)
+        pos += n
+        ends.append(pos - 1)
+    return VideoAnnotation(task, handle, pos, tuple(lab for lab, _ in segments), tuple(starts),
+                           tuple(ends), BG)
+
+
+def loop_intra_contrast(u, window: int, margin: float, compat: str) -> float:
+    """C(U) of spec 6.4 in loop form, float64; u: (T, D) rows (tensor, array or lists).
+    Push sum_ab (1 - y) w max(0, margin - d); in-window y w margin ("reference", B17) or the
+    paper's pull y w d ("fixed"); w = (a - b)^2 + 1, y = [|a - b| < window]."""
+    rows = u.tolist() if hasattr(u, "tolist") else [list(map(float, r)) for r in u]
+    total = 0.0
+    for a in range(len(rows)):
+        for b in range(len(rows)):
+            d = math.sqrt(sum((p - q) ** 2 for p, q in zip(rows[a], rows[b])))
+            w = (a - b) ** 2 + 1
+            if abs(a - b) < window:
+                total += w * (margin if compat == "reference" else d)
+            else:
+                total += w * max(0.0, margin - d)
+    return total
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on tiny tensors, threads only add contention on a 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def no_torch_load(monkeypatch):
+    """The project rule: nothing is unpickled, so torch.load must never be called."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load called: nothing may be unpickled")
+    monkeypatch.setattr(torch, "load", refuse)
 
 
 def write_root(root: Path, annotations: dict, lengths: dict[str, int], *, dim: int = 8,

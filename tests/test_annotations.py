@@ -11,7 +11,7 @@ from alignprog.data import annotations as A
 from alignprog.data.annotations import RawAnnotation, RepairLog, canonicalise, map_bounds
 from alignprog.errors import DataError
 
-BG = frozenset({"0", "SIL", "background"})
+from conftest import BG
 
 
 def raw(labels, starts, ends):

@@ -25,12 +25,8 @@ from alignprog.runtime import deterministic
 from alignprog.training import RunDir
 from alignprog.training.loop import Trainer, fit, rank_seed, training_generators
 
-TINY = {
-    "data.synthetic.tasks": 2, "data.synthetic.videos_per_task": 6, "data.synthetic.dim": 16,
-    "model.conv_channels": 32, "model.output_dim": 16, "model.head_layers": [16, 8, 16],
-    "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
-    "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
-}
+from conftest import TINY
+
 TINY_SET = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TINY.items()), [])
 STEPS = 3          # 4 training batches per epoch, 2 steps per epoch with 2 ranks: crosses one
 WORLD = 2

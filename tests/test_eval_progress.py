@@ -15,13 +15,11 @@ from alignprog.training.loop import fit
 from alignprog.training.restore import resolve_checkpoint
 from alignprog.training.rundir import RunDir
 
+from conftest import TINY
+
 runner = CliRunner()
 
-TINY = {"data.synthetic.tasks": 2, "data.synthetic.videos_per_task": 6, "data.synthetic.dim": 16,
-        "model.conv_channels": 32, "model.output_dim": 16, "model.head_layers": [16, 8, 16],
-        "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
-        "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
-        "train.steps": 4}
+TINY = TINY | {"train.steps": 4}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignprog.config import DataConfig, ModelConfig, ProgressConfig, SyntheticConfig
-from alignprog.data import VideoAnnotation, load_dataset
+from alignprog.data import load_dataset
 from alignprog.evaluation.alignment import (alignment_partners, enclosed_area_error,
                                             enclosed_area_error_pair, evaluate_alignment,
                                             kendall_tau, kendall_tau_pair, kendall_tau_wild,
@@ -18,19 +18,7 @@ from alignprog.evaluation.alignment import (alignment_partners, enclosed_area_er
                                             phase_progression, video_progress_gt)
 from alignprog.models import build_model
 
-BG = frozenset({"0", "SIL", "background"})
-
-
-def annotation(segments: list[tuple[str, int]], task: str = "t", handle: str = "v"
-               ) -> VideoAnnotation:
-    """Canonical segments from (label, length) runs; '0' is background."""
-    starts, ends, pos = [], [], 0
-    for _, n in segments:
-        starts.append(pos)
-        pos += n
-        ends.append(pos - 1)
-    return VideoAnnotation(task, handle, pos, tuple(lab for lab, _ in segments), tuple(starts),
-                           tuple(ends), BG)
+from conftest import annotation
 
 
 def line(values) -> np.ndarray:

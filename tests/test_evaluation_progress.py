@@ -21,19 +21,7 @@ from alignprog.evaluation.progress import (PathLengthPrior, cumulative_path,
 from alignprog.models import build_model
 from alignprog.models.progress_heads import build_progress_head
 
-BG = frozenset({"0", "SIL", "background"})
-
-
-def annotation(segments: list[tuple[str, int]], task: str = "t", handle: str = "v"
-               ) -> VideoAnnotation:
-    """Canonical segments from (label, length) runs; '0' is background."""
-    starts, ends, pos = [], [], 0
-    for _, n in segments:
-        starts.append(pos)
-        pos += n
-        ends.append(pos - 1)
-    return VideoAnnotation(task, handle, pos, tuple(lab for lab, _ in segments), tuple(starts),
-                           tuple(ends), BG)
+from conftest import BG, annotation
 
 
 def hand_dataset(videos: list[tuple[str, str, str, list[tuple[str, int]]]], dim: int = 4

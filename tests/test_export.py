@@ -21,22 +21,11 @@ from alignprog.export import ExportError, export_run, load, load_with_config, re
 from alignprog.training import RunDir
 from alignprog.training.loop import fit
 
+from conftest import TINY
+
 runner = CliRunner()
-TINY = {
-    "data.synthetic.tasks": 2, "data.synthetic.videos_per_task": 6, "data.synthetic.dim": 16,
-    "model.conv_channels": 32, "model.output_dim": 16, "model.head_layers": [16, 8, 16],
-    "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
-    "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
-    "train.steps": 3,
-}
-
-
-@pytest.fixture(autouse=True)
-def no_torch_load(monkeypatch):
-    """The project rule: nothing is unpickled, so torch.load must never be called."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("torch.load called: export/load must not unpickle anything")
-    monkeypatch.setattr(torch, "load", refuse)
+TINY = TINY | {"train.steps": 3}
+pytestmark = pytest.mark.usefixtures("no_torch_load")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ from alignprog.sampling import gather_frames
 from alignprog.training.graphs import next_power_of_two, round_up, unsupported
 from alignprog.training.loop import Trainer, TrainingError, clip_to, grad_norm, read_record
 
-TINY = {
-    "data.synthetic.tasks": 2, "data.synthetic.videos_per_task": 6, "data.synthetic.dim": 16,
-    "model.conv_channels": 32, "model.output_dim": 16, "model.head_layers": [16, 8, 16],
-    "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
-    "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
-}
+from conftest import TINY
 
 
 def batches(trainer: Trainer, n: int):

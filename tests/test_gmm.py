@@ -20,13 +20,7 @@ TORCH_MAX_LS = (None if "max_eval - current_evals" in inspect.getsource(torch.op
                 else 25)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clip(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:

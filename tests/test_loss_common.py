@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from alignprog.losses.common import (intra_contrast, ordered_pairs, pad_sequences,
                                      pairwise_distances, pairwise_sq_distances)
 
-
-def loop_intra_contrast(u: torch.Tensor, window: int, margin: float, compat: str) -> float:
-    """Spec 6.4 in loop form, float64."""
-    total = 0.0
-    n = len(u)
-    for a in range(n):
-        for b in range(n):
-            d = math.sqrt(float(((u[a] - u[b]) ** 2).sum()))
-            w = (a - b) ** 2 + 1
-            if abs(a - b) < window:
-                total += w * (margin if compat == "reference" else d)
-            else:
-                total += w * max(0.0, margin - d)
-    return total
+from conftest import loop_intra_contrast
 
 
 @pytest.mark.parametrize("compat", ["fixed", "reference"])

@@ -10,6 +10,8 @@ import torch
 from alignprog.losses.common import pad_sequences
 from alignprog.losses.lav import lav_loss, lav_loss_batch
 
+from conftest import loop_intra_contrast
+
 LOG3 = math.log(3.0)
 
 
@@ -29,26 +31,11 @@ def loop_soft_dtw(u: list[list[float]], v: list[list[float]], gamma: float) -> f
     return r[n][m]
 
 
-def loop_regulariser(u: list[list[float]], window: int, margin: float, compat: str) -> float:
-    """C(U), spec 6.4: push sum_ab (1 - y) w max(0, margin - d); in-window y w margin
-    ("reference", B17) or the paper's pull y w d ("fixed")."""
-    total = 0.0
-    for a in range(len(u)):
-        for b in range(len(u)):
-            d = math.sqrt(sum((p - q) ** 2 for p, q in zip(u[a], u[b])))
-            w = (a - b) ** 2 + 1
-            if abs(a - b) < window:
-                total += w * (margin if compat == "reference" else d)
-            else:
-                total += w * max(0.0, margin - d)
-    return total
-
-
 def loop_lav(seqs, *, min_temp=0.1, cr_coefficient=0.01, window=15, margin=2.0,
              compat="fixed", reduction="reference") -> float:
     """Spec 6.1 / 6.4: every ordered pair (i, j), i != j, soft-DTW computed for that order."""
     lists = [s.tolist() for s in seqs]
-    regs = [loop_regulariser(u, window, margin, compat) for u in lists]
+    regs = [loop_intra_contrast(u, window, margin, compat) for u in lists]
     terms = []
     for i, u in enumerate(lists):
         for j, v in enumerate(lists):
@@ -181,7 +168,7 @@ def test_identical_videos():
     align = lav_loss([u, u.clone()], min_temp=0.1, cr_coefficient=0.0).item() / 2
     assert -0.1 * LOG3 * (2 * 8 - 2) - 1e-12 <= align <= 1e-12
     total = lav_loss([u, u.clone()], min_temp=0.1, cr_coefficient=0.01).item()
-    reg = loop_regulariser(u.tolist(), 15, 2.0, "fixed")
+    reg = loop_intra_contrast(u.tolist(), 15, 2.0, "fixed")
     assert total == pytest.approx(2 * align + 4 * 0.01 * reg, rel=1e-12)
 
 

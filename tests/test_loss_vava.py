@@ -13,26 +13,13 @@ from alignprog.losses.common import pad_sequences
 from alignprog.losses.vava import (optimality_offsets, vava_loss, vava_loss_batch, vava_phi,
                                    vava_terms)
 
+from conftest import loop_intra_contrast
+
 COMPATS = ("fixed", "reference")
 
 
 # --------------------------------------------------------------------------------------------
 # Plain loop reference (numpy float64), spec 6.5 steps 1-10 and 6.4, one pair at a time.
-
-
-def loop_intra(u: np.ndarray, window: int, margin: float, compat: str) -> float:
-    total = 0.0
-    for a in range(len(u)):
-        for b in range(len(u)):
-            d = float(np.linalg.norm(u[a] - u[b]))
-            w = (a - b) ** 2 + 1
-            if abs(a - b) >= window:
-                total += w * max(0.0, margin - d)
-            elif compat == "reference":
-                total += w * margin
-            else:
-                total += w * d
-    return total
 
 
 def loop_pair(u: np.ndarray, v: np.ndarray, *, compat: str, phi: float, eps: float | None = None,
@@ -92,7 +79,7 @@ def loop_pair(u: np.ndarray, v: np.ndarray, *, compat: str, phi: float, eps: flo
                 cxy += cost[i, j]
             if rmin[i] == j and cmin[j] == i:
                 cxy += -cost[i, j] if compat == "reference" else max(0.0, margin - cost[i, j])
-    cx, cy = loop_intra(u, window, margin, compat), loop_intra(v, window, margin, compat)
+    cx, cy = loop_intra_contrast(u, window, margin, compat), loop_intra_contrast(v, window, margin, compat)
     loss = core + gamma * (cx + cy + cxy)
     return dict(loss=loss, dist=dist, plan=plan, reward=reward, kl=kl, cxy=cxy, eps=eps,
                 prior=prior)

@@ -17,16 +17,12 @@ from alignprog.export import embed, export_run, load_with_config
 from alignprog.training import RunDir
 from alignprog.training.loop import fit
 
+from conftest import TINY
+
 runner = CliRunner()
-TINY = {
-    "data.synthetic.tasks": 2, "data.synthetic.videos_per_task": 6, "data.synthetic.dim": 16,
-    "model.conv_channels": 32, "model.output_dim": 16, "model.head_layers": [16, 8, 16],
-    "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
-    "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
-    # Trained a bit: 20 steps with a 10x head learning rate make the head's output rise through
-    # every action of the synthetic data (seeds 0 and 1 checked: 24 of 24 actions >= 4 frames).
-    "train.steps": 20, "train.head_lr": 0.03,
-}
+# Trained a bit: 20 steps with a 10x head learning rate make the head's output rise through
+# every action of the synthetic data (seeds 0 and 1 checked: 24 of 24 actions >= 4 frames).
+TINY = TINY | {"train.steps": 20, "train.head_lr": 0.03}
 VIDEOS = ("synth_t0_v00", "synth_t1_v01")
 
 
@@ -37,11 +33,7 @@ def _stderr(result) -> str:
         return result.output
 
 
-@pytest.fixture(autouse=True)
-def no_torch_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("torch.load called: predict must not unpickle anything")
-    monkeypatch.setattr(torch, "load", refuse)
+pytestmark = pytest.mark.usefixtures("no_torch_load")
 
 
 @pytest.fixture(scope="module")

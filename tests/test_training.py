@@ -15,12 +15,8 @@ from alignprog.data import load_dataset, make_loader
 from alignprog.training import RunDir
 from alignprog.training.loop import Trainer, fit
 
-TINY = {
-    "data.synthetic.tasks": 2, "data.synthetic.videos_per_task": 6, "data.synthetic.dim": 16,
-    "model.conv_channels": 32, "model.output_dim": 16, "model.head_layers": [16, 8, 16],
-    "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
-    "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
-}
+from conftest import TINY
+
 TINY_SET = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]
 
 
