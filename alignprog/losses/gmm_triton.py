@@ -135,6 +135,12 @@ if triton is not None:
         return _cubic(x1, f1, g1, x2, f2, g2, lo, hi)
 
     @triton.jit
+    def _pick(cond, t, f, g, gtd, t_old, f_old, g_old, gtd_old):
+        """A bracket slot's (t, f, g, gtd): the new point where `cond`, the old one elsewhere."""
+        return (tl.where(cond, t, t_old), tl.where(cond, f, f_old), tl.where(cond, g, g_old),
+                tl.where(cond, gtd, gtd_old))
+
+    @triton.jit
     def _components(m, real_m, real_k, mu, two_var, log_tiny, dtype: tl.constexpr):
         """(m - mu, unnormalised g) of a (KP, BLOCK_M) block of columns m: exp(-(m-mu)^2 / 2v)
         on the real (k, m), 0 elsewhere and below the smallest normal number (as
@@ -416,14 +422,8 @@ if triton is not None:
                         # Armijo fails or no lower than the low point: the trial is the high end.
                         put1 = to_high & (low_is_1 == 0)
                         put0 = to_high & low_is_1
-                        t0 = tl.where(put0, t, t0)
-                        f0 = tl.where(put0, f_new, f0)
-                        g0 = tl.where(put0, g_new, g0)
-                        gtd0 = tl.where(put0, gtd_new, gtd0)
-                        t1 = tl.where(put1, t, t1)
-                        f1 = tl.where(put1, f_new, f1)
-                        g1 = tl.where(put1, g_new, g1)
-                        gtd1 = tl.where(put1, gtd_new, gtd1)
+                        t0, f0, g0, gtd0 = _pick(put0, t, f_new, g_new, gtd_new, t0, f0, g0, gtd0)
+                        t1, f1, g1, gtd1 = _pick(put1, t, f_new, g_new, gtd_new, t1, f1, g1, gtd1)
                         low_is_1 = tl.where(to_high, f0 > f1, low_is_1)
                         # Otherwise: Wolfe met -> done; if the slope points away, the old low
                         # becomes the high end; the trial becomes the low end.
@@ -435,24 +435,12 @@ if triton is not None:
                         flip = to_low & (wolfe == 0) & (gtd_new * (t_high - t_low) >= 0)
                         flip0 = flip & low_is_1                    # high is slot 0
                         flip1 = flip & (low_is_1 == 0)
-                        t0 = tl.where(flip0, t1, t0)
-                        f0 = tl.where(flip0, f1, f0)
-                        g0 = tl.where(flip0, g1, g0)
-                        gtd0 = tl.where(flip0, gtd1, gtd0)
-                        t1 = tl.where(flip1, t0, t1)
-                        f1 = tl.where(flip1, f0, f1)
-                        g1 = tl.where(flip1, g0, g1)
-                        gtd1 = tl.where(flip1, gtd0, gtd1)
+                        t0, f0, g0, gtd0 = _pick(flip0, t1, f1, g1, gtd1, t0, f0, g0, gtd0)
+                        t1, f1, g1, gtd1 = _pick(flip1, t0, f0, g0, gtd0, t1, f1, g1, gtd1)
                         new0 = to_low & (low_is_1 == 0)
                         new1 = to_low & low_is_1
-                        t0 = tl.where(new0, t, t0)
-                        f0 = tl.where(new0, f_new, f0)
-                        g0 = tl.where(new0, g_new, g0)
-                        gtd0 = tl.where(new0, gtd_new, gtd0)
-                        t1 = tl.where(new1, t, t1)
-                        f1 = tl.where(new1, f_new, f1)
-                        g1 = tl.where(new1, g_new, g1)
-                        gtd1 = tl.where(new1, gtd_new, gtd1)
+                        t0, f0, g0, gtd0 = _pick(new0, t, f_new, g_new, gtd_new, t0, f0, g0, gtd0)
+                        t1, f1, g1, gtd1 = _pick(new1, t, f_new, g_new, gtd_new, t1, f1, g1, gtd1)
                         zooming = ((done == 0) & (ls_iter < max_ls)
                                    & ((tl.abs(t1 - t0) * d_norm < tol_change) == 0))
 
