@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional, get_args
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from alignprog.config import Config, load_config, parse_overrides
+from alignprog.config import Config, DataConfig, FpsConfig, load_config, parse_overrides
 from alignprog.errors import AlignprogError
 
 console = Console()                   # results: stdout
@@ -20,9 +20,17 @@ err_console = Console(stderr=True)    # diagnostics: stderr
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="YAML or JSON config file (see `alignprog/config.py` for every key).",
     show_default=False)]
-class FpsPreset(str, Enum):
-    none = "none"
-    egoprocel = "egoprocel"
+def config_choices(name: str, model: type, field: str, *, exclude: tuple[str, ...] = (),
+                   extra: tuple[str, ...] = ()) -> type[Enum]:
+    """The choices of an option: the Literal values of a config field (the config is the one
+    list), less `exclude`, plus `extra`, as the str Enum Typer wants."""
+    values = [v for v in get_args(model.model_fields[field].annotation) if v not in exclude]
+    return Enum(name, [(v, v) for v in (*values, *extra)], type=str)
+
+
+FpsPreset = config_choices("FpsPreset", FpsConfig, "preset")
+# features, frames, or both (one pass writes both).
+Layout = config_choices("Layout", DataConfig, "layout", extra=("both",))
 
 
 # Dataset options shared by the commands that read a dataset root.

@@ -13,20 +13,14 @@ from rich.table import Table
 
 from rich.markup import escape
 
-from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, LenientOpt, SetOpt,
-                                   console, err_console, guarded, report, resolve_config)
+from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, Layout, LenientOpt,
+                                   SetOpt, console, err_console, guarded, report, resolve_config)
 from alignprog.data.dataset import DatasetErrors, load_dataset, scan_arrays
 from alignprog.data.splits import write_splits
 from alignprog.data.write import write_synthetic_root
 
 app = typer.Typer(help="Create and validate datasets.", no_args_is_help=True,
                   rich_markup_mode="rich")
-
-
-class SynthLayout(str, Enum):
-    features = "features"
-    frames = "frames"
-    both = "both"
 
 
 class Dtype(str, Enum):
@@ -46,9 +40,9 @@ def synth(
         help="Videos per task.", show_default="20")] = None,
     dim: Annotated[Optional[int], typer.Option(
         help="Feature dimension of features/*.npy.", show_default="2048")] = None,
-    layout: Annotated[SynthLayout, typer.Option(
+    layout: Annotated[Layout, typer.Option(
         help="Which arrays to write: features (T, D), frames (T, C, S, S) or both. frames is "
-        "large: about 400 KB per frame at 1024x14x14 float16.")] = SynthLayout.features,
+        "large: about 400 KB per frame at 1024x14x14 float16.")] = Layout.features,
     frame_channels: Annotated[Optional[int], typer.Option(
         help="Channels C of the frames layout.", show_default="1024")] = None,
     frame_size: Annotated[Optional[int], typer.Option(
@@ -71,7 +65,7 @@ def synth(
         "data.synthetic.dim": dim, "data.synthetic.frame_channels": frame_channels,
         "data.synthetic.frame_size": frame_size, "data.synthetic.seed": seed,
     })
-    layouts = ["features", "frames"] if layout is SynthLayout.both else [layout.value]
+    layouts = ["features", "frames"] if layout is Layout.both else [layout.value]
     array_dtype = dtype.value if dtype else ("float16" if layouts == ["frames"] else "float32")
     with Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err_console, transient=True) as bar:

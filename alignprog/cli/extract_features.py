@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn)
 
-from alignprog.cli.common import console, err_console, fail, guarded, report
+from alignprog.cli.common import Layout, console, err_console, fail, guarded, report
 
 EPILOG = ("Examples:\n\n  alignprog extract-features videos/ data/ego\n\n"
           "  alignprog extract-features videos/ data/ego --layout both --fps 4 --device cuda "
@@ -22,12 +22,6 @@ EPILOG = ("Examples:\n\n  alignprog extract-features videos/ data/ego\n\n"
           "Writes OUT_ROOT/features/<handle>.npy (T, 2048), OUT_ROOT/frames/<handle>.npy "
           "(T, 1024, 14, 14) and OUT_ROOT/manifest.json; <handle> is the video's file stem. "
           "Run it again to resume: finished videos are skipped.")
-
-
-class Layout(str, Enum):
-    features = "features"
-    frames = "frames"
-    both = "both"
 
 
 class Dtype(str, Enum):

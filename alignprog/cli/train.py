@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,47 +15,21 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from alignprog.cli.common import (ConfigOpt, SetOpt, console, err_console, fail, guarded,
-                                   resolve_config)
-from alignprog.config import dump_config
+from alignprog.cli.common import (ConfigOpt, SetOpt, config_choices, console, err_console, fail,
+                                   guarded, resolve_config)
+from alignprog.config import (LearnableProgressConfig, ModelConfig, ProgressConfig, TrainConfig,
+                              dump_config)
 from alignprog.models import ENCODER_LAYOUT
 
 
-class Method(str, Enum):
-    tcc = "tcc"
-    gtcc = "gtcc"
-    lav = "lav"
-    vava = "vava"
-
-
-class ProgressMethod(str, Enum):
-    learnable = "learnable"
-    cumulative_l2 = "cumulative_l2"
-    none = "none"
-
-
-class Head(str, Enum):
-    gru = "gru"
-    mean = "mean"
-    transformer = "transformer"
-    dilated_conv = "dilated_conv"
-
-
-class ClipMode(str, Enum):
-    separate = "separate"
-    global_ = "global"
-    none = "none"
-
-
-class Encoder(str, Enum):
-    stacking = "stacking"
-    resnet50 = "resnet50"
-    naive = "naive"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
+Method = config_choices("Method", TrainConfig, "method")
+# progress.method's values, and none (progress.enabled false)
+ProgressMethod = config_choices("ProgressMethod", ProgressConfig, "method", extra=("none",))
+Head = config_choices("Head", LearnableProgressConfig, "arch")
+ClipMode = config_choices("ClipMode", TrainConfig, "clip_mode")
+# temporal_stacking, the reference's name for stacking, stays out of the choices
+Encoder = config_choices("Encoder", ModelConfig, "encoder", exclude=("temporal_stacking",))
+Precision = config_choices("Precision", TrainConfig, "precision")
 
 
 def _fmt(value, spec: str = ".4g") -> str:
