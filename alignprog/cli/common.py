@@ -69,6 +69,16 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def write_figure(path: Path, png: bytes) -> None:
+    """Write a PNG atomically and say so on stderr; a one-line error if it cannot be written."""
+    from alignprog.fileio import atomic_write_bytes
+    try:
+        atomic_write_bytes(path, png)
+    except OSError as exc:
+        fail(f"{path}: cannot write the figure ({exc.strerror or exc})")
+    err_console.print(f"figure written to {escape(str(path))}", highlight=False)
+
+
 def guarded(fn: Callable) -> Callable:
     """Report AlignprogError as one line on stderr with its exit code, never a traceback."""
 

@@ -12,7 +12,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from alignprog.cli.common import console, err_console, fail, guarded, report
+from alignprog.cli.common import console, fail, guarded, report, write_figure
 
 EPILOG = ("Examples:\n\n  alignprog predict exports/lav video.npy\n\n"
           "  alignprog predict exports/lav data/synth/features/*.npy --segments "
@@ -111,12 +111,7 @@ def predict(
         "videos": videos,
     }
     if plot is not None:
-        from alignprog.fileio import atomic_write_bytes
-        try:
-            atomic_write_bytes(plot, plot_progress(result))
-        except OSError as exc:
-            fail(f"{plot}: cannot write the figure ({exc.strerror or exc})")
-        err_console.print(f"figure written to {escape(str(plot))}", highlight=False)
+        write_figure(plot, plot_progress(result))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

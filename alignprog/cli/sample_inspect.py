@@ -13,8 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, LenientOpt, SetOpt,
-                                   console, err_console, fail, guarded, report, resolve_config)
-from alignprog.fileio import atomic_write_bytes
+                                   console, guarded, report, resolve_config, write_figure)
 from alignprog.sampling_report import plot_report, require_matplotlib, sampling_report
 
 BIN_STYLE = {"early": "green", "mid": "magenta", "late": "dark_orange"}
@@ -77,12 +76,7 @@ def sample_inspect(
     if rep["stratified"]["samples"] == 0:
         report("warning", f"no samples drawn from the {split} split (see the rejections)")
     if plot is not None:
-        png = plot_report(rep)
-        try:
-            atomic_write_bytes(plot, png)
-        except OSError as exc:
-            fail(f"{plot}: cannot write the figure ({exc.strerror or exc})")
-        err_console.print(f"figure written to {escape(str(plot))}", highlight=False)
+        write_figure(plot, plot_report(rep))
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
         return
