@@ -59,6 +59,49 @@ def loop_intra_contrast(u, window: int, margin: float, compat: str) -> float:
     return total
 
 
+def clip(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """torch.clamp as the reference's PyTorch differentiated it: gradient 1 inside the bounds
+    and on them (PyTorch 2.14's torch.clamp gives 0 on them)."""
+    return torch.where((x >= lo) & (x <= hi), x, x.detach().clamp(lo, hi))
+
+
+def reference_gmm_fit(p: torch.Tensor, k: int, steps: int = 8
+                      ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Spec 6.3's GMM fit of one vector p (M,), written out: the parameters, the components,
+    the symmetric KL and torch.optim.LBFGS (lr 0.5, max_iter 4, history 10, strong Wolfe), in
+    p's dtype. Returns (final J, G (k, M), pi (k,))."""
+    dtype, m_len = p.dtype, len(p)
+    means = torch.tensor([1 + i * (m_len - 2) / k for i in range(k)], dtype=dtype,
+                         requires_grad=True)
+    variances = torch.full((k,), float(m_len), dtype=dtype, requires_grad=True)
+    logits = torch.ones(k, dtype=dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([means, variances, logits], lr=0.5, max_iter=4, history_size=10,
+                            line_search_fn="strong_wolfe")
+    m = torch.arange(m_len, dtype=dtype)
+
+    def parts() -> tuple[torch.Tensor, torch.Tensor]:
+        mu, var = clip(means, 0, m_len - 1), clip(variances, 0.5, float("inf"))
+        g = torch.exp(-(m[None, :] - mu[:, None]) ** 2 / (2 * var[:, None]))
+        return g / g.sum(-1, keepdim=True), torch.softmax(logits, 0)
+
+    def objective() -> torch.Tensor:
+        g, pi = parts()
+        q = pi @ g
+        return ((p * (torch.log(p + 1e-30) - torch.log(q + 1e-30))).sum()
+                + (q * (torch.log(q + 1e-30) - torch.log(p + 1e-30))).sum())
+
+    def closure():
+        opt.zero_grad()
+        j = objective()
+        j.backward()
+        return j
+
+    for _ in range(steps):
+        opt.step(closure)
+    with torch.no_grad():
+        return (float(objective()), *parts())
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: on tiny tensors, threads only add contention on a 2-core machine."""

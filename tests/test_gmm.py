@@ -12,6 +12,8 @@ import torch
 from alignprog.losses.gmm import (GMMFit, fit_gmm, gmm_components, gmm_objective,
                                   gmm_value_and_grad, init_params, symmetric_kl)
 
+from conftest import reference_gmm_fit
+
 K = 15
 
 # The installed PyTorch caps each strong-Wolfe search by the step's remaining evaluations
@@ -21,46 +23,6 @@ TORCH_MAX_LS = (None if "max_eval - current_evals" in inspect.getsource(torch.op
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def clip(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """torch.clamp as the reference's PyTorch differentiated it: gradient 1 inside the bounds
-    and on them (PyTorch 2.14's torch.clamp gives 0 on them)."""
-    return torch.where((x >= lo) & (x <= hi), x, x.detach().clamp(lo, hi))
-
-
-def reference_fit(p: torch.Tensor, k: int = K, steps: int = 8) -> tuple[float, torch.Tensor]:
-    """Spec 6.3, one vector, written out: parameters, components, objective, torch L-BFGS."""
-    dtype, m_len = p.dtype, len(p)
-    means = torch.tensor([1 + i * (m_len - 2) / k for i in range(k)], dtype=dtype,
-                         requires_grad=True)
-    variances = torch.full((k,), float(m_len), dtype=dtype, requires_grad=True)
-    logits = torch.ones(k, dtype=dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([means, variances, logits], lr=0.5, max_iter=4, history_size=10,
-                            line_search_fn="strong_wolfe")
-    m = torch.arange(m_len, dtype=dtype)
-
-    def mixture() -> torch.Tensor:
-        mu, var = clip(means, 0, m_len - 1), clip(variances, 0.5, float("inf"))
-        g = torch.exp(-(m[None, :] - mu[:, None]) ** 2 / (2 * var[:, None]))
-        g = g / g.sum(-1, keepdim=True)
-        return torch.softmax(logits, 0) @ g
-
-    def objective() -> torch.Tensor:
-        q = mixture()
-        return ((p * (torch.log(p + 1e-30) - torch.log(q + 1e-30))).sum()
-                + (q * (torch.log(q + 1e-30) - torch.log(p + 1e-30))).sum())
-
-    def closure():
-        opt.zero_grad()
-        j = objective()
-        j.backward()
-        return j
-
-    for _ in range(steps):
-        opt.step(closure)
-    with torch.no_grad():
-        return float(objective()), mixture()
 
 
 def realistic_alphas(lengths: list[int], dtype=torch.float64, seed: int = 0) -> list[torch.Tensor]:
@@ -151,7 +113,8 @@ def test_batched_fit_matches_torch_lbfgs_float64():
     q = mixture_of(fit)
     assert fit.ok.all()
     for e, row in enumerate(rows):
-        j_ref, q_ref = reference_fit(row)
+        j_ref, g_ref, pi_ref = reference_gmm_fit(row, K)
+        q_ref = pi_ref @ g_ref
         assert float(fit.objective[e]) <= j_ref + 1e-6 * (1 + j_ref), (len(row), j_ref)
         assert (q[e, :len(row)] - q_ref).abs().sum() <= 1e-5, len(row)
         assert j_ref < float(symmetric_kl(row[None], mixture_of(fit_gmm(
@@ -165,7 +128,7 @@ def test_batched_fit_float32_close_to_torch_lbfgs():
     rows = realistic_alphas(lengths, dtype=torch.float32, seed=3)
     p, m = pad(rows)
     fit = fit_gmm(p, m, max_ls=TORCH_MAX_LS)
-    refs = [reference_fit(row)[0] for row in rows]
+    refs = [reference_gmm_fit(row, K)[0] for row in rows]
     for e, j_ref in enumerate(refs):
         assert float(fit.objective[e]) <= j_ref + 0.02 * (1 + j_ref)
     assert float(fit.objective.sum()) <= sum(refs) * 1.005 + 1e-3

@@ -13,6 +13,8 @@ from alignprog.losses.gmm import GMMFit, gmm_components, init_params
 from alignprog.losses.gtcc import (draw_directions, draw_samples, gtcc_loss, gtcc_loss_batch,
                                    window_mask)
 
+from conftest import reference_gmm_fit
+
 F64 = torch.float64
 
 
@@ -86,43 +88,6 @@ def loop_reference(xs, drops, samples, directions, comps, weights, *, epoch=0, d
             pair_losses.append(torch.as_tensor(total, dtype=u.dtype))
             p += 1
     return torch.stack(pair_losses)
-
-
-def clip(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """torch.clamp as the reference's PyTorch differentiated it: gradient 1 inside the bounds
-    and on them (PyTorch 2.14's torch.clamp gives 0 on them)."""
-    return torch.where((x >= lo) & (x <= hi), x, x.detach().clamp(lo, hi))
-
-
-def reference_fit(p_vec: torch.Tensor, k: int, steps: int = 8):
-    """Spec 6.3 GMM fit of one vector with torch.optim.LBFGS: (G (k, M), pi (k,))."""
-    m_len = len(p_vec)
-    means = torch.tensor([1 + i * (m_len - 2) / k for i in range(k)], dtype=F64,
-                         requires_grad=True)
-    variances = torch.full((k,), float(m_len), dtype=F64, requires_grad=True)
-    logits = torch.ones(k, dtype=F64, requires_grad=True)
-    opt = torch.optim.LBFGS([means, variances, logits], lr=0.5, max_iter=4, history_size=10,
-                            line_search_fn="strong_wolfe")
-    m = torch.arange(m_len, dtype=F64)
-
-    def parts():
-        mu, var = clip(means, 0, m_len - 1), clip(variances, 0.5, float("inf"))
-        g = torch.exp(-(m[None, :] - mu[:, None]) ** 2 / (2 * var[:, None]))
-        return g / g.sum(-1, keepdim=True), torch.softmax(logits, 0)
-
-    def closure():
-        opt.zero_grad()
-        g, pi = parts()
-        q = pi @ g
-        j = ((p_vec * (torch.log(p_vec + 1e-30) - torch.log(q + 1e-30))).sum()
-             + (q * (torch.log(q + 1e-30) - torch.log(p_vec + 1e-30))).sum())
-        j.backward()
-        return j
-
-    for _ in range(steps):
-        opt.step(closure)
-    with torch.no_grad():
-        return parts()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,7 +175,7 @@ def test_internal_fit_matches_spec_pipeline():
         for si, s in enumerate(samples[i].tolist()):
             d = torch.stack([torch.linalg.norm(xs[i][s] - xs[j][m]) for m in range(lengths[j])])
             alpha = torch.softmax(-d / 0.1, 0)
-            g, pi = reference_fit(alpha, k)
+            _, g, pi = reference_gmm_fit(alpha, k)
             comps[p, si, :, :lengths[j]], weights[p, si] = g, pi
     drop = torch.randn(2, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
     expect = loop_reference(xs, drop, [s.tolist() for s in samples], directions.tolist(),
