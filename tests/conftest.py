@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from alignprog.data import VideoAnnotation
+from alignprog.config import DataConfig, ModelConfig, ProgressConfig, SyntheticConfig
+from alignprog.data import Dataset, VideoAnnotation, load_dataset
+from alignprog.models import AlignmentModel, build_model
 
 # The project's shared/ folder lies beside the repository (as in CI); ALIGNPROG_SHARED overrides.
 SHARED_DATA = Path(os.environ.get("ALIGNPROG_SHARED",
@@ -26,6 +28,18 @@ TINY = {
     "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
     "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
 }
+
+def tiny_synthetic() -> Dataset:
+    """The synthetic dataset of the TINY config: 2 tasks x 6 videos of 16-wide features."""
+    return load_dataset(DataConfig(synthetic=SyntheticConfig(tasks=2, videos_per_task=6, dim=16)))
+
+
+def tiny_model(num_tasks: int = 2) -> AlignmentModel:
+    """An untrained model of the TINY widths on 16-wide features (seed torch first)."""
+    return build_model(ModelConfig(conv_channels=32, output_dim=16, head_layers=[16, 8, 16],
+                                   attn_layers=[16, 8]), ProgressConfig(), input_shape=(16,),
+                       num_tasks=num_tasks)
+
 
 BG = frozenset({"0", "SIL", "background"})
 

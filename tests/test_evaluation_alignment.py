@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from alignprog.config import DataConfig, ModelConfig, ProgressConfig, SyntheticConfig
+from alignprog.config import DataConfig, SyntheticConfig
 from alignprog.data import load_dataset
 from alignprog.evaluation.alignment import (alignment_partners, enclosed_area_error,
                                             enclosed_area_error_pair, evaluate_alignment,
                                             kendall_tau, kendall_tau_pair, kendall_tau_wild,
                                             kendall_tau_wild_pair, phase_classification,
                                             phase_progression, video_progress_gt)
-from alignprog.models import build_model
 
-from conftest import annotation
+from conftest import annotation, tiny_model, tiny_synthetic
 
 
 def line(values) -> np.ndarray:
@@ -285,11 +284,9 @@ def finite_numbers(obj) -> list[float]:
 
 
 def test_evaluate_alignment_synthetic_end_to_end():
-    ds = load_dataset(DataConfig(synthetic=SyntheticConfig(tasks=2, videos_per_task=6, dim=16)))
+    ds = tiny_synthetic()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(conv_channels=32, output_dim=16, head_layers=[16, 8, 16],
-                                    attn_layers=[16, 8]), ProgressConfig(), input_shape=(16,),
-                        num_tasks=2)
+    model = tiny_model()
     report = evaluate_alignment(model, ds, device="cpu")
     parsed = json.loads(json.dumps(report, allow_nan=False))
     assert set(parsed) == {"dataset", "split", "train_split", "split_sha256", "counts",

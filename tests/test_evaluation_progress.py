@@ -10,18 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from alignprog.config import DataConfig, ModelConfig, ProgressConfig, SyntheticConfig
-from alignprog.data import Dataset, Splits, Video, VideoAnnotation, load_dataset
+from alignprog.data import Dataset, Splits, Video, VideoAnnotation
 from alignprog.data.dataset import GeneratedArray
 from alignprog.evaluation import (CONVENTION, action_frames, constant_progress, duration_prior,
                                   duration_prior_progress, embed_videos, evaluate_progress,
                                   online_progress, parse_baseline, progress_metrics)
 from alignprog.evaluation.progress import (PathLengthPrior, cumulative_path,
                                            video_progress_gt)
-from alignprog.models import build_model
 from alignprog.models.progress_heads import build_progress_head
 
-from conftest import BG, annotation
+from conftest import BG, annotation, tiny_model, tiny_synthetic
 
 
 def hand_dataset(videos: list[tuple[str, str, str, list[tuple[str, int]]]], dim: int = 4
@@ -168,9 +166,7 @@ def test_embed_videos_order_and_batching():
     torch.manual_seed(0)
     ds = hand_dataset([("t", f"v{i}", "test", [("a", n)]) for i, n in enumerate((7, 3, 11, 5))],
                       dim=16)
-    model = build_model(ModelConfig(conv_channels=32, output_dim=16, head_layers=[16, 8, 16],
-                                    attn_layers=[16, 8]), ProgressConfig(), input_shape=(16,),
-                        num_tasks=1)
+    model = tiny_model(1)
     model.train()
     indices = [2, 0, 3, 1]
     batched = embed_videos(model, ds, indices, device="cpu", batch_size=3)
@@ -266,11 +262,9 @@ def test_report_counts_hash_and_convention():
 
 
 def test_evaluate_progress_synthetic_end_to_end():
-    ds = load_dataset(DataConfig(synthetic=SyntheticConfig(tasks=2, videos_per_task=6, dim=16)))
+    ds = tiny_synthetic()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(conv_channels=32, output_dim=16, head_layers=[16, 8, 16],
-                                    attn_layers=[16, 8]), ProgressConfig(), input_shape=(16,),
-                        num_tasks=2)
+    model = tiny_model()
     report = evaluate_progress(model, ds, "test", device="cpu",
                                baselines=("constant_0.5", "frame_count", "constant_0"))
     text = json.dumps(report, allow_nan=False)
@@ -420,11 +414,9 @@ def test_video_level_skips_zero_path_videos_for_every_predictor():
 
 
 def test_extras_change_no_other_number_and_curves_are_kept():
-    ds = load_dataset(DataConfig(synthetic=SyntheticConfig(tasks=2, videos_per_task=6, dim=16)))
+    ds = tiny_synthetic()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(conv_channels=32, output_dim=16, head_layers=[16, 8, 16],
-                                    attn_layers=[16, 8]), ProgressConfig(), input_shape=(16,),
-                        num_tasks=2)
+    model = tiny_model()
     plain = evaluate_progress(model, ds, "val", device="cpu")
     full = evaluate_progress(model, ds, "val", device="cpu", cumulative=True, video_level=True,
                              curves=2)
