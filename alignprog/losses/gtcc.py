@@ -6,7 +6,8 @@ and the list form ``gtcc_loss``. All ordered pairs (i, j), i != j, and all their
 are computed at once; the GMM fits of the whole batch run as one batched L-BFGS
 (``alignprog.losses.gmm``; one Triton launch on CUDA).
 
-On CUDA the loss makes no host sync when ``check_inputs=False`` (issue 9): the random draws are
+On CUDA the loss makes no host sync inside ``alignprog.runtime.trusted_inputs()`` (issue 9;
+its input checks read values on the host, `runtime.checks_values`): the random draws are
 copied to the device without waiting, every (pair, sampled frame) slot is fitted (padded slots as
 inactive fits) instead of selecting the real ones with a boolean index, and the counts in
 ``GTCCDetails`` stay tensors until the caller reads them.
@@ -29,7 +30,7 @@ import torch
 from alignprog.losses.common import (SQRT_EPS, Compat, Reduction, check_compat, ordered_pairs,
                                      pad_sequences, pairwise_distances)
 from alignprog.losses.gmm import GMMFit, fit_gmm
-from alignprog.runtime import to_device
+from alignprog.runtime import checks_values, to_device
 
 # Sampled frames per primary video: hard-coded 20 in the reference (spec 6.3 step 2, spec 9).
 NUM_SAMPLES = 20
@@ -172,8 +173,7 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
                     directions: torch.Tensor | None = None,
                     gmm: GMMFit | tuple[torch.Tensor, torch.Tensor] | None = None,
                     return_details: bool = False, drop_floor_eps: float = 1e-3,
-                    compat: Compat = "fixed", reduction: Reduction = "reference",
-                    check_inputs: bool = True):
+                    compat: Compat = "fixed", reduction: Reduction = "reference"):
     """GTCC loss of a padded batch (spec ALGORITHMS 6.3): scalar, or (scalar, GTCCDetails).
 
     x (B, T, D) embeddings, mask (B, T) bool with real frames first (a prefix mask, as
@@ -222,10 +222,10 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
     non-skipped ordered pairs of (pair loss / |S_i|), |S_i| = min(num_samples, N_i) the number of
     sampled frames of the pair's primary, i.e. the mean frame term.
 
-    ``check_inputs``: the checks that read data (mask is a prefix mask, every video has a frame,
-    passed samples are real frames) each cost a host sync on an accelerator; False skips them
-    there (a caller whose batches come from ``pad_sequences`` or the data loader, such as the
-    training loop, knows they hold). On CPU tensors they always run. The shape checks always run.
+    The checks that read data (mask is a prefix mask, every video has a frame, passed samples
+    are real frames) cost a host sync on a GPU: they are skipped there inside
+    ``runtime.trusted_inputs()`` (the training loop's batches hold them by construction), as
+    every loss's are. The shape checks always run.
     """
     check_compat(compat, reduction)
     if not 0.05 <= delta <= 1.0:
@@ -238,7 +238,7 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
                          f"{tuple(mask.shape)}")
     b, t, dim = x.shape
     mask = mask.to(device=x.device, dtype=torch.bool)
-    check = check_inputs or x.device.type == "cpu"
+    check = checks_values(x)
     lengths = mask.sum(1)                                                      # (B,)
     if check and bool((mask != (torch.arange(t, device=x.device)[None, :]
                                 < lengths[:, None])).any()):

@@ -196,8 +196,7 @@ class Trainer:
         generators = generators or self.generators
         kw = dict(self.loss_kw)
         if self.cfg.train.method == "gtcc":
-            kw.update(drop=drop, epoch=epoch, generator=generators["gtcc"],
-                      check_inputs=False)   # the loader's masks are prefixes: no host sync
+            kw.update(drop=drop, epoch=epoch, generator=generators["gtcc"])
         elif self.cfg.train.method == "vava":
             # Reference: phi indexed by the epoch (B19); fixed: by the optimizer step.
             kw.update(global_step=epoch if self.cfg.loss.compat == "reference" else step)
