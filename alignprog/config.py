@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,8 +32,47 @@ EGOPROCEL_SOURCE_FPS: dict[str, float] = {
 }
 
 
+# Largest width / hidden size / feature dimension accepted: anything larger fails here with a
+# message instead of as an allocation traceback later.
+MAX_WIDTH = 65536
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+
+
+def _bool_for_number(annotation: Any, value: Any) -> bool:
+    """Whether `value` holds a bool where `annotation` wants an int or float (YAML `true` would
+    otherwise become 1)."""
+    if isinstance(value, bool):
+        args = get_args(annotation) if get_origin(annotation) is not None else (annotation,)
+        flat = set()
+        for arg in args:
+            flat |= set(get_args(arg)) if get_origin(arg) is Annotated else {arg}
+        return bool(flat & {int, float}) and bool not in flat
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _bool_for_number(get_args(annotation)[0], value)
+    if origin is list and isinstance(value, list):
+        (item,) = get_args(annotation) or (Any,)
+        return any(_bool_for_number(item, v) for v in value)
+    if origin is dict and isinstance(value, dict):
+        _, item = get_args(annotation) or (Any, Any)
+        return any(_bool_for_number(item, v) for v in value.values())
+    if origin is not None and not isinstance(value, (list, dict)):
+        return False
+    if origin is not None:  # Optional[list[int]] and the like
+        return any(_bool_for_number(arg, value) for arg in get_args(annotation))
+    return False
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: Any) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and _bool_for_number(field.annotation, value):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
 
 class SplitConfig(StrictModel):
@@ -138,9 +177,9 @@ class SyntheticConfig(StrictModel):
 
     tasks: int = Field(4, ge=1, le=64, description="Number of tasks (procedures).")
     videos_per_task: int = Field(20, ge=1, le=10_000, description="Videos generated per task.")
-    dim: int = Field(2048, ge=1, description="Feature dimension of the `features` layout.")
-    frame_channels: int = Field(1024, ge=1, description="Channels of the `frames` layout.")
-    frame_size: int = Field(14, ge=1, description="Spatial size of the `frames` layout maps.")
+    dim: int = Field(2048, ge=1, le=MAX_WIDTH, description="Feature dimension of the `features` layout.")
+    frame_channels: int = Field(1024, ge=1, le=MAX_WIDTH, description="Channels of the `frames` layout.")
+    frame_size: int = Field(14, ge=1, le=1024, description="Spatial size of the `frames` layout maps.")
     seed: int = Field(0, description="Seed of the generator; the same seed gives the same data.")
 
 
@@ -214,25 +253,39 @@ class ModelConfig(StrictModel):
     mcn: bool = Field(True, description="Multi-head attention fusion (MCN) over the base output; "
                       "False: the base encoder's output is the embedding.")
     num_heads: int | None = Field(
-        None, ge=1, description="MCN heads. Unset: one per task of the dataset (16 on EgoProceL).")
-    output_dim: int = Field(128, ge=2, description="Width D of the aligned embeddings.")
-    temporal_depth: int = Field(2, ge=1, description="Temporal window k of resnet50 and the "
+        None, ge=1, le=1024, description="MCN heads. Unset: one per task of the dataset (16 on EgoProceL).")
+    output_dim: int = Field(128, ge=2, le=MAX_WIDTH, description="Width D of the aligned embeddings.")
+    temporal_depth: int = Field(2, ge=1, le=64, description="Temporal window k of resnet50 and the "
                                 "first stacking conv.")
-    conv_channels: int = Field(256, ge=2, description="stacking: channels of the first conv.")
-    stacking_layers: int = Field(7, ge=2, description="stacking: number of convs in total.")
-    naive_layers: list[int] = Field(default_factory=lambda: [1024, 512, 512, 256],
+    conv_channels: int = Field(256, ge=2, le=MAX_WIDTH, description="stacking: channels of the first conv.")
+    stacking_layers: int = Field(7, ge=2, le=256, description="stacking: number of convs in total.")
+    naive_layers: list[Width] = Field(default_factory=lambda: [1024, 512, 512, 256],
                                     description="naive: hidden widths of the per-frame MLP.")
-    head_layers: list[int] = Field(default_factory=lambda: [512, 128, 256],
+    head_layers: list[Width] = Field(default_factory=lambda: [512, 128, 256],
                                    description="MCN: hidden widths of each head's MLP.")
-    attn_layers: list[int] = Field(default_factory=lambda: [512, 1024, 512, 512],
+    attn_layers: list[Width] = Field(default_factory=lambda: [512, 1024, 512, 512],
                                    description="MCN: hidden widths of the attention network.")
-    drop_layers: list[int] = Field(default_factory=lambda: [256, 1024, 512, 256],
+    drop_layers: list[Width] = Field(default_factory=lambda: [256, 1024, 512, 256],
                                    description="Hidden widths of the GTCC drop branch.")
     dropping: bool | None = Field(None, description="Build the drop branch. Unset: only for "
                                   "GTCC, the one loss that uses it.")
     reference_window: bool = Field(
         False, description="resnet50: reproduce the reference's temporal window r-k..r-1 (bug "
         "B5) instead of r-k+1..r. Only for reproducing published numbers.")
+
+    @model_validator(mode="after")
+    def _stacking_widths(self) -> "ModelConfig":
+        if self.encoder in ("stacking", "temporal_stacking"):
+            c, d = self.conv_channels, self.output_dim
+            ok = c > d
+            while ok and c > d and c % 2 == 0:
+                c //= 2
+            if not ok or c != d:
+                raise ValueError(f"model.conv_channels must be model.output_dim times a power of "
+                                 f"two (2, 4, ...) for the {self.encoder} encoder, got "
+                                 f"conv_channels={self.conv_channels}, "
+                                 f"output_dim={self.output_dim}")
+        return self
 
 
 class LearnableProgressConfig(StrictModel):
@@ -241,7 +294,7 @@ class LearnableProgressConfig(StrictModel):
     arch: Literal["gru", "mean", "transformer", "dilated_conv"] = Field(
         "gru", description="Head architecture: gru (the document's), mean (mean pooling), "
         "transformer (causal, ALiBi), dilated_conv (causal dilated convolutions).")
-    hidden_dim: int = Field(64, ge=1, description="Width of the head: GRU hidden size, first "
+    hidden_dim: int = Field(64, ge=1, le=MAX_WIDTH, description="Width of the head: GRU hidden size, first "
                             "MLP width of mean, d_model of transformer, channels of dilated_conv.")
     use_gru: bool = Field(True, description="The document's switch: False means arch 'mean'.")
     position: Literal["relative", "count", "none"] = Field(
@@ -336,8 +389,8 @@ class VAVALossConfig(StrictModel):
     lambda1: float = Field(1.0, description="Weight of the inverse-difference-moment reward.")
     lambda2: float = Field(0.1, description="Weight of the KL to the prior.")
     gamma: float = Field(0.5, ge=0, description="Weight of the contrastive part.")
-    zeta: float = Field(0.5, description="Cost of the virtual (drop) row and column.")
-    delta: float = Field(0.6, gt=0, description="Width of the Gaussian priors.")
+    zeta: float = Field(0.5, ge=0, description="Cost of the virtual (drop) row and column.")
+    delta: float = Field(0.6, ge=1e-3, description="Width of the Gaussian priors.")
 
 
 class LossConfig(StrictModel):
@@ -401,6 +454,8 @@ class TrainConfig(StrictModel):
     two_stage: bool = Field(False, description="Train alignment first (epochs), then the "
                             "progress head alone on the frozen encoder (head_epochs).")
     head_epochs: int = Field(10, ge=1, description="Epochs of the second stage.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Also save a checkpoint every "
+                                         "this many steps (unset: at epoch ends only).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     runs_dir: Path = Field(Path("runs"), description="Folder of the run directories.")
     name: str | None = Field(None, description="Run name. Unset: <method>-<timestamp>.")
@@ -427,6 +482,56 @@ class Config(StrictModel):
 # Loading
 
 
+# Limits of what a config file or override may hold (YAML alias bombs, deep nesting).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_ALIASES = 16
+MAX_YAML_DEPTH = 32
+
+
+class _YamlLimit(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses more than MAX_YAML_ALIASES aliases and deeper than MAX_YAML_DEPTH
+    nesting, so that a small alias bomb (billion laughs) fails at once instead of expanding."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise _YamlLimit(f"more than {MAX_YAML_ALIASES} YAML aliases (*name)")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _YamlLimit(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _safe_yaml(text: str) -> Any:
+    """yaml.safe_load with the limits above; raises ValueError with a one-line reason."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except _YamlLimit as exc:
+        raise ValueError(str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML/JSON ({exc})".replace("\n", " ")) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """`["data.split.seed=3", "data.tasks=[a, b]"]` -> dotted dict; values are read as YAML."""
     out: dict[str, Any] = {}
@@ -436,24 +541,27 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like key=value, e.g. data.split.seed=3")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from None
+            out[key] = _safe_yaml(raw) if raw.strip() else None
+        except ValueError as exc:
+            raise ConfigError(f"override '{key}': value is {exc}".replace(
+                "is not valid YAML/JSON", "is not valid YAML")) from None
     return out
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES} bytes")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: cannot read config file (not UTF-8 text)") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML/JSON ({exc})".replace("\n", " ")) from None
+        data = _safe_yaml(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -464,11 +572,15 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if not isinstance(child, dict):
+        if child is None:
             child = {}
             node[part] = child
+        elif not isinstance(child, dict):
+            section = ".".join(parts[:i + 1])
+            raise ConfigError(f"'{key}': '{section}' is set to the single value {child!r}, not a "
+                              "section of settings")
         node = child
     node[parts[-1]] = value
 

@@ -45,7 +45,7 @@ from alignprog.config import DEFAULT_BACKGROUND, ModelConfig, ProgressConfig
 from alignprog.data.annotations import (RawAnnotation, RepairLog, VideoAnnotation, canonicalise,
                                         parse_task_record)
 from alignprog.errors import AlignprogError, DataError
-from alignprog.fileio import fsync_file, replace_dir
+from alignprog.fileio import fsync_file, load_json_text, replace_dir
 from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
 
 FORMAT = "alignprog-export"
@@ -89,14 +89,17 @@ def export_run(run_dir: Path, *, checkpoint: str = "best", out_dir: Path, dtype:
                overwrite: bool = False) -> Path:
     """Export a run's checkpoint (``best`` falls back to the latest, ``last``, or a path) to
     `out_dir`; returns the path of model.safetensors. See the module docstring for the files."""
+    from alignprog.checks import load_checked_model
     from alignprog.training.checkpoint import read_checkpoint_meta
-    from alignprog.training.restore import load_trained_model, resolve_checkpoint
+    from alignprog.training.restore import resolve_checkpoint
     from alignprog.training.rundir import RunDir
 
     name = dtype_name(dtype)
     run_dir = Path(run_dir)
     ckpt = resolve_checkpoint(run_dir, checkpoint)
-    cfg, model, state = load_trained_model(ckpt)  # safetensors + JSON only
+    # safetensors + JSON only; the checks of eval-progress: a damaged checkpoint is one line,
+    # NaN/Inf or absurd weights are refused
+    cfg, model, state = load_checked_model(ckpt)
     meta = read_checkpoint_meta(ckpt)["meta"]
     config = {
         "method": cfg.train.method,
@@ -160,6 +163,9 @@ def export_model(model: AlignmentModel, config: Mapping[str, Any], out_dir: Path
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if card is not None:
             (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"format": FORMAT,
+                                                     "format_version": FORMAT_VERSION}) + "\n",
+                                         encoding="utf-8")
         # mkdtemp makes the directory 0700 and safetensors its file 0600: give them the
         # permissions a plain mkdir/open would, so that others can read the export.
         umask = os.umask(0)
@@ -175,8 +181,24 @@ def export_model(model: AlignmentModel, config: Mapping[str, Any], out_dir: Path
     return out_dir / MODEL_FILE
 
 
+# Written into every export directory; --overwrite replaces only a directory that has it (a
+# Hugging Face folder with model.safetensors and config.json is not ours to delete).
+EXPORT_MARKER = ".alignprog-export"
+
+
 def _is_export_dir(path: Path) -> bool:
-    return (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file()
+    """An alignprog export: it has the marker, or (exports written before the marker) its
+    model.safetensors metadata says format alignprog."""
+    if (path / EXPORT_MARKER).is_file():
+        return True
+    if not (path / MODEL_FILE).is_file():
+        return False
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path / MODEL_FILE), framework="pt") as fh:
+            return (fh.metadata() or {}).get("format") == FORMAT
+    except Exception:
+        return False
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
@@ -190,9 +212,9 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it or choose "
                           "another --out")
     if not _is_export_dir(out_dir):
-        raise ExportError(f"refusing to overwrite {out_dir}: it is not an alignprog export (no "
-                          f"{MODEL_FILE} and {CONFIG_FILE}); delete it yourself or choose "
-                          "another --out")
+        raise ExportError(f"refusing to overwrite {out_dir}: not written by alignprog (no "
+                          f"{EXPORT_MARKER}: it is not an alignprog export); delete it yourself or "
+                          "choose another --out")
 
 
 def model_card(config: Mapping[str, Any], model: AlignmentModel, *, run_meta: Mapping | None,
@@ -325,10 +347,8 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> ExportInfo:
     if version != FORMAT_VERSION:
         raise ExportError(f"{path}: export format_version {version!r} is not readable by "
                           f"alignprog {alignprog.__version__} (reads version {FORMAT_VERSION})")
-    try:
-        config = json.loads(metadata["config"])
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path}: the 'config' metadata is not valid JSON ({exc})") from None
+    config = load_json_text(metadata["config"], lambda reason: ExportError(
+        f"{path}: the 'config' metadata is not valid JSON ({reason})"))
     if not isinstance(config, dict):
         raise ExportError(f"{path}: the 'config' metadata must be a JSON object")
     missing = [k for k in ("model", "progress", "method", "input_shape", "num_tasks")
@@ -339,8 +359,9 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> ExportInfo:
         model_cfg = ModelConfig.model_validate(config["model"])
         progress_cfg = ProgressConfig.model_validate(config["progress"])
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())
+        problems = "; ".join(
+            ".".join(str(p) for p in e["loc"]) + ": " * bool(e["loc"])
+            + e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise ExportError(f"{path}: the export's config is invalid ({problems})") from None
     shape = config["input_shape"]
     if (not isinstance(shape, list) or not shape
@@ -355,9 +376,67 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> ExportInfo:
     if dtype not in DTYPES:
         raise ExportError(f"{path}: unknown dtype {dtype!r} in the metadata")
     background = config.get("background_labels") or list(DEFAULT_BACKGROUND)
+    _check_config_fields(path, config, shape, num_tasks, background)
     return ExportInfo(path, config, model_cfg, progress_cfg, str(config["method"]),
                       ENCODER_LAYOUT[model_cfg.encoder], tuple(shape), num_tasks,
                       tuple(str(b) for b in background), dtype, version)
+
+
+# Bounds of a plausible export config: a tampered one (input_shape [1e9], num_tasks 1e7) is
+# refused before anything is allocated.
+MAX_INPUT_RANK = 3          # (D,) features or (C, H, W) frames
+MAX_INPUT_DIM = 1 << 16
+MAX_INPUT_ELEMS = 1 << 24   # elements of one frame
+MAX_TASKS = 100_000
+
+
+def _check_config_fields(path: Path, config: Mapping[str, Any], shape: Any, num_tasks: Any,
+                         background: Any) -> None:
+    """Types and ranges of the config fields beside model/progress (one-line ExportError)."""
+    def bad(what: str) -> ExportError:
+        return ExportError(f"{path}: the export's config is invalid ({what})")
+
+    if isinstance(num_tasks, bool):
+        raise bad(f"num_tasks must be a positive integer, got {num_tasks!r}")
+    if (isinstance(shape, list) and any(isinstance(v, bool) for v in shape)):
+        raise bad(f"input_shape must be a list of positive integers, got {shape!r}")
+    if len(shape) > MAX_INPUT_RANK or any(v > MAX_INPUT_DIM for v in shape) \
+            or math.prod(shape) > MAX_INPUT_ELEMS:
+        raise bad(f"input_shape {shape!r} is out of range (at most {MAX_INPUT_RANK} dimensions "
+                  f"of at most {MAX_INPUT_DIM}, {MAX_INPUT_ELEMS} elements)")
+    if num_tasks > MAX_TASKS:
+        raise bad(f"num_tasks {num_tasks} is out of range (at most {MAX_TASKS})")
+    if not isinstance(config["method"], str) or not config["method"]:
+        raise bad(f"method must be a string, got {config['method']!r}")
+    if (not isinstance(background, list) or not background
+            or not all(isinstance(b, str) for b in background)):
+        raise bad(f"background_labels must be a non-empty list of strings, got {background!r}")
+    for key, kind in (("layout", str), ("dtype", str), ("alignprog_version", str),
+                      ("source", dict)):
+        if key in config and config[key] is not None and not isinstance(config[key], kind):
+            raise bad(f"{key} must be a {'string' if kind is str else 'JSON object'}, got "
+                      f"{config[key]!r}")
+
+
+def _check_header(info: ExportInfo) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The file's tensor names/shapes/dtypes from its header, checked against the model the
+    config describes, built on the meta device (nothing allocated) BEFORE the real build."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(info.path, framework="pt") as fh:
+            found = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype())
+                     for k in fh.keys()}
+    except Exception as exc:
+        raise ExportError(f"{info.path}: cannot read the tensors ({_short(exc)}); is the file "
+                          "truncated or corrupted?") from None
+    with torch.device("meta"):
+        skeleton = build_from_info(info)
+    problems = check_tensors(skeleton.state_dict(), found)
+    if problems:
+        raise ExportError(f"{info.path}: the tensors do not match the architecture its "
+                          "config describes: " + "; ".join(problems))
+    return found
 
 
 def build_from_info(info: ExportInfo) -> AlignmentModel:
@@ -411,6 +490,7 @@ def load_with_config(path: Path, *, device: str | torch.device = "cpu",
     from safetensors import safe_open
 
     info = read_export_info(path)
+    _check_header(info)  # shapes vs the safetensors header before allocating the model
     model = build_from_info(info)
     expected = model.state_dict()
     try:
@@ -430,6 +510,11 @@ def load_with_config(path: Path, *, device: str | torch.device = "cpu",
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ExportError(f"{info.path}: tensors hold NaN/Inf values (corrupted?): {_listed(bad)}")
+    from alignprog.checks import check_weights
+    try:
+        check_weights(tensors, info.path)  # absurd magnitudes (e.g. 3e38) too
+    except AlignprogError as exc:
+        raise ExportError(str(exc)) from None
     target = DTYPES[dtype_name(dtype)]
     model = model.to(target)
     model.load_state_dict(tensors, strict=True)  # copy_ casts each tensor to its parameter dtype
@@ -447,12 +532,46 @@ def load(path: Path, *, device: str | torch.device = "cpu",
 # Inference on new videos
 
 
-def read_video_array(path: Path, info: ExportInfo) -> np.ndarray:
+MAX_FRAMES = 100_000  # predict's default bound on a video's frames (--max-frames)
+
+
+def _npy_frames(path: Path) -> int | None:
+    """The first dimension from a .npy header (None if the header is not readable: np.load
+    then reports the problem)."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape = read(fh)[0]
+    except Exception:
+        return None
+    return int(shape[0]) if shape else None
+
+
+def read_video_array(path: Path, info: ExportInfo, *, max_frames: int | None = MAX_FRAMES
+                     ) -> np.ndarray:
     """A (T, *input_shape) float16/32 .npy file, memory-mapped, never unpickled; checked and
-    returned as float32 (T, *input_shape)."""
+    returned as float32 (T, *input_shape). Only a regular file is opened (a FIFO would hang),
+    and a video of more than `max_frames` frames is refused from its header, before reading."""
+    import stat
+
     path = Path(path)
     rank = 1 + len(info.input_shape)
     layout = "(T, D)" if info.layout == "features" else "(T, C, H, W)"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError("no such file", file=str(path)) from None
+    except OSError as exc:
+        raise DataError(f"cannot read ({exc.strerror or exc})", file=str(path)) from None
+    if not stat.S_ISREG(mode):
+        raise DataError("not a regular file (a directory, FIFO or device?); expected a .npy "
+                        "array", file=str(path))
+    frames = _npy_frames(path)
+    if max_frames is not None and frames is not None and frames > max_frames:
+        raise DataError(f"{frames} frames is more than the bound of {max_frames} (raise "
+                        "--max-frames to read it)", file=str(path))
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
@@ -528,11 +647,13 @@ def read_segments(path: Path) -> dict[str | None, RawAnnotation]:
     path = Path(path)
     file = str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError("no such segments file", file=file) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read the segments JSON ({exc})", file=file) from None
+    data = load_json_text(text, lambda reason: DataError(
+        f"cannot read the segments JSON ({reason})", file=file))
     if isinstance(data, list):
         return {None: _raw_from_entry("-", "*", data, file)}
     if not isinstance(data, dict) or not data:

@@ -487,7 +487,31 @@ def read_manifest(out_root: Path) -> dict | None:
     if not isinstance(manifest, dict) or manifest.get("schema_version") != MANIFEST_SCHEMA:
         raise DataError(f"not an extract-features manifest of schema {MANIFEST_SCHEMA}; delete it "
                         "or pass --overwrite", file=str(path))
+    if not isinstance(manifest.get("settings", {}), dict):
+        raise DataError("damaged manifest: 'settings' is not an object; delete it or pass "
+                        "--overwrite", file=str(path))
+    for key in ("videos", "failed"):
+        items = manifest.get(key, [])
+        if not isinstance(items, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("handle"), str) for e in items):
+            raise DataError(f"damaged manifest: '{key}' is not a list of entries with a string "
+                            "'handle'; delete it or pass --overwrite", file=str(path))
+        for e in items if key == "videos" else ():
+            if not isinstance(e.get("frames"), int) or isinstance(e.get("frames"), bool):
+                raise DataError(f"damaged manifest: video '{e['handle']}' has no integer "
+                                "'frames'; delete it or pass --overwrite", file=str(path))
     return manifest
+
+
+def _array_intact(path: Path, frames: int | None) -> bool:
+    """Whether an existing output array is a complete, readable .npy (of `frames` frames when
+    known): a 0-byte or truncated file from an interrupted run is not done."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    return (isinstance(array, np.ndarray) and array.ndim >= 1 and array.shape[0] > 0
+            and (frames is None or array.shape[0] == frames))
 
 
 def _check_resume(manifest: dict, settings: ExtractSettings, out_root: Path) -> None:
@@ -505,7 +529,8 @@ def extract_videos(videos: list[Path], out_root: Path, settings: ExtractSettings
                    device: torch.device | str = "cpu", net: LoadedWeights | None = None,
                    on_video_start: Callable[[int, str], None] | None = None,
                    on_frames: Callable[[int], None] | None = None,
-                   on_video: Callable[[VideoResult], None] | None = None) -> ExtractSummary:
+                   on_video: Callable[[VideoResult], None] | None = None,
+                   on_warning: Callable[[str], None] | None = None) -> ExtractSummary:
     """Extract every video into `out_root`/{features,frames}/<handle>.npy and keep
     `out_root`/manifest.json up to date after each video.
 
@@ -515,6 +540,15 @@ def extract_videos(videos: list[Path], out_root: Path, settings: ExtractSettings
     `net` defaults to ``load_network(settings.weights)``; the network is only loaded when a
     video needs it."""
     out_root = Path(out_root)
+    try:
+        for layout in settings.layouts:
+            (out_root / layout).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the output directory ({exc.strerror or exc})",
+                        file=str(exc.filename or out_root)) from None
+    if not os.access(out_root, os.W_OK) or not all(
+            os.access(out_root / layout, os.W_OK) for layout in settings.layouts):
+        raise DataError("the output directory is not writable", file=str(out_root))
     manifest = None if settings.overwrite else read_manifest(out_root)
     if manifest is not None:
         _check_resume(manifest, settings, out_root)
@@ -546,7 +580,20 @@ def extract_videos(videos: list[Path], out_root: Path, settings: ExtractSettings
         if on_video_start is not None:
             on_video_start(i, handle)
         targets = {layout: out_root / layout / f"{handle}.npy" for layout in settings.layouts}
-        if not settings.overwrite and all(p.is_file() for p in targets.values()):
+        existing = not settings.overwrite and all(p.is_file() for p in targets.values())
+        if existing:
+            known = (entries.get(handle) or {}).get("frames")
+            damaged = [p for p in targets.values() if not _array_intact(p, known)]
+            if damaged:
+                message = (f"{damaged[0]}: existing array is empty, truncated or does not "
+                           "match the manifest; extracting the video again")
+                if on_warning is not None:
+                    on_warning(message)
+                else:
+                    import warnings
+                    warnings.warn(message, stacklevel=2)
+                existing = False
+        if existing:
             entry = entries.get(handle) or _entry_from_arrays(handle, path, out_root, settings)
             entries[handle] = entry
             result = VideoResult(handle, str(path), "skipped", frames=entry["frames"],

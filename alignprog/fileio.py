@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
@@ -75,3 +76,52 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading untrusted JSON
+
+JSON_MAX_DEPTH = 200
+
+
+def _json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists/objects deeper than `limit` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children
+                         if isinstance(child, (dict, list)))
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def load_json_text(text: str, fail: Callable[[str], BaseException], *,
+                   max_depth: int = JSON_MAX_DEPTH, allow_nan: bool = False) -> Any:
+    """`json.loads(text)` for files a user hands in: every failure is `raise fail(reason)`.
+
+    `reason` is one short line (no traceback material): a syntax error with its line and
+    column, nesting deeper than `max_depth` (which would otherwise be a RecursionError), an
+    integer beyond Python's digit limit, or NaN/Infinity (unless `allow_nan`)."""
+    try:
+        kwargs = {} if allow_nan else {"parse_constant": _reject_constant}
+        data = json.loads(text, **kwargs)
+    except json.JSONDecodeError as exc:
+        raise fail(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise fail(f"nested deeper than {max_depth} levels") from None
+    except ValueError as exc:
+        msg = str(exc)
+        if "integer string conversion" in msg or "digits" in msg:
+            limit = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+            raise fail(f"a number has more than {limit} digits") from None
+        raise fail(msg.splitlines()[0] if msg else "invalid JSON value") from None
+    if _json_depth_exceeds(data, max_depth):
+        raise fail(f"nested deeper than {max_depth} levels")
+    return data

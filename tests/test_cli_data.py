@@ -23,8 +23,8 @@ def test_synth_writes_a_root_that_check_and_the_loader_read(tmp_path: Path):
     result = runner.invoke(app, ["data", "synth", str(out), *SMALL])
     assert result.exit_code == 0, result.output
     assert "wrote 8 videos" in result.output
-    assert {p.name for p in out.iterdir()} == {"dataset.json", "id2action.txt", "splits.json",
-                                                "features"}
+    assert {p.name for p in out.iterdir()} == {".alignprog-dataset", "dataset.json",
+                                                "id2action.txt", "splits.json", "features"}
     assert len(list((out / "features").glob("*.npy"))) == 8
     assert not list(tmp_path.glob(".synth*")), "no temporary folder may be left behind"
 

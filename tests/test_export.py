@@ -59,8 +59,8 @@ def test_round_trip_fp32_is_exact(trained, batch, tmp_path: Path):
     run, model, cfg = trained
     path = export_run(run, checkpoint="last", out_dir=tmp_path / "ex")
     assert path == tmp_path / "ex" / "model.safetensors"
-    assert {p.name for p in (tmp_path / "ex").iterdir()} == {"model.safetensors", "config.json",
-                                                             "README.md"}
+    assert {p.name for p in (tmp_path / "ex").iterdir()} == {
+        ".alignprog-export", "model.safetensors", "config.json", "README.md"}
     assert not list(tmp_path.glob(".ex*")), "no temporary folder may be left behind"
     loaded = alignprog.load(tmp_path / "ex")          # the lazy top-level entry point
     assert not loaded.training
@@ -219,10 +219,12 @@ def test_wrong_architecture_lists_the_mismatched_tensors(exported, tmp_path: Pat
     assert "progress_head.gru.weight_ih_l0 expected (24, 9) got (24, 17)" in msg
     assert "\n" not in msg
     assert_cli_error(path, "mismatched", tmp_path)
-    # A config the builder refuses (output_dim must stay below the conv channels).
+    # A config the config model refuses (the stacking convs halve conv_channels down to
+    # output_dim, so it must be output_dim times a power of two).
     path = rewrite(exported, tmp_path / "wider.safetensors",
                    config=lambda c: c["model"].update(output_dim=32))
-    with pytest.raises(ExportError, match="cannot build the model its config describes"):
+    with pytest.raises(ExportError, match=r"the export's config is invalid \(model.conv_channels "
+                       "must be model.output_dim times a power of two"):
         load(path)
 
     # A tensor missing, one unexpected: both named.

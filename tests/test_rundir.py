@@ -60,7 +60,7 @@ def test_overwrite_replaces_the_run(tmp_path: Path):
     _checkpoint(run, 1)
     new = RunDir.create(tmp_path, "r", overwrite=True)
     assert new.path == run.path
-    assert sorted(p.name for p in new.path.iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in new.path.iterdir()) == [".alignprog-run", "checkpoints"]
     assert new.read_metrics() == [] and new.latest_checkpoint() is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # the old run is gone
     # Overwriting a run that does not exist simply creates it.
@@ -250,4 +250,5 @@ def test_write_json_config_split(tmp_path: Path):
     run.write_split(splits)
     data = json.loads(run.split_path.read_text())
     assert data["splits"]["cook"]["train"] == ["a", "b"] and "sha256" in data
-    assert sorted(os.listdir(run.path)) == ["checkpoints", "config.yaml", "eval", "split.json"]
+    assert sorted(os.listdir(run.path)) == [".alignprog-run", "checkpoints", "config.yaml", "eval",
+                                         "split.json"]

@@ -368,7 +368,8 @@ def eval_progress(
     from alignprog.data.dataset import load_dataset
     from alignprog.evaluation.progress import evaluate_progress
     from alignprog.runtime import resolve_device
-    from alignprog.training.restore import load_trained_model, resolve_checkpoint
+    from alignprog.checks import load_checked_model
+    from alignprog.training.restore import resolve_checkpoint
     from alignprog.training.rundir import RunDir, to_json_value
 
     evaluate_alignment = None
@@ -382,12 +383,9 @@ def eval_progress(
     run = RunDir.open(run_dir)
     ckpt = resolve_checkpoint(run.path, checkpoint)
     dev = resolve_device(device)
-    try:
-        cfg, model, state = load_trained_model(ckpt, device=str(dev))
-    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
-        # A meta that no longer validates, a damaged file: one line, not a traceback.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"{ckpt}: cannot load the checkpoint ({first})")
+    # One line for a damaged checkpoint; NaN/Inf or absurd weights are refused (they would
+    # "evaluate" to head None and a bogus cumulative_l2 MAE).
+    cfg, model, state = load_checked_model(ckpt, device=str(dev))
 
     data_cfg = cfg.data
     updates: dict[str, Any] = {}

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from alignprog.cli.common import console, guarded
+from alignprog.cli.common import console, fail, guarded
 
 EPILOG = ("Examples:\n\n  alignprog export runs/lav-20250101-120000 --out exports/lav\n\n"
           "  alignprog export runs/my-run --out exports/my-run-bf16 --checkpoint last "
@@ -56,8 +56,14 @@ def export(
     """
     from alignprog.export import CARD_FILE, CONFIG_FILE, export_run, read_export_info
 
-    path = export_run(run_dir, checkpoint=checkpoint, out_dir=out, dtype=dtype.value,
-                      overwrite=overwrite)
+    try:
+        path = export_run(run_dir, checkpoint=checkpoint, out_dir=out, dtype=dtype.value,
+                          overwrite=overwrite)
+    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
+        # A meta that no longer validates, a damaged file: one line, not a traceback (as
+        # eval-progress does).
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"{run_dir}: cannot export the checkpoint ({first})")
     info = read_export_info(path)
     if as_json:
         typer.echo(json.dumps({"model": str(path), "config": str(path.parent / CONFIG_FILE),

@@ -106,8 +106,10 @@ def extract_features(
                 report("error", f"{result.error} (skipped)")
             bar.advance(job)
 
+        # A damaged existing array is extracted again: said as one "warning:" line.
         summary = extract_videos(videos, out_root, settings, device=dev, on_video_start=on_start,
-                                 on_frames=on_frames, on_video=on_video)
+                                 on_frames=on_frames, on_video=on_video,
+                                 on_warning=lambda message: report("warning", message))
     result = summary.to_dict()
     if as_json:
         typer.echo(json.dumps(result, indent=2))

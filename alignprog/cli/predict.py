@@ -57,6 +57,9 @@ def predict(
     plot: Annotated[Optional[Path], typer.Option(
         help="Also write a PNG of the progress curves to this file.", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    max_frames: Annotated[int, typer.Option(
+        min=1, help="Refuse a video with more frames than this (read from the .npy header, "
+        "before the data).")] = 100_000,
 ) -> None:
     """Predict per-frame progress of new videos with an exported model.
 
@@ -90,7 +93,7 @@ def predict(
     log = RepairLog()
     videos = []
     for path in features:
-        array = read_video_array(path, info)                                      # (T, *F)
+        array = read_video_array(path, info, max_frames=max_frames)               # (T, *F)
         handle = path.stem
         if seg_map is None:
             ann = whole_video_annotation(handle, len(array))

@@ -256,7 +256,8 @@ def train(
 def _create_run(cfg, dist, *, resume: bool, overwrite: bool):
     """Rank 0 creates (or reopens) the run directory and picks its name; the other ranks learn
     the name, or rank 0's error, so that none of them waits for a run that never starts."""
-    from alignprog.training import RunDir, default_run_name
+    from alignprog.training import RunDir
+    from alignprog.training.rundir import claim_run_name
 
     if not dist.is_main:
         answer = json.loads(dist.broadcast_text(None))
@@ -264,9 +265,10 @@ def _create_run(cfg, dist, *, resume: bool, overwrite: bool):
             raise typer.Exit(1)
         return None, answer["name"]
     try:
-        run_name = cfg.train.name or default_run_name(cfg.train.method, cfg.train.runs_dir)
+        claimed = not cfg.train.name
+        run_name = cfg.train.name or claim_run_name(cfg.train.method, cfg.train.runs_dir)
         run = RunDir.create(Path(cfg.train.runs_dir), run_name, overwrite=overwrite,
-                            resume=resume)
+                            resume=resume, claimed=claimed)
     except Exception as exc:
         dist.broadcast_text(json.dumps({"error": str(exc)}))
         raise
@@ -276,16 +278,26 @@ def _create_run(cfg, dist, *, resume: bool, overwrite: bool):
 
 def _train(cfg, dist, *, resume: bool, overwrite: bool, json_logs: bool, quiet: bool) -> None:
     from alignprog.runtime import resolve_device
-    from alignprog.training.loop import fit
+    from alignprog.training.loop import check_config, fit
+
+    from alignprog.data import load_dataset
 
     resolve_device(cfg.train.device)  # a bad device fails before any run directory exists
+    # The dataset is loaded before the run directory is created or replaced: a typo in
+    # --dataset must not cost the old run of --overwrite.
+    dataset = load_dataset(cfg.data)
+    check_config(cfg)
 
     run, run_name = _create_run(cfg, dist, resume=resume, overwrite=overwrite)
     mode = ("json" if json_logs else "quiet" if quiet
             else "live" if sys.stdout.isatty() else "plain")
     display = Display(mode) if dist.is_main else None   # rank 0 alone shows the run
     try:
-        result = fit(cfg, run=run, resume=resume, callback=display, dist=dist)
+        result = fit(cfg, dataset=dataset, run=run, resume=resume, callback=display, dist=dist)
+    except BaseException:
+        if run is not None:
+            run.discard_if_unstarted()   # a failed start leaves no stale runs/NAME/
+        raise
     finally:
         if display is not None:
             display.stop()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import json
 import math
 import os
+import stat
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from alignprog.data.annotations import (RawAnnotation, RepairLog, VideoAnnotatio
                                         parse_task_record)
 from alignprog.data.splits import SPLIT_NAMES, Splits, ordered_split, random_split, read_splits
 from alignprog.errors import DataError
+from alignprog.fileio import load_json_text
 
 LAYOUTS = ("features", "frames")
 ARRAY_RANK = {"features": 2, "frames": 4}
@@ -197,6 +198,10 @@ class DatasetErrors(DataError):
 
 def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from a .npy header, checking the file holds all the data it declares."""
+    mode = os.stat(path).st_mode  # FileNotFoundError propagates (reported as "missing")
+    if not stat.S_ISREG(mode):  # a FIFO would block open() forever; a device/dir is nonsense
+        raise DataError("not a regular file (FIFO, device, socket or folder); refusing to open it",
+                        file=str(path))
     try:
         with open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
@@ -252,11 +257,8 @@ def read_annotation_json(path: Path) -> dict[str, Any]:
         raise DataError("annotation file not found", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read annotation file ({exc})", file=str(path)) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"unreadable JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
-                        file=str(path)) from None
+    data = load_json_text(text, lambda reason: DataError(f"unreadable JSON ({reason})",
+                                                         file=str(path)))
     if not isinstance(data, dict):
         raise DataError("the annotation JSON must be an object mapping task name -> record, "
                         f"got a {type(data).__name__}", file=str(path))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from alignprog.errors import DataError
-from alignprog.fileio import atomic_write_json
+from alignprog.fileio import atomic_write_json, load_json_text
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -128,14 +128,13 @@ def read_splits(path: Path, task_handles: Mapping[str, Sequence[str]]) -> tuple[
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise DataError(f"cannot read split file ({exc.strerror})", file=str(path)) from None
     except UnicodeDecodeError:
         raise DataError("cannot read split file (not UTF-8 text)", file=str(path)) from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"unreadable JSON ({exc.msg} at line {exc.lineno})",
-                        file=str(path)) from None
+    data = load_json_text(text, lambda reason: DataError(f"unreadable JSON ({reason})",
+                                                         file=str(path)))
     splits = data.get("splits") if isinstance(data, dict) else None
     if not isinstance(splits, dict):
         raise DataError("a split file must be an object with a 'splits' object "

@@ -16,6 +16,10 @@ from alignprog.fileio import (atomic_save_npy, atomic_write_json, atomic_write_t
                               replace_dir)
 
 
+# Written into every `data synth` output: --overwrite replaces only a folder that has it.
+DATASET_MARKER = ".alignprog-dataset"
+
+
 def write_synthetic_root(cfg: DataConfig, out_dir: Path, *, layouts: Iterable[str],
                          dtype: str = "float32", overwrite: bool = False,
                          progress: Callable[[int, int], None] | None = None) -> int:
@@ -30,14 +34,23 @@ def write_synthetic_root(cfg: DataConfig, out_dir: Path, *, layouts: Iterable[st
 
     out_dir = Path(out_dir)
     layouts = list(dict.fromkeys(layouts))
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise DataError("output exists and is not empty (pass --overwrite to replace it)",
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError("output exists and is not a directory; choose another OUT_DIR",
                         file=str(out_dir))
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DataError("output exists and is not empty (pass --overwrite to replace it)",
+                            file=str(out_dir))
+        if not (out_dir / DATASET_MARKER).is_file():
+            raise DataError(f"refusing to overwrite {out_dir}: not written by alignprog (no "
+                            f"{DATASET_MARKER}); delete it yourself or choose another OUT_DIR",
+                            file=str(out_dir))
     synth = generate(cfg.synthetic)
     handles = [(task, h) for task, rec in synth.annotations.items() for h in rec["handles"]]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        atomic_write_json(tmp / DATASET_MARKER, {"format": "alignprog-dataset"})
         atomic_write_json(tmp / "dataset.json", synth.annotations)
         atomic_write_text(tmp / "id2action.txt",
                           "".join(f"{i} {name}\n" for i, name in sorted(synth.id2action.items())))

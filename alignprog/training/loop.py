@@ -16,6 +16,8 @@ every rank (the CLI passes a display to rank 0 only).
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -35,7 +37,8 @@ from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model, set_de
 from alignprog.runtime import (autocast, deterministic, device_info, fused_optimizer,
                                resolve_device, seed_everything, to_device, trusted_inputs)
 from alignprog.sampling import gather_segments, sample_segments
-from alignprog.training.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from alignprog.training.checkpoint import (CheckpointError, checkpoint_name, load_checkpoint,
+                                           save_checkpoint)
 from alignprog.training.graphs import StepGraphs
 from alignprog.training.rundir import RunDir
 
@@ -88,12 +91,12 @@ def training_generators(seed: int) -> dict[str, torch.Generator]:
             "gtcc": torch.Generator().manual_seed(seed + 2)}
 
 
-def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+def grad_norm(params: list[nn.Parameter], device: torch.device | None = None) -> torch.Tensor:
     """The global L2 norm of the parameters' gradients, a 0-dim float32 tensor on their
-    device (no host sync; 0 when none has a gradient)."""
+    device, or on `device` when there are none (no host sync; 0 when none has a gradient)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros((), device=params[0].device if params else None)
+        return torch.zeros((), device=params[0].device if params else device)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float()
 
 
@@ -113,7 +116,12 @@ def read_record(record: dict) -> dict:
     keys = [k for k, v in record.items() if isinstance(v, torch.Tensor)]
     if not keys:
         return dict(record)
-    values = torch.stack([record[k].detach().double().reshape(()) for k in keys]).tolist()
+    # Records mix device scalars with CPU ones (skip counters, a progress loss of 0 when no
+    # progress is trained): bring them to one device before stacking.
+    device = next((record[k].device for k in keys if record[k].device.type != "cpu"),
+                  record[keys[0]].device)
+    values = torch.stack([record[k].detach().to(device, torch.float64).reshape(())
+                          for k in keys]).tolist()
     return record | dict(zip(keys, values))
 
 
@@ -163,7 +171,26 @@ class Trainer:
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self.bad_run = torch.zeros((), dtype=torch.long, device=device)
         self.best_val: float | None = None
+        self.stage = 1            # 2: the head alone on the frozen encoder (train.two_stage)
+        self.head_start = 0       # the epoch at which stage 2 began
         self.graphs = StepGraphs.create(self)
+
+    def enter_head_stage(self) -> None:
+        """Stage 2 (spec 7, two-stage alternative): freeze the encoder and give the head its
+        own Adam (lr head_lr, else 1e-3). Also rebuilt on resuming a stage-2 checkpoint."""
+        tc = self.cfg.train
+        if self.stage != 2:
+            self.head_start = self.epoch
+            # Stage 2 picks its best checkpoint by the head's validation error: stage 1's best
+            # pairs an earlier encoder with an untrained head.
+            self.best_val = None
+        self.stage = 2
+        for p in self.encoder_params:
+            p.requires_grad_(False)
+        fused = fused_optimizer(self.device)
+        self.optimizer = torch.optim.Adam(self.head_params, lr=tc.head_lr or 1e-3,
+                                          betas=(0.9, 0.999), eps=1e-8, fused=fused or None,
+                                          capturable=fused)
 
     def losses(self, batch: Batch, *, epoch: int, step: int,
                generators: dict[str, torch.Generator], host: Batch | None = None
@@ -431,7 +458,9 @@ class Trainer:
         """Gradient clipping (spec 7 step 10, B2): global, separate or none; the norms before
         and after go to `record` as device scalars."""
         tc = self.cfg.train
-        enc, head = grad_norm(self.encoder_params), grad_norm(self.head_params)
+        # A run without a head still reports a head norm of 0, on the encoder's device.
+        enc, head = (grad_norm(self.encoder_params, self.device),
+                     grad_norm(self.head_params, self.device))
         enc_c, head_c = enc, head
         if head_only or tc.clip_mode == "separate":
             if not head_only:
@@ -482,7 +511,8 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "skipped": self.skipped, "best_val": self.best_val,
                 "class_paths": self.class_paths.tolist(),
-                "class_seen": self.class_seen.tolist(), "world_size": self.dist.world_size}
+                "class_seen": self.class_seen.tolist(), "world_size": self.dist.world_size,
+                "stage": self.stage, "head_start": self.head_start}
 
     def save(self, run: RunDir, *, best: bool = False) -> None:
         meta = {"method": self.cfg.train.method, "step": self.step, "epoch": self.epoch,
@@ -493,16 +523,35 @@ class Trainer:
                         meta=meta, generators=self.generators)
 
     def restore(self, path) -> dict:
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                generators=self.generators)
-        self._set_state(state)
+        """Continue from checkpoint `path`; a stage-2 checkpoint rebuilds the stage-2 optimizer
+        first (its parameter groups differ). A damaged state is a CheckpointError."""
+        try:
+            peek = load_checkpoint(path, restore_rng=False)
+            if not isinstance(peek, dict):
+                raise TypeError(f"the state is a {type(peek).__name__}, not an object")
+            if peek.get("stage", 1) == 2:
+                self.stage, self.head_start = 1, int(peek["head_start"])
+                self.enter_head_stage()
+                self.head_start = int(peek["head_start"])
+            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                    generators=self.generators)
+            self._set_state(state)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise CheckpointError(f"{path}: cannot resume, the training state is damaged "
+                                  f"({type(exc).__name__}: {exc})") from None
         return state
 
     def _set_state(self, state: dict) -> None:
+        for key in ("step", "epoch", "batch_in_epoch", "skipped"):
+            value = state[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TypeError(f"state '{key}' is {value!r}, not a non-negative integer")
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.skipped_steps.fill_(state["skipped"])
         self.best_val = state.get("best_val")
+        self.stage = int(state.get("stage", 1))
+        self.head_start = int(state.get("head_start", 0))
         if "class_paths" in state:
             self.class_paths = torch.tensor(state["class_paths"], dtype=torch.float32)
             self.class_seen = torch.tensor(state["class_seen"], dtype=torch.bool)
@@ -567,8 +616,26 @@ def fit(cfg: Config, *, dataset: Dataset | None = None, run: RunDir | None = Non
 
     `dist`: this process's place in a multi-process run (`alignprog.distributed.setup`); it
     trains on `dist.device`, and only rank 0 uses `run` (the others may pass None)."""
-    with deterministic(cfg.train.deterministic):
+    with deterministic(cfg.train.deterministic), _sigterm_as_interrupt():
         return _fit(cfg, dataset=dataset, run=run, resume=resume, callback=callback, dist=dist)
+
+
+class _sigterm_as_interrupt:
+    """During fit, SIGTERM raises KeyboardInterrupt in the main thread, so a killed run saves a
+    checkpoint as Ctrl-C does; the previous handler is restored afterwards."""
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                raise KeyboardInterrupt
+            self.old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
 
 
 def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bool,
@@ -581,13 +648,7 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
     """
     emit = callback or (lambda kind, record: None)
     tc = cfg.train
-    if not cfg.data.multi_task:
-        raise ConfigError("data.multi_task=false (single-task mode) is not supported by train "
-                          "yet; train on one task with --set 'data.tasks=[TASK]' instead")
-    if ENCODER_LAYOUT[cfg.model.encoder] != cfg.data.layout:
-        raise ConfigError(f"model.encoder '{cfg.model.encoder}' reads the "
-                          f"'{ENCODER_LAYOUT[cfg.model.encoder]}' layout but data.layout is "
-                          f"'{cfg.data.layout}'")
+    check_config(cfg)
     device = dist.device if dist.active else resolve_device(tc.device)
     run = run if dist.is_main else None          # rank 0 alone writes the run directory
     dataset = dataset or load_dataset(cfg.data)
@@ -604,6 +665,24 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
             run.write_environment(device_info(device) | {"dataset": dataset.name,
                                                          "videos": len(dataset.videos)})
     saved = trainer.sync(saved)   # rank 0's weights, optimizer and counters on every rank
+    return _fit_loop(cfg, trainer, dataset, run, resume, emit, dist, device, saved)
+
+
+def check_config(cfg: Config) -> None:
+    """The config errors `fit` raises before any work (the CLI calls this before it creates
+    or replaces the run directory)."""
+    if not cfg.data.multi_task:
+        raise ConfigError("data.multi_task=false (single-task mode) is not supported by train "
+                          "yet; train on one task with --set 'data.tasks=[TASK]' instead")
+    if ENCODER_LAYOUT[cfg.model.encoder] != cfg.data.layout:
+        raise ConfigError(f"model.encoder '{cfg.model.encoder}' reads the "
+                          f"'{ENCODER_LAYOUT[cfg.model.encoder]}' layout but data.layout is "
+                          f"'{cfg.data.layout}'")
+
+
+def _fit_loop(cfg: Config, trainer: Trainer, dataset: Dataset, run: RunDir | None, resume: bool,
+              emit: Callback, dist: Dist, device: torch.device, saved: dict) -> FitResult:
+    tc = cfg.train
     loader = make_loader(dataset, "train", batch_size=cfg.data.batch_size, shuffle=True,
                          drop_last=True, seed=tc.seed, num_workers=tc.num_workers,
                          pin_memory=device.type == "cuda", num_replicas=dist.world_size,
@@ -632,7 +711,7 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
 
     clock = StepClock(trainer.step)
     try:
-        while trainer.step < total_steps:
+        while trainer.stage == 1 and trainer.step < total_steps:
             loader.batch_sampler.set_epoch(trainer.epoch)
             # batch_in_epoch counts the batches of all ranks: a run resumed with another
             # number of ranks redoes at most one batch per rank rather than skipping any.
@@ -646,6 +725,9 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
                     log("step", clock.lap(trainer.read(record), trainer.step))
                 elif trainer.step % tc.max_bad_steps == 0:
                     trainer.read(record)
+                if (run is not None and tc.checkpoint_every
+                        and trainer.step % tc.checkpoint_every == 0):
+                    trainer.save(run)
                 if trainer.step >= total_steps:
                     break
             record = {"step": trainer.step, "epoch": trainer.epoch}
@@ -667,7 +749,7 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
             dist.barrier()
             clock.restart(trainer.step)   # evaluation and saving are not training time
         if tc.two_stage and trainer.learnable:
-            _train_head_only(trainer, loader, log)
+            _train_head_only(trainer, loader, log, run)
     except KeyboardInterrupt:
         if run is not None:
             trainer.save(run)
@@ -684,27 +766,44 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
     return result
 
 
-def _train_head_only(trainer: Trainer, loader, log: Callable[[str, dict], None]) -> None:
+def _train_head_only(trainer: Trainer, loader, log: Callable[[str, dict], None],
+                     run: RunDir | None = None) -> None:
     """Second stage (spec 7, two-stage alternative): the progress head alone on the frozen
-    encoder, progress loss only, its own Adam (lr head_lr, else 1e-3) and head clip."""
+    encoder, progress loss only, its own Adam (lr head_lr, else 1e-3) and head clip. Each
+    stage-2 epoch ends with a checkpoint (state "stage": 2), so the latest checkpoint holds the
+    trained head and an interrupted stage 2 resumes; a resumed stage-2 run comes in here with
+    the stage-2 optimizer already rebuilt."""
     tc = trainer.cfg.train
-    for p in trainer.encoder_params:
-        p.requires_grad_(False)
-    fused = fused_optimizer(trainer.device)
-    trainer.optimizer = torch.optim.Adam(trainer.head_params, lr=tc.head_lr or 1e-3,
-                                         betas=(0.9, 0.999), eps=1e-8, fused=fused or None,
-                                         capturable=fused)
-    for _ in range(tc.head_epochs):
+    dist = trainer.dist
+    if trainer.stage != 2:
+        trainer.enter_head_stage()
+    while trainer.epoch - trainer.head_start < tc.head_epochs:
         loader.batch_sampler.set_epoch(trainer.epoch)
-        for batch in _iterate(loader, loader.batch_sampler.batches(), 0):
+        for batch in _iterate(loader, loader.batch_sampler.batches(),
+                              trainer.batch_in_epoch // dist.world_size):
             record = trainer.step_batch(batch, head_only=True)
+            trainer.batch_in_epoch += dist.world_size
             if trainer.step % tc.log_every == 0:
                 log("step", trainer.read(record) | {"stage": "head"})
             elif trainer.step % tc.max_bad_steps == 0:
                 trainer.read(record)
+            if run is not None and tc.checkpoint_every and trainer.step % tc.checkpoint_every == 0:
+                trainer.save(run)
         record = {"step": trainer.step, "epoch": trainer.epoch, "stage": "head"}
-        if trainer.dist.is_main:
+        improved = False
+        if dist.is_main:
             record["val_progress_mae"] = summarise(trainer.evaluate("val"))
-        trainer.dist.barrier()
+            head_mae = (record["val_progress_mae"] or {}).get("head")
+            improved = trainer.best_val is None or (
+                head_mae is not None and head_mae < trainer.best_val)
+            if improved and head_mae is not None:
+                trainer.best_val = head_mae
+        dist.barrier()
         trainer.epoch += 1
+        trainer.batch_in_epoch = 0
         log("epoch", record)
+        if run is not None:
+            trainer.save(run)
+            if improved:
+                trainer.save(run, best=True)
+        dist.barrier()

@@ -48,8 +48,10 @@ SPLIT_FILE = "split.json"
 META_FILE = "meta.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
-# Files that mark a directory as a run: --overwrite deletes only directories that have one.
-_RUN_MARKERS = (CONFIG_FILE, META_FILE, METRICS_FILE, CHECKPOINTS_DIR)
+# The marker alignprog writes into every run directory it creates: --overwrite deletes only a
+# directory that has it, or an older run whose meta.json says "format": "alignprog-run".
+MARKER_FILE = ".alignprog-run"
+MAX_NAME_LEN = 128
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
 _GIT_TIMEOUT_S = 2.0
@@ -124,6 +126,26 @@ def default_run_name(method: str, root: Path | None = None, *, now: datetime | N
     return name
 
 
+def claim_run_name(method: str, root: Path, *, now: datetime | None = None) -> str:
+    """`default_run_name`, with the directory created atomically (``mkdir``, no exist_ok): of
+    two processes racing for the same name, one gets it and the other the next suffix."""
+    root = Path(root)
+    _make_root(root)
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = f"{method}-{stamp}"
+    name, n = base, 1
+    while True:
+        try:
+            (root / name).mkdir()
+            return name
+        except FileExistsError:
+            n += 1
+            name = f"{base}-{n}"
+        except OSError as exc:
+            raise RunError(f"cannot create a run directory in {root}: "
+                           f"{exc.strerror or exc}") from None
+
+
 def git_commit(path: Path | None = None) -> str | None:
     """HEAD of the git checkout that holds the alignprog source, or None (an installed package,
     no git, a timeout). The package must be tracked by that checkout: a site-packages inside some
@@ -160,6 +182,8 @@ def environment_info() -> dict[str, Any]:
 
 
 def _validate_name(name: str) -> None:
+    if isinstance(name, str) and len(name) > MAX_NAME_LEN:
+        raise RunError(f"run name too long ({len(name)} characters, at most {MAX_NAME_LEN})")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise RunError(f"invalid run name {name!r}: use letters, digits and . _ - + = @, "
                        "starting with a letter or digit (no path separators)")
@@ -169,20 +193,56 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def _make_root(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise RunError(f"--runs-dir {root} exists and is not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot create --runs-dir {root}: {exc.strerror or exc}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise RunError(f"--runs-dir {root} is not writable")
+
+
+def is_alignprog_run(path: Path) -> bool:
+    """Whether `path` was written by alignprog: it holds the `.alignprog-run` marker, or (runs
+    written before the marker existed) a meta.json whose "format" is "alignprog-run". A folder
+    that merely holds config.yaml or checkpoints/ is not one, and --overwrite never deletes it."""
+    if (path / MARKER_FILE).is_file():
+        return True
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == RUN_FORMAT
+
+
+def _write_marker(path: Path) -> None:
+    atomic_write_json(path / MARKER_FILE, {"format": RUN_FORMAT,
+                                           "schema_version": RUN_SCHEMA_VERSION})
+
+
 @dataclass
 class RunDir:
     """One run's directory. Build it with `RunDir.create` (train) or `RunDir.open` (read)."""
 
     path: Path
     resumed: bool = False
+    created: bool = False    # this process made (or replaced) the directory
 
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: Path, name: str, *, overwrite: bool = False, resume: bool = False
-               ) -> "RunDir":
+    def create(cls, root: Path, name: str, *, overwrite: bool = False, resume: bool = False,
+               claimed: bool = False) -> "RunDir":
         """The directory ``root/name`` for a new run, a replaced one (`overwrite`) or a resumed
-        one (`resume`, which needs a checkpoint). Raises RunError with the way out."""
+        one (`resume`, which needs a checkpoint). Raises RunError with the way out.
+
+        A new directory is claimed with ``mkdir`` (no exist_ok), so two processes creating the
+        same run at once cannot both succeed. `claimed`: the (empty) directory was just made by
+        `claim_run_name` in this process. `overwrite` replaces only a directory that
+        `is_alignprog_run` (the `.alignprog-run` marker, or an older run's meta.json with
+        "format": "alignprog-run")."""
         _validate_name(name)
         if overwrite and resume:
             raise RunError("--resume and --overwrite cannot be used together: resume continues "
@@ -207,22 +267,48 @@ class RunDir:
             if not overwrite:
                 raise RunError(f"run directory {path} already exists; pass --resume to continue "
                                "it, --overwrite to replace it, or choose another --name")
-            if not any((path / m).exists() for m in _RUN_MARKERS):
-                raise RunError(f"refusing to overwrite {path}: it does not look like an alignprog "
-                               f"run (none of {', '.join(_RUN_MARKERS)}); delete it yourself or "
+            if not is_alignprog_run(path):
+                raise RunError(f"refusing to overwrite {path}: not written by alignprog (no "
+                               f"{MARKER_FILE}: it does not look like an alignprog run); delete it yourself or "
                                "choose another --name")
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise RunError(f"--runs-dir {path.parent} is not writable")
             return cls._replace(path)
 
-        root.mkdir(parents=True, exist_ok=True)
-        path.mkdir(exist_ok=True)
-        (path / CHECKPOINTS_DIR).mkdir(exist_ok=True)
-        return cls(path)
+        _make_root(root)
+        created = False
+        if not path.is_dir():
+            try:
+                path.mkdir()          # the claim: of two racing processes one gets it
+                created = True
+            except FileExistsError:
+                raise RunError(f"run directory {path} was just created by another process; "
+                               "choose another --name") from None
+            except OSError as exc:
+                raise RunError(f"cannot create {path}: {exc.strerror or exc}") from None
+        elif claimed:
+            created = True
+        try:
+            # The marker, created exclusively, is the claim of an empty directory that was
+            # already there (or that another process has just made): one process gets it.
+            with open(path / MARKER_FILE, "x", encoding="utf-8") as fh:
+                json.dump({"format": RUN_FORMAT, "schema_version": RUN_SCHEMA_VERSION}, fh)
+            (path / CHECKPOINTS_DIR).mkdir(exist_ok=True)
+        except FileExistsError:
+            raise RunError(f"run directory {path} was just created by another process; "
+                           "choose another --name") from None
+        except OSError as exc:
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise RunError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return cls(path, created=created)
 
     @classmethod
     def _replace(cls, path: Path) -> "RunDir":
         """Move the old run aside under a hidden name, set up the new one, then delete the old:
         an interruption leaves either the old run whole or the new one, never a half-deleted
-        run under the real name."""
+        run under the real name. (The CLI validates the config and loads the dataset before it
+        calls this, so a typo in --dataset never costs the old run.)"""
         for stale in path.parent.glob(f".{path.name}.old-*"):  # leftovers of a killed overwrite
             shutil.rmtree(stale, ignore_errors=True)
         aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -230,13 +316,23 @@ class RunDir:
         try:
             path.mkdir()
             (path / CHECKPOINTS_DIR).mkdir()
+            _write_marker(path)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             os.rename(aside / path.name, path)
             shutil.rmtree(aside, ignore_errors=True)
             raise
         shutil.rmtree(aside, ignore_errors=True)  # a leftover is removed by the next overwrite
-        return cls(path)
+        return cls(path, created=True)
+
+    def discard_if_unstarted(self) -> bool:
+        """Remove the directory when this process created it and no checkpoint was written
+        yet (a failed start must not leave a stale runs/NAME/ that blocks the next try).
+        Returns whether it was removed."""
+        if not self.created or self.resumed or self.checkpoints() or self.best_checkpoint():
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True
 
     @classmethod
     def open(cls, path: Path) -> "RunDir":
