@@ -177,9 +177,12 @@ class SyntheticConfig(StrictModel):
 
     tasks: int = Field(4, ge=1, le=64, description="Number of tasks (procedures).")
     videos_per_task: int = Field(20, ge=1, le=10_000, description="Videos generated per task.")
-    dim: int = Field(2048, ge=1, le=MAX_WIDTH, description="Feature dimension of the `features` layout.")
-    frame_channels: int = Field(1024, ge=1, le=MAX_WIDTH, description="Channels of the `frames` layout.")
-    frame_size: int = Field(14, ge=1, le=1024, description="Spatial size of the `frames` layout maps.")
+    dim: int = Field(2048, ge=1, le=MAX_WIDTH,
+                     description="Feature dimension of the `features` layout.")
+    frame_channels: int = Field(1024, ge=1, le=MAX_WIDTH,
+                                description="Channels of the `frames` layout.")
+    frame_size: int = Field(14, ge=1, le=1024,
+                            description="Spatial size of the `frames` layout maps.")
     seed: int = Field(0, description="Seed of the generator; the same seed gives the same data.")
 
 
@@ -220,6 +223,13 @@ class DataConfig(StrictModel):
     fps: FpsConfig = Field(default_factory=FpsConfig, description="Annotation frame units.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/val/test split.")
     batch_size: int = Field(2, ge=1, description="Videos per batch; a batch holds one task only.")
+    max_frames: int = Field(
+        100_000, ge=1, description="Longest video accepted, in feature frames (checked from the "
+        "array headers before any data is read; LAV and VAVA need memory quadratic in T).")
+    max_repaired_share: float = Field(
+        0.5, ge=0, le=1, description="Largest share of videos whose annotation loses segments "
+        "past the end of their features or ends far from it; more is refused as a sign of "
+        "annotations in other frame units (see data.fps). 1: accept any.")
     multi_task: bool = Field(
         True,
         description="True: one loader over all tasks, batches shuffled across tasks. "
@@ -253,11 +263,14 @@ class ModelConfig(StrictModel):
     mcn: bool = Field(True, description="Multi-head attention fusion (MCN) over the base output; "
                       "False: the base encoder's output is the embedding.")
     num_heads: int | None = Field(
-        None, ge=1, le=1024, description="MCN heads. Unset: one per task of the dataset (16 on EgoProceL).")
-    output_dim: int = Field(128, ge=2, le=MAX_WIDTH, description="Width D of the aligned embeddings.")
+        None, ge=1, le=1024,
+        description="MCN heads. Unset: one per task of the dataset (16 on EgoProceL).")
+    output_dim: int = Field(128, ge=2, le=MAX_WIDTH,
+                            description="Width D of the aligned embeddings.")
     temporal_depth: int = Field(2, ge=1, le=64, description="Temporal window k of resnet50 and the "
                                 "first stacking conv.")
-    conv_channels: int = Field(256, ge=2, le=MAX_WIDTH, description="stacking: channels of the first conv.")
+    conv_channels: int = Field(256, ge=2, le=MAX_WIDTH,
+                               description="stacking: channels of the first conv.")
     stacking_layers: int = Field(7, ge=2, le=256, description="stacking: number of convs in total.")
     naive_layers: list[Width] = Field(default_factory=lambda: [1024, 512, 512, 256],
                                     description="naive: hidden widths of the per-frame MLP.")
@@ -294,8 +307,9 @@ class LearnableProgressConfig(StrictModel):
     arch: Literal["gru", "mean", "transformer", "dilated_conv"] = Field(
         "gru", description="Head architecture: gru (the document's), mean (mean pooling), "
         "transformer (causal, ALiBi), dilated_conv (causal dilated convolutions).")
-    hidden_dim: int = Field(64, ge=1, le=MAX_WIDTH, description="Width of the head: GRU hidden size, first "
-                            "MLP width of mean, d_model of transformer, channels of dilated_conv.")
+    hidden_dim: int = Field(64, ge=1, le=MAX_WIDTH, description="Width of the head: GRU hidden "
+                            "size, first MLP width of mean, d_model of transformer, channels of "
+                            "dilated_conv.")
     use_gru: bool = Field(True, description="The document's switch: False means arch 'mean'.")
     position: Literal["relative", "count", "none"] = Field(
         "relative", description="Per-frame position feature: relative = tau/T (the document's; "

@@ -15,7 +15,8 @@ from rich.markup import escape
 
 from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, Layout, LenientOpt,
                                    SetOpt, console, err_console, guarded, report, resolve_config)
-from alignprog.data.dataset import DatasetErrors, load_dataset, scan_arrays
+from alignprog.data.dataset import DatasetErrors, load_dataset, scan_arrays, training_problems
+from alignprog.errors import DataError
 from alignprog.data.splits import write_splits
 from alignprog.data.write import write_synthetic_root
 
@@ -129,6 +130,10 @@ def check(
         err_console.print(f"{len(exc.errors)} problem(s) found", highlight=False)
         raise typer.Exit(1)
     problems = scan_arrays(ds) if scan else []
+    try:
+        training_problems(ds, cfg.data)
+    except DataError as exc:   # train would refuse it: an error here too
+        problems.append(exc)
     summary = ds.summary()
     for warning in summary["warnings"]:
         report("warning", warning)

@@ -16,7 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from rich.table import Table
 
 from alignprog.cli.common import (ConfigOpt, SetOpt, config_choices, console, err_console, fail,
-                                   guarded, resolve_config)
+                                   guarded, report, resolve_config)
 from alignprog.config import (LearnableProgressConfig, ModelConfig, ProgressConfig, TrainConfig,
                               dump_config)
 from alignprog.models import ENCODER_LAYOUT
@@ -286,6 +286,10 @@ def _train(cfg, dist, *, resume: bool, overwrite: bool, json_logs: bool, quiet: 
     # The dataset is loaded before the run directory is created or replaced: a typo in
     # --dataset must not cost the old run of --overwrite.
     dataset = load_dataset(cfg.data)
+    from alignprog.data.dataset import training_problems
+    for line in training_problems(dataset, cfg.data):   # what data check warns about, too
+        if dist.is_main and not quiet:
+            report("warning", line)
     check_config(cfg)
 
     run, run_name = _create_run(cfg, dist, resume=resume, overwrite=overwrite)

@@ -22,8 +22,9 @@ from typing import Any, Callable, Iterable, Protocol
 import numpy as np
 
 from alignprog.config import DataConfig
-from alignprog.data.annotations import (RawAnnotation, RepairLog, VideoAnnotation, canonicalise,
-                                        parse_task_record)
+from alignprog.data.annotations import (BEYOND_DROPPED, EMPTY_DROPPED, FINAL_SHORTENED,
+                                        LENGTH_MISMATCH, RawAnnotation, RepairLog,
+                                        VideoAnnotation, canonicalise, parse_task_record)
 from alignprog.data.splits import SPLIT_NAMES, Splits, ordered_split, random_split, read_splits
 from alignprog.errors import DataError
 from alignprog.fileio import load_json_text
@@ -370,6 +371,11 @@ def load_dataset(cfg: DataConfig, *, all_layouts: bool = False, collect: bool = 
             if dtype not in ARRAY_DTYPES:
                 fail(DataError(f"dtype {dtype}: arrays must be float16 or float32", **where))
                 continue
+            if shape and shape[0] > cfg.max_frames:
+                fail(DataError(f"{shape[0]} frames, more than data.max_frames = {cfg.max_frames} "
+                               "(raise it with --set data.max_frames=N if the video is real)",
+                               **where))
+                continue
             if len(shape) != ARRAY_RANK[layout] or 0 in shape[1:]:
                 want = "(T, D)" if layout == "features" else "(T, C, H, W)"
                 fail(DataError(f"expected a {want} array for the '{layout}' layout, got shape "
@@ -419,6 +425,37 @@ def load_dataset(cfg: DataConfig, *, all_layouts: bool = False, collect: bool = 
     splits, split_warnings = _make_splits(cfg, root, videos)
     return _finish(Dataset(root.name, root, str(ann_path), cfg.layout, videos, background,
                            vocabulary, splits, log, warnings + split_warnings))
+
+
+
+
+def training_problems(ds: Dataset, cfg: DataConfig) -> list[str]:
+    """What `data check` would warn about that matters to training, as lines, after refusing
+    (DataError) a dataset that cannot train: more than `data.max_repaired_share` of the videos
+    with annotations that end far from their features (the sign of annotation frames in another
+    unit than the features'), or a train split without any foreground segment."""
+    # LENGTH_MISMATCH is logged once per video whose annotation ends beyond the tolerance
+    mismatched = ds.repairs.counts.get(LENGTH_MISMATCH, 0)
+    if mismatched > cfg.max_repaired_share * len(ds.videos):
+        raise DataError(
+            f"{mismatched} of {len(ds.videos)} videos' annotations end far from the end of their "
+            f"features (e.g. {ds.repairs.examples[LENGTH_MISMATCH]}), so segments past the end "
+            "are dropped: are the annotations in source-video frames? Use --fps-preset "
+            "egoprocel or data.fps.source; to train anyway set data.max_repaired_share=1 (now "
+            f"{cfg.max_repaired_share:g})")
+    train = [ds.videos[i] for i in ds.indices("train")]
+    if train and not any(v.annotation.is_foreground.any() for v in train):
+        raise DataError(f"the train split ({len(train)} videos) has no foreground segment: "
+                        f"every frame is background ({', '.join(sorted(ds.background))}); "
+                        "progress learning and the frame-counting baseline need actions")
+    lines = list(ds.warnings)
+    lines += [f"{kind}: {n} (e.g. {example})" for kind, n, example in ds.repairs.rows()
+              if kind in (BEYOND_DROPPED, EMPTY_DROPPED, FINAL_SHORTENED)]
+    short = [v.handle for v in ds.videos if v.num_frames < 2]
+    if short:
+        lines.append(f"{len(short)} video(s) of a single frame (e.g. {short[0]}): nothing to "
+                     "align in them")
+    return lines
 
 
 def _make_splits(cfg: DataConfig, root: Path | None, videos: list[Video]

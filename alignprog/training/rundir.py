@@ -269,7 +269,8 @@ class RunDir:
                                "it, --overwrite to replace it, or choose another --name")
             if not is_alignprog_run(path):
                 raise RunError(f"refusing to overwrite {path}: not written by alignprog (no "
-                               f"{MARKER_FILE}: it does not look like an alignprog run); delete it yourself or "
+                               f"{MARKER_FILE}: it does not look like an alignprog run); delete "
+                               "it yourself or "
                                "choose another --name")
             if not os.access(path.parent, os.W_OK | os.X_OK):
                 raise RunError(f"--runs-dir {path.parent} is not writable")
