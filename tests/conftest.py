@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,8 @@ from alignprog.config import DataConfig, ModelConfig, ProgressConfig, SyntheticC
 from alignprog.data import Dataset, VideoAnnotation, load_dataset
 from alignprog.models import AlignmentModel, build_model
 
-# The project's shared/ folder lies beside the repository (as in CI); ALIGNPROG_SHARED overrides.
-SHARED_DATA = Path(os.environ.get("ALIGNPROG_SHARED",
-                                  Path(__file__).resolve().parents[2] / "shared")) / "data"
+# The real EgoProceL annotation file and its vocabulary (tests/data/README.md).
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 # The tiny model and synthetic data of the training tests: a fit takes seconds on a CPU.

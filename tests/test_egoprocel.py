@@ -15,9 +15,9 @@ from alignprog.data import load_dataset
 from alignprog.data import annotations as A
 from alignprog.data.dataset import DatasetErrors
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 
-EGO_JSON = SHARED_DATA / "egoprocel.json"
+EGO_JSON = TEST_DATA / "egoprocel.json"
 CMU = ["Sandwich.cmu", "Salad.cmu", "Eggs.cmu", "Brownie.cmu", "Pizza.cmu"]
 NON_CMU = ["*.egtea", "tent", "meccano", "pc_*"]
 FPS = {"egtea": 24, "cmu": 30, "tent": 60, "meccano": 12, "pc_": 12}
@@ -101,7 +101,7 @@ def test_egoprocel_fps_preset(tmp_path: Path, ego):
     lengths = {h: math.floor(e[-1] / _fps(t)) + 1 for t, videos in ego.items()
                if "cmu" not in t for h, _, _, e in videos}
     root = _write_features(tmp_path / "ego1fps", lengths)
-    shutil.copy(SHARED_DATA / "egoprocel-id2action.txt", root / "id2action.txt")
+    shutil.copy(TEST_DATA / "egoprocel-id2action.txt", root / "id2action.txt")
     cfg = DataConfig(root=root, annotations=EGO_JSON, tasks=NON_CMU,
                      fps=FpsConfig(preset="egoprocel"))
     ds = load_dataset(cfg)

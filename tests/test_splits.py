@@ -12,7 +12,7 @@ from alignprog.data.splits import (SPLIT_NAMES, ordered_split, random_split, rea
                                    split_counts, write_splits)
 from alignprog.errors import DataError
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 
 # [F] data_splits.json per-task train/val/test counts (spec DATA_AND_EVAL 1.8).
 F_COUNTS = {16: (12, 2, 2), 31: (23, 3, 5), 29: (22, 3, 4), 19: (14, 2, 3), 15: (11, 2, 2),
@@ -37,7 +37,7 @@ def test_counts_always_sum_to_n():
 
 
 def egoprocel_handles() -> dict[str, list[str]]:
-    data = json.loads((SHARED_DATA / "egoprocel.json").read_text())
+    data = json.loads((TEST_DATA / "egoprocel.json").read_text())
     return {task: rec["handles"] for task, rec in data.items()}
 
 

@@ -81,7 +81,7 @@ def synth(
 
 
 @app.command(epilog="Examples:\n\n  alignprog data check\n\n  alignprog data check data/synth\n\n"
-             "  alignprog data check data/ego --annotations ../shared/data/egoprocel.json "
+             "  alignprog data check data/ego --annotations egoprocel.json "
              "--fps-preset egoprocel --lenient")
 @guarded
 def check(
