@@ -27,6 +27,17 @@ TINY = {
     "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
 }
 
+def tiny_run(root: Path, steps: int):
+    """`root/r`: a run of the TINY config trained `steps` steps; (its path, the fit result,
+    the config)."""
+    from alignprog.config import load_config
+    from alignprog.training import RunDir
+    from alignprog.training.loop import fit
+
+    cfg = load_config(overrides=TINY | {"train.steps": steps})
+    return root / "r", fit(cfg, run=RunDir.create(root, "r")), cfg
+
+
 def tiny_synthetic() -> Dataset:
     """The synthetic dataset of the TINY config: 2 tasks x 6 videos of 16-wide features."""
     return load_dataset(DataConfig(synthetic=SyntheticConfig(tasks=2, videos_per_task=6, dim=16)))

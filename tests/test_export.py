@@ -14,27 +14,22 @@ from typer.testing import CliRunner
 
 import alignprog
 from alignprog.cli import app
-from alignprog.config import load_config
 from alignprog.data import load_dataset, make_loader
 from alignprog.errors import AlignprogError
 from alignprog.export import ExportError, export_run, load, load_with_config, read_export_info
 from alignprog.training import RunDir
-from alignprog.training.loop import fit
 
-from conftest import TINY
+from conftest import tiny_run
 
 runner = CliRunner()
-TINY = TINY | {"train.steps": 3}
 pytestmark = pytest.mark.usefixtures("no_torch_load")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run trained 3 steps, its final model and its config."""
-    root = tmp_path_factory.mktemp("runs")
-    cfg = load_config(overrides=TINY)
-    res = fit(cfg, run=RunDir.create(root, "r"))
-    return root / "r", res.model.eval(), cfg
+    path, res, cfg = tiny_run(tmp_path_factory.mktemp("runs"), 3)
+    return path, res.model.eval(), cfg
 
 
 @pytest.fixture(scope="module")

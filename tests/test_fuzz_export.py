@@ -15,15 +15,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from alignprog.cli import app
-from alignprog.config import load_config
 from alignprog.export import export_run
 from alignprog.training import RunDir
-from alignprog.training.loop import fit
 
-from conftest import TINY
+from conftest import tiny_run
 
 runner = CliRunner()
-TINY = TINY | {"train.steps": 2}
 pytestmark = pytest.mark.usefixtures("no_torch_load")
 
 
@@ -31,9 +28,8 @@ pytestmark = pytest.mark.usefixtures("no_torch_load")
 def run(tmp_path_factory):
     """A run trained 2 steps and its export."""
     root = tmp_path_factory.mktemp("fuzz")
-    fit(load_config(overrides=TINY), run=RunDir.create(root, "r"))
-    export = export_run(root / "r", checkpoint="last", out_dir=root / "ex")
-    return root / "r", export
+    path, _, _ = tiny_run(root, 2)
+    return path, export_run(path, checkpoint="last", out_dir=root / "ex")
 
 
 def _stderr(result) -> str:
