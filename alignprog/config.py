@@ -470,6 +470,8 @@ class TrainConfig(StrictModel):
     head_epochs: int = Field(10, ge=1, description="Epochs of the second stage.")
     checkpoint_every: int | None = Field(None, ge=1, description="Also save a checkpoint every "
                                          "this many steps (unset: at epoch ends only).")
+    memory_check: bool = Field(True, description="Before starting, estimate the memory of the "
+                               "largest training batch and refuse a run that cannot fit.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     runs_dir: Path = Field(Path("runs"), description="Folder of the run directories.")
     name: str | None = Field(None, description="Run name. Unset: <method>-<timestamp>.")

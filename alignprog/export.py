@@ -45,7 +45,7 @@ from alignprog.config import DEFAULT_BACKGROUND, ModelConfig, ProgressConfig
 from alignprog.data.annotations import (RawAnnotation, RepairLog, VideoAnnotation, canonicalise,
                                         parse_task_record)
 from alignprog.errors import AlignprogError, DataError
-from alignprog.fileio import fsync_file, load_json_text, replace_dir
+from alignprog.fileio import fsync_file, load_json_text, read_user_text, replace_dir
 from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
 
 FORMAT = "alignprog-export"
@@ -363,15 +363,7 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> ExportInfo:
             ".".join(str(p) for p in e["loc"]) + ": " * bool(e["loc"])
             + e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise ExportError(f"{path}: the export's config is invalid ({problems})") from None
-    shape = config["input_shape"]
-    if (not isinstance(shape, list) or not shape
-            or not all(isinstance(v, int) and v > 0 for v in shape)):
-        raise ExportError(f"{path}: config input_shape must be a list of positive integers, "
-                          f"got {shape!r}")
-    num_tasks = config["num_tasks"]
-    if not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ExportError(f"{path}: config num_tasks must be a positive integer, got "
-                          f"{num_tasks!r}")
+    shape, num_tasks = config["input_shape"], config["num_tasks"]
     dtype = metadata.get("dtype", config.get("dtype", "fp32"))
     if dtype not in DTYPES:
         raise ExportError(f"{path}: unknown dtype {dtype!r} in the metadata")
@@ -392,14 +384,18 @@ MAX_TASKS = 100_000
 
 def _check_config_fields(path: Path, config: Mapping[str, Any], shape: Any, num_tasks: Any,
                          background: Any) -> None:
-    """Types and ranges of the config fields beside model/progress (one-line ExportError)."""
+    """Types and ranges of the config fields beside model/progress (one-line ExportError),
+    checked before anything is built or allocated."""
     def bad(what: str) -> ExportError:
         return ExportError(f"{path}: the export's config is invalid ({what})")
 
-    if isinstance(num_tasks, bool):
-        raise bad(f"num_tasks must be a positive integer, got {num_tasks!r}")
-    if (isinstance(shape, list) and any(isinstance(v, bool) for v in shape)):
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if not isinstance(shape, list) or not shape or not all(positive_int(v) for v in shape):
         raise bad(f"input_shape must be a list of positive integers, got {shape!r}")
+    if not positive_int(num_tasks):
+        raise bad(f"num_tasks must be a positive integer, got {num_tasks!r}")
     if len(shape) > MAX_INPUT_RANK or any(v > MAX_INPUT_DIM for v in shape) \
             or math.prod(shape) > MAX_INPUT_ELEMS:
         raise bad(f"input_shape {shape!r} is out of range (at most {MAX_INPUT_RANK} dimensions "
@@ -535,53 +531,32 @@ def load(path: Path, *, device: str | torch.device = "cpu",
 MAX_FRAMES = 100_000  # predict's default bound on a video's frames (--max-frames)
 
 
-def _npy_frames(path: Path) -> int | None:
-    """The first dimension from a .npy header (None if the header is not readable: np.load
-    then reports the problem)."""
-    try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape = read(fh)[0]
-    except Exception:
-        return None
-    return int(shape[0]) if shape else None
-
-
 def read_video_array(path: Path, info: ExportInfo, *, max_frames: int | None = MAX_FRAMES
                      ) -> np.ndarray:
-    """A (T, *input_shape) float16/32 .npy file, memory-mapped, never unpickled; checked and
-    returned as float32 (T, *input_shape). Only a regular file is opened (a FIFO would hang),
-    and a video of more than `max_frames` frames is refused from its header, before reading."""
-    import stat
+    """A (T, *input_shape) float16/32 .npy file (either byte order), memory-mapped, never
+    unpickled; checked and returned as float32 (T, *input_shape). The header is read first
+    (`read_npy_header`: only a regular file, one holding all the data it declares), so a FIFO
+    never hangs and a video of more than `max_frames` frames is refused before reading."""
+    from alignprog.data.dataset import ARRAY_DTYPES, read_npy_header
 
     path = Path(path)
     rank = 1 + len(info.input_shape)
     layout = "(T, D)" if info.layout == "features" else "(T, C, H, W)"
     try:
-        mode = path.stat().st_mode
+        shape, dtype = read_npy_header(path)
     except FileNotFoundError:
         raise DataError("no such file", file=str(path)) from None
     except OSError as exc:
         raise DataError(f"cannot read ({exc.strerror or exc})", file=str(path)) from None
-    if not stat.S_ISREG(mode):
-        raise DataError("not a regular file (a directory, FIFO or device?); expected a .npy "
-                        "array", file=str(path))
-    frames = _npy_frames(path)
-    if max_frames is not None and frames is not None and frames > max_frames:
-        raise DataError(f"{frames} frames is more than the bound of {max_frames} (raise "
+    if dtype.newbyteorder("=") not in ARRAY_DTYPES:
+        raise DataError(f"dtype {dtype} is not float16/float32", file=str(path))
+    if max_frames is not None and shape and shape[0] > max_frames:
+        raise DataError(f"{shape[0]} frames is more than the bound of {max_frames} (raise "
                         "--max-frames to read it)", file=str(path))
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError("no such file", file=str(path)) from None
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"not a readable .npy array ({_short(exc)})", file=str(path)) from None
-    if not isinstance(array, np.ndarray):
-        raise DataError("expected one .npy array, got an .npz archive", file=str(path))
-    if array.dtype not in (np.dtype(np.float16), np.dtype(np.float32)):
-        raise DataError(f"dtype {array.dtype} is not float16/float32", file=str(path))
     if array.ndim != rank or tuple(array.shape[1:]) != info.input_shape:
         raise DataError(f"shape {tuple(array.shape)} does not fit the model, which reads the "
                         f"{info.layout} layout {layout} with frames of shape {info.input_shape}",
@@ -647,7 +622,7 @@ def read_segments(path: Path) -> dict[str | None, RawAnnotation]:
     path = Path(path)
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_user_text(path)
     except FileNotFoundError:
         raise DataError("no such segments file", file=file) from None
     except (OSError, UnicodeDecodeError) as exc:

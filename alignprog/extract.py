@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignprog.errors import AlignprogError, ConfigError, DataError
-from alignprog.fileio import atomic_save_npy, atomic_write_json
+from alignprog.fileio import atomic_save_npy, atomic_write_json, read_user_text
 
 Layout = Literal["features", "frames"]
 LAYOUTS: tuple[Layout, ...] = ("features", "frames")
@@ -480,8 +480,8 @@ def read_manifest(out_root: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        manifest = json.loads(read_user_text(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"unreadable manifest ({exc}); delete it or pass --overwrite",
                         file=str(path)) from None
     if not isinstance(manifest, dict) or manifest.get("schema_version") != MANIFEST_SCHEMA:

@@ -3,8 +3,10 @@ so that an interrupted run never leaves a half-written file under the final name
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import shutil
 import sys
 import tempfile
@@ -31,6 +33,24 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+MAX_TEXT_BYTES = 1 << 30
+
+
+def read_user_text(path: Path) -> str:
+    """A text file a user named (config, annotation, split, vocabulary, manifest), as UTF-8.
+
+    A FIFO or device would block or never end, a folder is no file: each raises OSError with a
+    one-line ``strerror``, like a missing file. UnicodeDecodeError propagates."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file", str(path))
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "not a regular file (FIFO, device or socket)", str(path))
+    if os.path.getsize(path) > MAX_TEXT_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_TEXT_BYTES >> 20} MiB", str(path))
+    return Path(path).read_text(encoding="utf-8")
 
 
 def fsync_file(path: Path) -> None:

@@ -84,8 +84,9 @@ def make_config(method: str, encoder: str, device: str, precision: str,
         "model.encoder": encoder, "model.num_heads": 16,
         "data.layout": "frames" if encoder == "resnet50" else "features",
         "data.synthetic.tasks": 2, "data.synthetic.videos_per_task": 2,
-        "data.synthetic.frame_channels": frame_shape[0],
-        "data.synthetic.frame_size": frame_shape[-1]} | (overrides or {}))
+        **({"data.synthetic.frame_channels": frame_shape[0],
+            "data.synthetic.frame_size": frame_shape[-1]} if len(frame_shape) == 3
+           else {"data.synthetic.dim": frame_shape[0]})} | (overrides or {}))
 
 
 def build(method: str, encoder: str, device: str, precision: str, lengths: tuple[int, ...],

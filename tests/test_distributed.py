@@ -124,6 +124,20 @@ def _cli_worker(rank: int, world: int, port: int, runs: str, steps: int) -> None
         assert result.output == ""  # rank 0 alone reports
 
 
+def _cli_refused_worker(rank: int, world: int, port: int, runs: str) -> None:
+    """Rank 0's memory check refuses the run: every rank exits with an error, none waits."""
+    torchrun_env(rank, world, port)
+    from typer.testing import CliRunner
+
+    from alignprog.cli import app
+    from alignprog.training import memory
+    memory.free_bytes = lambda device: 1000
+    result = CliRunner().invoke(app, ["train", "--steps", "2", "--runs-dir", runs, "--name", "r",
+                                      *TINY_SET])
+    assert result.exit_code == 1, result.output
+    assert ("needs about" in result.output) == (rank == 0), result.output
+
+
 # ----------------------------------------------------------------------------------------------
 # the single process that the ranks must equal
 
@@ -270,6 +284,12 @@ def test_fit_on_two_ranks_resumes_with_another_number_of_ranks(tmp_path: Path):
     res = fit(load_config(overrides=TINY | {"train.steps": 5}),
               run=RunDir.create(runs, "r", resume=True), resume=True)
     assert res.step == 5
+
+
+def test_cli_under_torchrun_a_run_refused_by_rank_0_stops_every_rank(tmp_path: Path):
+    runs = tmp_path / "runs"
+    spawn(_cli_refused_worker, str(runs))
+    assert not (runs / "r").exists()
 
 
 def test_cli_under_torchrun_rank_0_names_and_writes_the_run(tmp_path: Path):

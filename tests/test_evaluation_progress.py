@@ -15,7 +15,7 @@ from alignprog.data.dataset import GeneratedArray
 from alignprog.evaluation import (CONVENTION, action_frames, constant_progress, duration_prior,
                                   duration_prior_progress, embed_videos, evaluate_progress,
                                   online_progress, parse_baseline, progress_metrics)
-from alignprog.evaluation.progress import (PathLengthPrior, cumulative_path,
+from alignprog.evaluation.progress import (PathLengthPrior, cumulative_path, online_cost,
                                            video_progress_gt)
 from alignprog.models.progress_heads import build_progress_head
 
@@ -148,6 +148,34 @@ def test_online_progress_equals_per_prefix_loop(arch, position):
     elif not head.streamable:
         with pytest.raises(ValueError, match="prefix"):
             online_progress(head, u, ann, dense=True)
+
+
+@pytest.mark.parametrize("arch,position,per_action", [
+    ("gru", "count", lambda n: n), ("dilated_conv", "none", lambda n: n),
+    ("gru", "relative", lambda n: n * (n + 1) // 2), ("mean", "count", lambda n: n * (n + 1) // 2),
+    ("transformer", "count", lambda n: n * (n + 1) // 2),
+    ("transformer", "relative", lambda n: n * (n + 1) * (n + 2) // 6)])
+def test_online_cost_counts_the_frames_the_head_is_run_for(arch, position, per_action):
+    head = build_progress_head(arch, in_dim=6, hidden_dim=8, position=position)
+    ann = annotation([("0", 2), ("a", 1), ("b", 5), ("0", 3), ("c", 13)])
+    assert online_cost(head, ann) == per_action(1) + per_action(5) + per_action(13)
+    # 1e5 frames of one action: exact Python integers, no overflow
+    long = annotation([("a", 100_000)])
+    assert online_cost(head, long) == per_action(100_000)
+
+
+@pytest.mark.parametrize("position,frames_fed", [("count", 1 + 5 + 13),
+                                                 ("relative", 1 + 15 + 91)])
+def test_a_streaming_head_reads_each_frame_once(position, frames_fed):
+    """Online progress of a streaming head is linear in the action length: the head sees
+    every real frame once (one dense pass per action); a relative head sees every prefix."""
+    head = build_progress_head("gru", in_dim=6, hidden_dim=8, position=position)
+    fed = []
+    head.register_forward_pre_hook(lambda mod, args, kwargs: fed.append(int(args[1].sum())),
+                                   with_kwargs=True)
+    ann = annotation([("0", 2), ("a", 1), ("b", 5), ("0", 3), ("c", 13)])
+    online_progress(head, torch.randn(ann.num_frames, 6), ann)
+    assert sum(fed) == frames_fed == online_cost(head, ann)
 
 
 def test_online_progress_float32_and_training_mode_restored():

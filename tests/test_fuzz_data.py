@@ -117,3 +117,41 @@ def test_a_fifo_as_feature_file_fails_at_once(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_big_endian_arrays_load_as_their_native_values(tmp_path):
+    ann, lengths = tiny_annotations()
+    root = write_root(tmp_path / "r", ann, lengths, vocab=VOCAB)
+    path = root / "features" / "cook_0.npy"
+    native = np.load(path)
+    np.save(path, native.astype(native.dtype.newbyteorder(">")))
+    assert np.load(path).dtype.byteorder == ">"
+    ds = load_dataset(DataConfig(root=root))
+    got = ds.load(next(v.index for v in ds.videos if v.handle == "cook_0"))
+    assert got.dtype == np.float32 and got.dtype.isnative
+    np.testing.assert_array_equal(got, native)
+    assert cli("data", "check", str(root)).exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["id2action.txt", "splits.json"])
+def test_a_folder_named_like_a_dataset_file_is_an_error_not_skipped(tmp_path, name):
+    ann, lengths = tiny_annotations()
+    root = write_root(tmp_path / "r", ann, lengths)
+    (root / name).mkdir()
+    with pytest.raises(DataError, match="a folder, not a file"):
+        load_dataset(DataConfig(root=root))
+    res = cli("data", "check", str(root))
+    assert res.exit_code == 1 and "a folder, not a file" in res.output
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("name", ["id2action.txt", "splits.json", "dataset.json"])
+def test_a_fifo_as_dataset_text_file_fails_at_once(tmp_path, name):
+    ann, lengths = tiny_annotations()
+    root = write_root(tmp_path / "r", ann, lengths, vocab=VOCAB)
+    (root / name).unlink(missing_ok=True)
+    os.mkfifo(root / name)
+    proc = subprocess.run([sys.executable, "-m", "alignprog", "data", "check", str(root)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "not a regular file" in proc.stderr and "Traceback" not in proc.stderr

@@ -130,6 +130,11 @@ def test_damaged_checkpoints_give_one_line_export_errors(run, tmp_path: Path):
 @pytest.mark.parametrize("edit,phrase", [
     (lambda c: c.update(input_shape=[1_000_000_000]), "out of range"),
     (lambda c: c.update(num_tasks=10_000_000), "out of range"),
+    (lambda c: c.update(num_tasks=True), "num_tasks must be a positive integer"),
+    (lambda c: c.update(num_tasks=0), "num_tasks must be a positive integer"),
+    (lambda c: c.update(input_shape=[16.0]), "input_shape must be a list of positive integers"),
+    (lambda c: c.update(input_shape=[]), "input_shape must be a list of positive integers"),
+    (lambda c: c.update(input_shape="16"), "input_shape must be a list of positive integers"),
     (lambda c: c.update(input_shape=[17]), "do not match the architecture"),
     (lambda c: c.update(background_labels=5), "background_labels"),
     (lambda c: c.update(method=5), "method"),

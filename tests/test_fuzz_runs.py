@@ -49,6 +49,27 @@ def test_overwrite_with_a_bad_dataset_keeps_the_old_run(tmp_path: Path):
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path: Path,
+                                                                         monkeypatch):
+    from alignprog.training import loop
+
+    assert train(tmp_path, "r").exit_code == 0
+    before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+
+    def no_memory(self, *args, **kwargs):   # the model cannot be built after the old run moved
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.Trainer, "__init__", no_memory)
+        result = train(tmp_path, "r", "--overwrite")
+    assert result.exit_code == 1 and "out of memory" in result.output
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]          # nothing hidden left over
+    assert train(tmp_path, "r", "--overwrite", "--steps", "1").exit_code == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) != before
+
+
 def test_a_failed_start_leaves_no_stale_run(tmp_path: Path):
     result = train(tmp_path, "r", "--set", "data.multi_task=false")
     assert result.exit_code != 0 and "multi_task" in result.output
@@ -200,6 +221,68 @@ def test_checkpoint_every(tmp_path: Path):
     run = RunDir.create(tmp_path, "r")
     fit(tiny(**{"train.steps": 4, "train.checkpoint_every": 1}), run=run)
     assert [s for s, _ in run.checkpoints()] == [1, 2, 3, 4]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from alignprog.training.restore import load_trained_model
+    return load_trained_model(path)[1].state_dict()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_checkpoint_every_carries_across_a_resume(tmp_path: Path):
+    extra = {"train.steps": 7, "train.checkpoint_every": 2}
+    full = RunDir.create(tmp_path, "full")
+    fit(tiny(**extra), run=full)
+
+    def stop_at_3(kind, record):
+        if kind == "step" and record["step"] == 3:
+            raise KeyboardInterrupt
+
+    part = RunDir.create(tmp_path, "part")
+    assert fit(tiny(**extra), run=part, callback=stop_at_3).interrupted
+    assert [s for s, _ in part.checkpoints()] == [2, 3]          # 3: the interrupt's save
+    resumed = RunDir.create(tmp_path, "part", resume=True)
+    fit(tiny(**extra), run=resumed, resume=True)
+    # the interval counts optimizer steps, not steps since the resume
+    assert [s for s, _ in resumed.checkpoints()] == [2, 3, 4, 6, 7]
+    assert [s for s, _ in full.checkpoints()] == [2, 4, 6, 7]
+    assert_same_weights(full.latest_checkpoint(), resumed.latest_checkpoint())
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGTERM"), reason="no SIGTERM here")
+def test_sigterm_mid_run_saves_a_checkpoint_that_resumes_to_the_same_weights(tmp_path: Path):
+    import signal
+    import subprocess
+    import sys
+
+    args = ["train", "--runs-dir", str(tmp_path), "--steps", "40", *SETS]
+    proc = subprocess.Popen([sys.executable, "-m", "alignprog", *args, "--name", "part",
+                             "--json-logs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        for line in proc.stdout:                    # wait until training is under way
+            record = json.loads(line)
+            if record["kind"] == "step" and record["step"] >= 2:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+    run = RunDir.open(tmp_path / "part")
+    stopped = run.latest_checkpoint()
+    assert stopped is not None and 2 <= run.checkpoints()[-1][0] < 40
+    assert invoke(*args, "--name", "part", "--resume").exit_code == 0
+    assert invoke(*args, "--name", "full").exit_code == 0
+    assert_same_weights(RunDir.open(tmp_path / "full").latest_checkpoint(),
+                        RunDir.open(tmp_path / "part").latest_checkpoint())
 
 
 def test_sigterm_handler_is_restored():

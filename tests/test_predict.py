@@ -182,6 +182,34 @@ def test_float16_features_are_read(setup, tmp_path: Path):
     assert len(out["videos"][0]["progress"]) == len(np.load(half))
 
 
+def test_big_endian_features_give_the_same_progress(setup, tmp_path: Path):
+    export, root = setup
+    native = np.load(files(root)[0])
+    swapped = tmp_path / f"{VIDEOS[0]}.npy"
+    np.save(swapped, native.astype(native.dtype.newbyteorder(">")))
+    assert np.load(swapped).dtype.byteorder == ">"
+    expected = run_json(export, files(root)[0], "--segments", root / "dataset.json")
+    out = run_json(export, swapped, "--segments", root / "dataset.json")
+    assert out["videos"][0]["progress"] == expected["videos"][0]["progress"]
+
+
+def test_a_prediction_that_would_take_too_long_is_refused_first(setup):
+    export, root = setup
+    feature = files(root)[0]
+    frames = len(np.load(feature))
+    # TINY's head: GRU with the relative position, which re-runs every prefix
+    result = runner.invoke(app, ["predict", str(export), feature, "--max-head-steps", "100"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    err = _stderr(result)
+    assert f"needs {frames * (frames + 1) // 2:.3g} head frame steps" in err
+    assert f"actions of up to {frames} frames" in err
+    assert "--segments" in err and "position=count" in err
+    # with the action bounds, the prefixes are the actions' only: it fits
+    bound = str(frames * (frames + 1) // 2 - 1)
+    out = run_json(export, feature, "--segments", root / "dataset.json", "--max-head-steps", bound)
+    assert len(out["videos"][0]["progress"]) == frames
+
+
 def test_bad_inputs_give_one_line_errors(setup, tmp_path: Path):
     export, root = setup
     wrong_dim = tmp_path / "wrong.npy"
@@ -198,7 +226,7 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path: Path):
     feature = files(root)[0]
     cases = [
         ([str(wrong_dim)], "does not fit the model"),
-        ([str(pickled)], "not a readable .npy array"),
+        ([str(pickled)], "holds Python objects"),
         ([str(ints)], "is not float16/float32"),
         ([str(nan)], "NaN/Inf"),
         ([str(tmp_path / "missing.npy")], "no such file"),

@@ -62,9 +62,24 @@ def test_overwrite_replaces_the_run(tmp_path: Path):
     assert new.path == run.path
     assert sorted(p.name for p in new.path.iterdir()) == [".alignprog-run", "checkpoints"]
     assert new.read_metrics() == [] and new.latest_checkpoint() is None
+    # The old run waits, hidden, until the new one has a checkpoint (Trainer.save releases it).
+    hidden = [p for p in tmp_path.iterdir() if p.name != "r"]
+    assert len(hidden) == 1 and hidden[0].name.startswith(".r.old-")
+    assert (hidden[0] / "r" / "checkpoints").is_dir()
+    new.release_replaced()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # the old run is gone
     # Overwriting a run that does not exist simply creates it.
     RunDir.create(tmp_path, "fresh", overwrite=True)
+
+
+def test_an_overwrite_that_never_checkpoints_puts_the_old_run_back(tmp_path: Path):
+    run = RunDir.create(tmp_path, "r")
+    run.log_metrics({"step": 1, "loss": 1.0})
+    _checkpoint(run, 1)
+    new = RunDir.create(tmp_path, "r", overwrite=True)
+    assert new.discard_if_unstarted()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert run.read_metrics() == [{"step": 1, "loss": 1.0}] and run.latest_checkpoint()
 
 
 def test_overwrite_failure_keeps_old_run(tmp_path: Path, monkeypatch):

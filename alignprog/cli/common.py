@@ -79,8 +79,22 @@ def write_figure(path: Path, png: bytes) -> None:
     err_console.print(f"figure written to {escape(str(path))}", highlight=False)
 
 
+OUT_OF_MEMORY_HINT = ("lower data.batch_size or shorten the longest videos (`alignprog train` "
+                      "estimates what fits before it starts: train.memory_check)")
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """A one-line report of an allocation failure (numpy's MemoryError or torch's CUDA/CPU
+    OutOfMemoryError), None for any other error."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        first = (str(exc).strip().splitlines() or ["no details"])[0]
+        return f"out of memory ({first[:200]}); {OUT_OF_MEMORY_HINT}"
+    return None
+
+
 def guarded(fn: Callable) -> Callable:
-    """Report AlignprogError as one line on stderr with its exit code, never a traceback."""
+    """Report AlignprogError and running out of memory as one line on stderr with an exit code,
+    never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -90,5 +104,10 @@ def guarded(fn: Callable) -> Callable:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except (MemoryError, RuntimeError) as exc:
+            message = _out_of_memory(exc)
+            if message is None:
+                raise
+            fail(message, 1)
 
     return wrapper

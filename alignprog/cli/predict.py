@@ -60,6 +60,10 @@ def predict(
     max_frames: Annotated[int, typer.Option(
         min=1, help="Refuse a video with more frames than this (read from the .npy header, "
         "before the data).")] = 100_000,
+    max_head_steps: Annotated[float, typer.Option(
+        min=1, help="Refuse a video whose online progress needs more head frame steps than "
+        "this: a head with position 'relative' re-runs every prefix of an action (sum of "
+        "L(L+1)/2 steps), a count/none head streams (sum of L).")] = 2e8,
 ) -> None:
     """Predict per-frame progress of new videos with an exported model.
 
@@ -99,6 +103,7 @@ def predict(
             ann = whole_video_annotation(handle, len(array))
         else:
             ann = segments_for(seg_map, handle, len(array), info, file=str(segments), log=log)
+        _check_cost(path, model.progress_head, ann, info, max_head_steps, seg_map is None)
         pred = predict_progress(model, array, ann)                                # (T,)
         videos.append(_video_record(path, ann, pred))
     for kind, n, example in log.rows():
@@ -120,6 +125,24 @@ def predict(
         return
     for video in videos:
         _print_video(video, result["whole_video_as_one_segment"])
+
+
+def _check_cost(path: Path, head, ann, info, bound: float, whole_video: bool) -> None:
+    """Refuse, before the work, a video whose online prediction would take hours."""
+    from alignprog.evaluation.progress import online_cost
+
+    steps = online_cost(head, ann)
+    if steps <= bound:
+        return
+    longest = int(ann.lengths[ann.is_foreground].max())
+    ways = ["give the action bounds with --segments"] if whole_video else []
+    if not head.streamable:
+        ways.append("use a model trained with --set progress.learnable.position=count, which "
+                    "streams in time linear in the action length")
+    ways.append("raise --max-head-steps")
+    fail(f"{path}: online progress with the {_head_name(info)} head needs {steps:.3g} head "
+         f"frame steps for actions of up to {longest} frames (more than --max-head-steps "
+         f"{bound:.3g}); " + ", or ".join(ways))
 
 
 def _head_name(info) -> str:

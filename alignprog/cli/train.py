@@ -253,10 +253,14 @@ def train(
                quiet=quiet)
 
 
-def _create_run(cfg, dist, *, resume: bool, overwrite: bool):
-    """Rank 0 creates (or reopens) the run directory and picks its name; the other ranks learn
-    the name, or rank 0's error, so that none of them waits for a run that never starts."""
+def _create_run(cfg, dist, dataset, *, resume: bool, overwrite: bool):
+    """Rank 0 checks that the largest step fits, then creates (or reopens) the run directory and
+    picks its name; the other ranks learn the name, or rank 0's error, so that none of them
+    waits for a run that never starts."""
+    from alignprog.runtime import resolve_device
     from alignprog.training import RunDir
+    from alignprog.training.loop import TrainingError
+    from alignprog.training.memory import memory_problem
     from alignprog.training.rundir import claim_run_name
 
     if not dist.is_main:
@@ -265,6 +269,10 @@ def _create_run(cfg, dist, *, resume: bool, overwrite: bool):
             raise typer.Exit(1)
         return None, answer["name"]
     try:
+        device = dist.device if dist.active else resolve_device(cfg.train.device)
+        problem = memory_problem(dataset, cfg, device) if cfg.train.memory_check else None
+        if problem:
+            raise TrainingError(problem)
         claimed = not cfg.train.name
         run_name = cfg.train.name or claim_run_name(cfg.train.method, cfg.train.runs_dir)
         run = RunDir.create(Path(cfg.train.runs_dir), run_name, overwrite=overwrite,
@@ -292,7 +300,7 @@ def _train(cfg, dist, *, resume: bool, overwrite: bool, json_logs: bool, quiet: 
             report("warning", line)
     check_config(cfg)
 
-    run, run_name = _create_run(cfg, dist, resume=resume, overwrite=overwrite)
+    run, run_name = _create_run(cfg, dist, dataset, resume=resume, overwrite=overwrite)
     mode = ("json" if json_logs else "quiet" if quiet
             else "live" if sys.stdout.isatty() else "plain")
     display = Display(mode) if dist.is_main else None   # rank 0 alone shows the run

@@ -27,7 +27,7 @@ from alignprog.data.annotations import (BEYOND_DROPPED, EMPTY_DROPPED, FINAL_SHO
                                         VideoAnnotation, canonicalise, parse_task_record)
 from alignprog.data.splits import SPLIT_NAMES, Splits, ordered_split, random_split, read_splits
 from alignprog.errors import DataError
-from alignprog.fileio import load_json_text
+from alignprog.fileio import load_json_text, read_user_text
 
 LAYOUTS = ("features", "frames")
 ARRAY_RANK = {"features": 2, "frames": 4}
@@ -231,7 +231,7 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 def read_vocabulary(path: Path) -> dict[str, str]:
     """``<int id> <name>`` per line -> {"id": name} (spec 1.2)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = read_user_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read action vocabulary ({exc})", file=str(path)) from None
     vocab: dict[str, str] = {}
@@ -253,7 +253,7 @@ def read_vocabulary(path: Path) -> dict[str, str]:
 
 def read_annotation_json(path: Path) -> dict[str, Any]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_user_text(path)
     except FileNotFoundError:
         raise DataError("annotation file not found", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -322,7 +322,7 @@ def load_dataset(cfg: DataConfig, *, all_layouts: bool = False, collect: bool = 
     if vocab_path is None:
         for candidate in (ann_path.with_name(f"{ann_path.stem}-id2action.txt"),
                           root / "id2action.txt"):
-            if candidate.is_file():
+            if candidate.exists():  # a folder of that name is reported below, not skipped
                 vocab_path = candidate
                 break
     vocabulary = read_vocabulary(vocab_path) if vocab_path is not None else None
@@ -368,7 +368,7 @@ def load_dataset(cfg: DataConfig, *, all_layouts: bool = False, collect: bool = 
             except DataError as err:
                 fail(DataError(err.what, **where))
                 continue
-            if dtype not in ARRAY_DTYPES:
+            if dtype.newbyteorder("=") not in ARRAY_DTYPES:  # big-endian is read as well
                 fail(DataError(f"dtype {dtype}: arrays must be float16 or float32", **where))
                 continue
             if shape and shape[0] > cfg.max_frames:
@@ -464,7 +464,7 @@ def _make_splits(cfg: DataConfig, root: Path | None, videos: list[Video]
     for v in videos:
         task_handles.setdefault(v.task, []).append(v.handle)
     split_file = cfg.split.file
-    if split_file is None and root is not None and (root / "splits.json").is_file():
+    if split_file is None and root is not None and (root / "splits.json").exists():
         split_file = root / "splits.json"
     if split_file is not None:
         return read_splits(split_file, task_handles)

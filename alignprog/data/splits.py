@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from alignprog.errors import DataError
-from alignprog.fileio import atomic_write_json, load_json_text
+from alignprog.fileio import atomic_write_json, load_json_text, read_user_text
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -128,7 +128,7 @@ def read_splits(path: Path, task_handles: Mapping[str, Sequence[str]]) -> tuple[
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_user_text(path)
     except OSError as exc:
         raise DataError(f"cannot read split file ({exc.strerror})", file=str(path)) from None
     except UnicodeDecodeError:

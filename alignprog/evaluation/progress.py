@@ -148,6 +148,22 @@ def _dense_is_online(head: torch.nn.Module) -> bool:
     return bool(head.streamable) and bool(getattr(head, "has_dense", True))
 
 
+def online_cost(head: torch.nn.Module, annotation: VideoAnnotation) -> int:
+    """Frame steps `online_progress` will run the head for (work and, for attention, memory):
+    sum L over the actions for a head with one dense pass, sum L(L+1)/2 for one that re-runs
+    every prefix, and the transformer, which attends over every earlier frame, sum L(L+1)/2
+    in one dense pass (its score matrices are L x L), L(L+1)(L+2)/6 prefix by prefix."""
+    _, lengths = _foreground_segments(annotation)
+    n = [int(x) for x in lengths]                      # Python ints: no overflow
+    from alignprog.models.progress_heads import TransformerProgressHead
+    attends = isinstance(head, TransformerProgressHead)
+    if _dense_is_online(head):
+        return sum(x * (x + 1) // 2 if attends else x for x in n)
+    if attends:
+        return sum(x * (x + 1) * (x + 2) // 6 for x in n)
+    return sum(x * (x + 1) // 2 for x in n)
+
+
 def online_progress(head: torch.nn.Module, embeddings: torch.Tensor, annotation: VideoAnnotation,
                     *, chunk_elems: int = 2**22, dense: bool | None = None) -> torch.Tensor:
     """The head's online action-level prediction (T,) on the CPU (spec 3.7, ALGORITHMS 3.5).

@@ -521,6 +521,7 @@ class Trainer:
         path = run.checkpoints_dir / ("best" if best else checkpoint_name(self.step))
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, state=self.state(),
                         meta=meta, generators=self.generators)
+        run.release_replaced()   # the new run can continue now: the one it replaced may go
 
     def restore(self, path) -> dict:
         """Continue from checkpoint `path`; a stage-2 checkpoint rebuilds the stage-2 optimizer

@@ -38,7 +38,8 @@ import alignprog
 from alignprog.config import save_config
 from alignprog.data.splits import Splits, write_splits
 from alignprog.errors import AlignprogError
-from alignprog.fileio import atomic_write_json, atomic_write_text
+from alignprog.fileio import (atomic_write_json, atomic_write_text, load_json_text,
+                             read_user_text)
 from alignprog.training.checkpoint import BEST_NAME, checkpoint_name, checkpoint_step, is_checkpoint
 
 RUN_SCHEMA_VERSION = 1
@@ -211,15 +212,17 @@ def is_alignprog_run(path: Path) -> bool:
     if (path / MARKER_FILE).is_file():
         return True
     try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        meta = load_json_text(read_user_text(path / META_FILE), ValueError)
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("format") == RUN_FORMAT
 
 
-def _write_marker(path: Path) -> None:
-    atomic_write_json(path / MARKER_FILE, {"format": RUN_FORMAT,
-                                           "schema_version": RUN_SCHEMA_VERSION})
+def _claim_marker(path: Path) -> None:
+    """Create the run's marker exclusively: of two processes claiming `path`, one gets it
+    (FileExistsError for the other). An empty marker left by a kill still marks the run."""
+    with open(path / MARKER_FILE, "x", encoding="utf-8") as fh:
+        json.dump({"format": RUN_FORMAT, "schema_version": RUN_SCHEMA_VERSION}, fh)
 
 
 @dataclass
@@ -229,6 +232,7 @@ class RunDir:
     path: Path
     resumed: bool = False
     created: bool = False    # this process made (or replaced) the directory
+    replaced: Path | None = None  # the old run of --overwrite, kept aside until a checkpoint
 
     # -- construction -----------------------------------------------------------------------
 
@@ -290,10 +294,9 @@ class RunDir:
         elif claimed:
             created = True
         try:
-            # The marker, created exclusively, is the claim of an empty directory that was
-            # already there (or that another process has just made): one process gets it.
-            with open(path / MARKER_FILE, "x", encoding="utf-8") as fh:
-                json.dump({"format": RUN_FORMAT, "schema_version": RUN_SCHEMA_VERSION}, fh)
+            # The marker is the claim of an empty directory that was already there (or that
+            # another process has just made): one process gets it.
+            _claim_marker(path)
             (path / CHECKPOINTS_DIR).mkdir(exist_ok=True)
         except FileExistsError:
             raise RunError(f"run directory {path} was just created by another process; "
@@ -306,10 +309,10 @@ class RunDir:
 
     @classmethod
     def _replace(cls, path: Path) -> "RunDir":
-        """Move the old run aside under a hidden name, set up the new one, then delete the old:
-        an interruption leaves either the old run whole or the new one, never a half-deleted
-        run under the real name. (The CLI validates the config and loads the dataset before it
-        calls this, so a typo in --dataset never costs the old run.)"""
+        """Move the old run aside under a hidden name and set up the new one. The old run stays
+        there until the new one writes its first checkpoint (`release_replaced`); a start that
+        fails before that puts it back (`discard_if_unstarted`). An interruption leaves the old
+        run whole, under its name or the hidden one, never a half-deleted run."""
         for stale in path.parent.glob(f".{path.name}.old-*"):  # leftovers of a killed overwrite
             shutil.rmtree(stale, ignore_errors=True)
         aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -317,22 +320,31 @@ class RunDir:
         try:
             path.mkdir()
             (path / CHECKPOINTS_DIR).mkdir()
-            _write_marker(path)
+            _claim_marker(path)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             os.rename(aside / path.name, path)
             shutil.rmtree(aside, ignore_errors=True)
             raise
-        shutil.rmtree(aside, ignore_errors=True)  # a leftover is removed by the next overwrite
-        return cls(path, created=True)
+        return cls(path, created=True, replaced=aside)
+
+    def release_replaced(self) -> None:
+        """Delete the run that --overwrite replaced (once the new one has a checkpoint)."""
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
 
     def discard_if_unstarted(self) -> bool:
         """Remove the directory when this process created it and no checkpoint was written
-        yet (a failed start must not leave a stale runs/NAME/ that blocks the next try).
-        Returns whether it was removed."""
+        yet (a failed start must not leave a stale runs/NAME/ that blocks the next try), and put
+        back the run it replaced. Returns whether it was removed."""
         if not self.created or self.resumed or self.checkpoints() or self.best_checkpoint():
+            self.release_replaced()
             return False
         shutil.rmtree(self.path, ignore_errors=True)
+        if self.replaced is not None:
+            os.rename(self.replaced / self.path.name, self.path)
+            self.release_replaced()
         return True
 
     @classmethod
