@@ -29,12 +29,12 @@ def check_weights(tensors: Mapping[str, torch.Tensor], where: str | Path) -> Non
             huge.append(name)
     if nonfinite:
         more = f" (and {len(nonfinite) - 1} more)" if len(nonfinite) > 1 else ""
-        raise AlignprogError(f"{where}: tensor {nonfinite[0]} holds NaN/Inf values{more}; the "
+        raise AlignprogError(f"{where}: NaN/Inf values in tensor {nonfinite[0]}{more}; the "
                              "weights are corrupted (or training diverged)")
     if huge:
         more = f" (and {len(huge) - 1} more)" if len(huge) > 1 else ""
-        raise AlignprogError(f"{where}: tensor {huge[0]} holds absurd magnitudes (|w| > "
-                             f"{MAX_ABS_WEIGHT:g}){more}; the weights are corrupted")
+        raise AlignprogError(f"{where}: absurd magnitudes (|w| > {MAX_ABS_WEIGHT:g}) in tensor "
+                             f"{huge[0]}{more}; the weights are corrupted")
 
 
 def load_checked_model(checkpoint: Path, *, device: str = "cpu"):

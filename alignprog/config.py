@@ -1,27 +1,34 @@
 """Every setting of alignprog as pydantic v2 models, and the one way to load them.
 
-Order of precedence (STYLE habit 2): model defaults, then a config file (YAML or JSON), then
+Order of precedence: model defaults, then a config file (YAML or JSON), then
 dotted overrides (CLI flags and ``--set key=value``), then one validation of the result.
 Unknown keys are errors that name the key and suggest the closest valid one. No torch here.
+
+Validation also settles what spans sections or has two names: the encoder fixes the data layout
+(`ENCODER_LAYOUT`), and the pipeline description's names (``temporal_stacking``, ``use_gru``)
+are read as the one name the rest of the code knows. Loading stays light (PyYAML and numpy are
+imported on use): `alignprog --help` reads the models' fields for its choices and defaults.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, get_args, get_origin
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from alignprog.errors import ConfigError
-from alignprog.fileio import atomic_write_text
 
-# Spec DATA_AND_EVAL 1.2: the background set used by every component (pitfall P1).
+# The background set used by every component (docs/data.md#action-vocabulary-and-background):
+# the reference tests only 'SIL' (docs/reference-bugs.md#background-label-mismatch).
 DEFAULT_BACKGROUND = ("0", "SIL", "background")
 
-# Spec DATA_AND_EVAL 1.3: native fps of the EgoProceL sources; [F] extracted features at 1 fps.
+# Native fps of the EgoProceL sources (docs/data.md#tasks-and-sources); the fork extracted
+# features at 1 fps.
 # Patterns are matched against task names with fnmatch, first match wins.
 EGOPROCEL_SOURCE_FPS: dict[str, float] = {
     "*.egtea": 24.0,
@@ -30,6 +37,17 @@ EGOPROCEL_SOURCE_FPS: dict[str, float] = {
     "meccano": 12.0,
     "pc_*": 12.0,
 }
+
+
+# Which data layout each base encoder reads: features/<handle>.npy (T, D) or frames/<handle>.npy
+# (T, C, H, W). `Config` refuses a data.layout the encoder cannot read.
+ENCODER_LAYOUT = {"stacking": "features", "naive": "features", "resnet50": "frames"}
+
+# Names of the user's pipeline description that config files may use; validation turns each into the
+# one name the code knows.
+ENCODER_ALIASES = {"temporal_stacking": "stacking"}
+
+_BOOL = TypeAdapter(bool)
 
 
 # Largest width / hidden size / feature dimension accepted: anything larger fails here with a
@@ -64,7 +82,8 @@ def _bool_for_number(annotation: Any, value: Any) -> bool:
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              defer_build=True)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -76,32 +95,30 @@ class StrictModel(BaseModel):
 
 
 class SplitConfig(StrictModel):
-    """How videos are divided into train / val / test (spec DATA_AND_EVAL 1.8)."""
+    """How videos are divided into train / val / test (docs/data.md#splits)."""
 
     mode: Literal["random", "ordered"] = Field(
         "random",
         description="random: per task, shuffle the handles with `seed` and cut by the fractions "
-        "(the [F] data_splits.json procedure); ordered: the original code's split, the first "
-        "round(train*n) handles of each task in JSON order are train and the rest test.",
+        "(the reference fork's data_splits.json procedure); ordered: the original code's "
+        "split, the first round(train*n) handles of each task in JSON order are train and the "
+        "rest test.",
     )
-    train: float = Field(0.75, description="Fraction of each task's videos used for training.")
-    val: float = Field(0.10, description="Fraction of each task's videos used for validation.")
-    test: float = Field(0.15, description="Fraction of each task's videos used for testing.")
+    train: float = Field(0.75, gt=0, le=1,
+                         description="Fraction of each task's videos used for training.")
+    val: float = Field(0.10, ge=0, le=1,
+                       description="Fraction of each task's videos used for validation.")
+    test: float = Field(0.15, ge=0, le=1,
+                        description="Fraction of each task's videos used for testing.")
     seed: int = Field(42, description="Seed of the per-task shuffle (random mode).")
     file: Path | None = Field(
         None,
-        description="Explicit split file ([F] data_splits.json format). Overrides the fractions. "
-        "When unset, `<root>/splits.json` is used if present.",
+        description="Explicit split file (the reference fork's data_splits.json format). "
+        "Overrides the fractions. When unset, `<root>/splits.json` is used if present.",
     )
 
     @model_validator(mode="after")
     def _fractions(self) -> "SplitConfig":
-        for name in ("train", "val", "test"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"data.split.{name} must be in [0, 1], got {value}")
-        if self.train <= 0.0:
-            raise ValueError(f"data.split.train must be > 0, got {self.train}")
         total = self.train + self.val + self.test
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"data.split fractions must sum to 1, got train+val+test = {total:g}")
@@ -109,11 +126,12 @@ class SplitConfig(StrictModel):
 
 
 class FpsConfig(StrictModel):
-    """What the numbers in the annotation JSON mean (spec DATA_AND_EVAL 1.5, pitfall P11).
+    """What the numbers in the annotation JSON mean (docs/data.md#frame-units-and-fps-presets).
 
     By default annotation frames are feature frames (identity). With a source-fps table, a bound
     ``t`` becomes ``floor(t * feature / source_fps(task))``; with ``unit: seconds`` it becomes
-    ``floor(t * feature)``.
+    ``floor(t * feature)``. The fork divided by the native fps whatever the feature rate
+    (docs/reference-bugs.md#fps-mapping-ignores-feature-rate).
     """
 
     preset: Literal["none", "egoprocel"] = Field(
@@ -122,7 +140,7 @@ class FpsConfig(StrictModel):
         "egoprocel: the EgoProceL sources' native fps (EGTEA 24, CMU 30, tent 60, MECCANO 12, "
         "PC 12) mapped to `feature` fps.",
     )
-    source: dict[str, float] = Field(
+    source: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
         description="Task name or fnmatch pattern -> fps of the annotation frame numbers of that "
         "task. Checked before the preset's entries; every task must match one when the table is "
@@ -133,9 +151,9 @@ class FpsConfig(StrictModel):
         "frames", description="Unit of the annotation bounds: source frames or seconds."
     )
     tolerance_s: float = Field(
-        2.0,
+        2.0, ge=0,
         description="Warn when the annotated length and the feature length differ by more than "
-        "this many seconds of video (spec 1.6).",
+        "this many seconds of video.",
     )
 
     @field_validator("feature")
@@ -143,21 +161,6 @@ class FpsConfig(StrictModel):
     def _positive_feature(cls, value: float) -> float:
         if not value > 0:
             raise ValueError(f"data.fps.feature must be > 0, got {value}")
-        return value
-
-    @field_validator("source")
-    @classmethod
-    def _positive_source(cls, value: dict[str, float]) -> dict[str, float]:
-        for pattern, fps in value.items():
-            if not fps > 0:
-                raise ValueError(f"data.fps.source['{pattern}'] must be > 0, got {fps}")
-        return value
-
-    @field_validator("tolerance_s")
-    @classmethod
-    def _nonneg_tolerance(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError(f"data.fps.tolerance_s must be >= 0, got {value}")
         return value
 
     def table(self) -> list[tuple[str, float]]:
@@ -187,7 +190,7 @@ class SyntheticConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """Where the videos come from and how they become batches (spec DATA_AND_EVAL 1)."""
+    """Where the videos come from and how they become batches (docs/data.md)."""
 
     root: Path | None = Field(
         None,
@@ -250,15 +253,17 @@ class DataConfig(StrictModel):
 class ModelConfig(StrictModel):
     """The encoder: base model, multi-head attention fusion (MCN), embedding width.
 
-    Spec ALGORITHMS 1-2 and the defaults table (section 9), except the default base encoder:
-    `stacking` (fast on a CPU) instead of the document's `resnet50`.
+    See docs/algorithms.md#encoder and the defaults table (docs/algorithms.md#defaults), except
+    the default base encoder: `stacking` (fast on a CPU) instead of the pipeline description's
+    `resnet50`.
     """
 
-    encoder: Literal["stacking", "temporal_stacking", "resnet50", "naive"] = Field(
+    encoder: Literal["stacking", "resnet50", "naive"] = Field(
         "stacking",
         description="Base encoder: stacking (1-D temporal convs over features/ (T, 2048)), "
-        "resnet50 (3-D convs over frames/ (T, 1024, 14, 14) layer3 maps, the document's "
-        "pipeline), naive (per-frame MLP over features/). temporal_stacking = stacking.",
+        "resnet50 (3-D convs over frames/ (T, 1024, 14, 14) layer3 maps, the pipeline "
+        "description's), naive (per-frame MLP over features/). A config file may also say "
+        "temporal_stacking, the pipeline description's name: it is read as stacking.",
     )
     mcn: bool = Field(True, description="Multi-head attention fusion (MCN) over the base output; "
                       "False: the base encoder's output is the embedding.")
@@ -283,12 +288,17 @@ class ModelConfig(StrictModel):
     dropping: bool | None = Field(None, description="Build the drop branch. Unset: only for "
                                   "GTCC, the one loss that uses it.")
     reference_window: bool = Field(
-        False, description="resnet50: reproduce the reference's temporal window r-k..r-1 (bug "
-        "B5) instead of r-k+1..r. Only for reproducing published numbers.")
+        False, description="resnet50: reproduce the reference's temporal window r-k..r-1, which "
+        "never reads frame r, instead of r-k+1..r. Only for reproducing published numbers.")
+
+    @field_validator("encoder", mode="before")
+    @classmethod
+    def _encoder_alias(cls, value: Any) -> Any:
+        return ENCODER_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _stacking_widths(self) -> "ModelConfig":
-        if self.encoder in ("stacking", "temporal_stacking"):
+        if self.encoder == "stacking":
             c, d = self.conv_channels, self.output_dim
             ok = c > d
             while ok and c > d and c % 2 == 0:
@@ -302,62 +312,79 @@ class ModelConfig(StrictModel):
 
 
 class LearnableProgressConfig(StrictModel):
-    """The learnable progress head and how it is taught (the document's `learnable` block)."""
+    """The learnable progress head and how it is taught.
+
+    The pipeline description's `learnable` block.
+    """
 
     arch: Literal["gru", "mean", "transformer", "dilated_conv"] = Field(
-        "gru", description="Head architecture: gru (the document's), mean (mean pooling), "
-        "transformer (causal, ALiBi), dilated_conv (causal dilated convolutions).")
+        "gru", description="Head architecture: gru (the pipeline description's), mean (mean "
+        "pooling), transformer (causal, ALiBi), dilated_conv (causal dilated convolutions). A "
+        "config file may also hold the pipeline description's switch use_gru: false is read "
+        "as arch mean (an arch other than gru or mean beside it is an error), true changes "
+        "nothing; the loaded config keeps arch alone.")
     hidden_dim: int = Field(64, ge=1, le=MAX_WIDTH, description="Width of the head: GRU hidden "
                             "size, first MLP width of mean, d_model of transformer, channels of "
                             "dilated_conv.")
-    use_gru: bool = Field(True, description="The document's switch: False means arch 'mean'.")
     position: Literal["relative", "count", "none"] = Field(
-        "relative", description="Per-frame position feature: relative = tau/T (the document's; "
-        "online use re-runs each prefix), count = log(2+tau)/log(1+frame_count_max) (causal: "
-        "gru/transformer/dilated_conv step in O(1) per frame), none.")
-    learnable_h0: bool = Field(True, description="GRU: learnable initial hidden state (zeros init).")
+        "relative", description="Per-frame position feature: relative = tau/T (the pipeline "
+        "description's; online use re-runs each prefix), count = "
+        "log(2+tau)/log(1+frame_count_max) (causal: gru/transformer/dilated_conv step in O(1) "
+        "per frame), none.")
+    learnable_h0: bool = Field(True, description="GRU: learnable initial hidden state (zeros "
+                               "init).")
     frame_count_max: int = Field(300, ge=1, description="Normaliser of the count position feature.")
     min_segment_len: int = Field(3, ge=1, description="Minimum frames of a sampled segment.")
     samples_per_video: int = Field(10, ge=1, description="Actions sampled per video per step.")
     frames_per_segment: int = Field(5, ge=1, description="Target frames per sampled action.")
     stratified_sampling: bool = Field(True, description="Cover the early/mid/late progress bins.")
     weighted_loss: bool = Field(True, description="Weight each sample by min(1/gt, weight_cap) "
-                                "and take the weighted mean (the document's loss); false: plain "
-                                "mean.")
+                                "and take the weighted mean (the pipeline description's loss); "
+                                "false: plain mean.")
     loss: Literal["l1", "mse"] = Field("l1", description="Per-sample error: l1 |pred - gt| (the "
-                                       "document's) or mse (pred - gt)^2.")
-    weight_cap: float = Field(10.0, description="Largest weight of the weighted loss.")
+                                       "pipeline description's) or mse (pred - gt)^2.")
+    weight_cap: float = Field(10.0, ge=1, description="Largest weight of the weighted loss.")
 
-    @field_validator("weight_cap")
+    @model_validator(mode="before")
     @classmethod
-    def _cap(cls, value: float) -> float:
-        if value < 1:
-            raise ValueError(f"progress.learnable.weight_cap must be >= 1, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _gru_switch(self) -> "LearnableProgressConfig":
-        if not self.use_gru and self.arch != "gru" and self.arch != "mean":
-            raise ValueError(f"progress.learnable.use_gru=false means arch 'mean', but arch is "
-                             f"'{self.arch}'")
-        return self
+    def _gru_switch(cls, data: Any) -> Any:
+        """Turn the pipeline description's `use_gru` into `arch`, so that nothing else reads it."""
+        if not isinstance(data, dict) or "use_gru" not in data:
+            return data
+        data = dict(data)
+        try:
+            use_gru = _BOOL.validate_python(data.pop("use_gru"))
+        except ValidationError:
+            raise ValueError("progress.learnable.use_gru must be true or false") from None
+        if not use_gru:
+            arch = data.get("arch", "gru")
+            if arch not in ("gru", "mean"):
+                raise ValueError(f"progress.learnable.use_gru=false means arch 'mean', but arch "
+                                 f"is '{arch}'")
+            data["arch"] = "mean"
+        return data
 
     @property
     def head_arch(self) -> str:
-        return "mean" if not self.use_gru else self.arch
+        """The head architecture: `arch` (kept as a name for the code that still reads it)."""
+        return self.arch
 
 
 # Default lambda per alignment method: total = alignment + lambda * progress. Chosen so that the
 # progress term's gradient on the encoder is about as large as the alignment's, or larger: at
 # initialisation on the synthetic data (default model, fixed-mode losses, reference reduction)
 # the ratio |grad alignment| / |grad progress| is TCC 237, GTCC 6.4e5, LAV 3.8e5, VAVA 1.9e7.
-# The document's table (GTCC 1e5-1e6, LAV 1e6, VAVA 1e4-1e5, TCC 1e4-1e5) assumes the
-# reference losses, whose VAVA is far smaller (its transport cost is a constant, B19).
+# The pipeline description's table (GTCC 1e5-1e6, LAV 1e6, VAVA 1e4-1e5, TCC 1e4-1e5) assumes
+# the reference losses, whose VAVA is far smaller: its transport cost is a constant
+# (docs/reference-bugs.md#vava-transport-cost-constant).
 DEFAULT_LAMBDA = {"tcc": 1e3, "gtcc": 1e6, "lav": 1e6, "vava": 1e7}
 
 
 class ProgressConfig(StrictModel):
-    """Progress learning (the document's PROGRESS_LOSS block; defaults as its training command)."""
+    """Progress learning.
+
+    The pipeline description's PROGRESS_LOSS block; defaults as its training command.
+    """
 
     enabled: bool = Field(True, description="Train a progress predictor with the encoder.")
     method: Literal["learnable", "cumulative_l2"] = Field(
@@ -378,7 +405,7 @@ class ProgressConfig(StrictModel):
 
 
 class TCCLossConfig(StrictModel):
-    softmax_temp: float = Field(0.1, gt=0, description="Softmax temperature tau (spec 6.2).")
+    softmax_temp: float = Field(0.1, gt=0, description="Softmax temperature tau.")
     alignment_variance: float = Field(0.001, ge=0, description="Weight of the log-variance term.")
 
 
@@ -408,10 +435,10 @@ class VAVALossConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """Alignment-loss settings (spec ALGORITHMS 6 and the defaults table)."""
+    """Alignment-loss settings (docs/algorithms.md#alignment-losses and #defaults)."""
 
     compat: Literal["fixed", "reference"] = Field(
-        "fixed", description="fixed: the spec's corrected behaviour for every listed bug; "
+        "fixed", description="fixed: every known bug of the reference code corrected; "
         "reference: reproduce the reference's numbers, bugs included.")
     reduction: Literal["reference", "mean"] = Field(
         "reference", description="reference: the reference's unnormalised sums (the lambda "
@@ -423,23 +450,25 @@ class LossConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """The training run (spec ALGORITHMS 7 and the defaults table)."""
+    """The training run (docs/algorithms.md#training-step and #defaults)."""
 
     method: Literal["tcc", "gtcc", "lav", "vava"] = Field("lav", description="Alignment method.")
-    epochs: int = Field(20, ge=1, description="Epochs over the training split (the document "
-                        "trains 50 on EgoProceL; 20 take about 2 minutes on the synthetic "
-                        "default on 2 CPU cores).")
+    epochs: int = Field(20, ge=1, description="Epochs over the training split (the "
+                        "pipeline description trains 50 on EgoProceL; 20 take about 2 "
+                        "minutes on the synthetic default on 2 CPU cores).")
     steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides epochs.")
     lr: float = Field(3e-4, gt=0, description="Adam learning rate of the encoder (the "
-                      "document's is 1e-4; see the README for the measurements behind 3e-4).")
+                      "pipeline description's is 1e-4; see the README for the "
+                      "measurements behind 3e-4).")
     head_lr: float | None = Field(3e-3, gt=0, description="Adam learning rate of the progress "
                                   "head. Unset: lr.")
     clip_mode: Literal["global", "separate", "none"] = Field(
         "separate", description="global: one clip over all parameters at encoder_clip (the "
-        "document's); separate: encoder at encoder_clip, head at head_clip (see the README for "
-        "why this is the default); none.")
+        "pipeline description's); separate: encoder at encoder_clip, head at head_clip (see "
+        "the README for why this is the default); none.")
     encoder_clip: float = Field(1.0, gt=0, description="Max gradient norm of the encoder (and "
-                                "of everything in global mode). The document's is 1e-5 (B2).")
+                                "of everything in global mode). The pipeline description's 1e-5 "
+                                "leaves the head almost no gradient.")
     head_clip: float = Field(1.0, gt=0, description="Max gradient norm of the progress head "
                              "(separate mode).")
     seed: int = Field(0, description="Seed of weights, batch order and progress sampling.")
@@ -493,6 +522,15 @@ class Config(StrictModel):
     loss: LossConfig = Field(default_factory=LossConfig, description="Alignment losses.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training run.")
 
+    @model_validator(mode="after")
+    def _encoder_reads_layout(self) -> "Config":
+        """The encoder reads one data layout: a run whose data.layout differs cannot start."""
+        wanted = ENCODER_LAYOUT[self.model.encoder]
+        if wanted != self.data.layout:
+            raise ValueError(f"model.encoder '{self.model.encoder}' reads the '{wanted}' layout "
+                             f"but data.layout is '{self.data.layout}'")
+        return self
+
 
 # ----------------------------------------------------------------------------------------------
 # Loading
@@ -508,34 +546,44 @@ class _YamlLimit(Exception):
     pass
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that refuses more than MAX_YAML_ALIASES aliases and deeper than MAX_YAML_DEPTH
-    nesting, so that a small alias bomb (billion laughs) fails at once instead of expanding."""
+@functools.cache
+def _bounded_loader() -> type:
+    """The loader class, built on first use: PyYAML is not imported to show `--help`."""
+    import yaml
 
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._aliases = 0
-        self._depth = 0
+    class BoundedLoader(yaml.SafeLoader):
+        """SafeLoader that refuses more than MAX_YAML_ALIASES aliases and deeper than
+        MAX_YAML_DEPTH nesting, so that a small alias bomb (billion laughs) fails at once
+        instead of expanding."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self._aliases += 1
-            if self._aliases > MAX_YAML_ALIASES:
-                raise _YamlLimit(f"more than {MAX_YAML_ALIASES} YAML aliases (*name)")
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                raise _YamlLimit(f"nested deeper than {MAX_YAML_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self._aliases = 0
+            self._depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                self._aliases += 1
+                if self._aliases > MAX_YAML_ALIASES:
+                    raise _YamlLimit(f"more than {MAX_YAML_ALIASES} YAML aliases (*name)")
+            self._depth += 1
+            try:
+                if self._depth > MAX_YAML_DEPTH:
+                    raise _YamlLimit(f"nested deeper than {MAX_YAML_DEPTH} levels")
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+    return BoundedLoader
 
 
 def _safe_yaml(text: str) -> Any:
     """yaml.safe_load with the limits above; raises ValueError with a one-line reason."""
+    import yaml
+
     if len(text) > MAX_CONFIG_BYTES:
         raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
-    loader = _BoundedLoader(text)
+    loader = _bounded_loader()(text)
     try:
         return loader.get_single_data()
     except _YamlLimit as exc:
@@ -666,8 +714,12 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
 
 
 def dump_config(cfg: BaseModel) -> str:
+    import yaml
+
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 def save_config(cfg: BaseModel, path: Path) -> None:
+    from alignprog.fileio import atomic_write_text  # numpy: not needed to read a config
+
     atomic_write_text(path, dump_config(cfg))

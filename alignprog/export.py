@@ -1,4 +1,4 @@
-"""Safetensors export of a trained model, the matching loader, and inference on new videos.
+"""Safetensors export of a trained model and the matching loader.
 
 An export is a directory of three files (the convention of model hubs)::
 
@@ -23,6 +23,7 @@ The config holds everything `build_model` needs, so the file alone rebuilds the 
 
 Nothing is ever unpickled: the checkpoint is read through safetensors and JSON
 (`load_trained_model`), the export through safetensors only (project rule; no ``torch.load``).
+Running a loaded model on new videos is `alignprog.inference`.
 """
 
 from __future__ import annotations
@@ -36,16 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 from pydantic import ValidationError
 
 import alignprog
 from alignprog.config import DEFAULT_BACKGROUND, ModelConfig, ProgressConfig
-from alignprog.data.annotations import (RawAnnotation, RepairLog, VideoAnnotation, canonicalise,
-                                        parse_task_record)
-from alignprog.errors import AlignprogError, DataError
-from alignprog.fileio import fsync_file, load_json_text, read_user_text, replace_dir
+from alignprog.errors import AlignprogError
+from alignprog.fileio import fsync_file, load_json_text, replace_dir
 from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
 
 FORMAT = "alignprog-export"
@@ -58,8 +56,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
                   "half": "fp16"}
 _MAX_LISTED = 12  # tensors listed in a mismatch report
-WHOLE_VIDEO_LABEL = "video"  # the label of the one segment when no segments are given
-WHOLE_VIDEO_NOTE = "whole video as one segment"
 
 
 class ExportError(AlignprogError):
@@ -488,27 +484,16 @@ def load_with_config(path: Path, *, device: str | torch.device = "cpu",
     info = read_export_info(path)
     _check_header(info)  # shapes vs the safetensors header before allocating the model
     model = build_from_info(info)
-    expected = model.state_dict()
     try:
         with safe_open(info.path, framework="pt") as fh:
-            found = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype())
-                     for k in fh.keys()}
-            problems = check_tensors(expected, found)
-            if problems:
-                raise ExportError(f"{info.path}: the tensors do not match the architecture its "
-                                  "config describes: " + "; ".join(problems))
-            tensors = {k: fh.get_tensor(k) for k in expected}
-    except AlignprogError:
-        raise
+            # the names and shapes are those _check_header compared with the same config's model
+            tensors = {k: fh.get_tensor(k) for k in model.state_dict()}
     except Exception as exc:
         raise ExportError(f"{info.path}: cannot read the tensors ({_short(exc)}); is the file "
                           "truncated or corrupted?") from None
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise ExportError(f"{info.path}: tensors hold NaN/Inf values (corrupted?): {_listed(bad)}")
     from alignprog.checks import check_weights
     try:
-        check_weights(tensors, info.path)  # absurd magnitudes (e.g. 3e38) too
+        check_weights(tensors, info.path)  # NaN/Inf, and absurd magnitudes (e.g. 3e38)
     except AlignprogError as exc:
         raise ExportError(str(exc)) from None
     target = DTYPES[dtype_name(dtype)]
@@ -522,156 +507,3 @@ def load(path: Path, *, device: str | torch.device = "cpu",
     """``alignprog.load(DIR or FILE)``: the model of an export, in eval mode (see
     `load_with_config`)."""
     return load_with_config(path, device=device, dtype=dtype)[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Inference on new videos
-
-
-MAX_FRAMES = 100_000  # predict's default bound on a video's frames (--max-frames)
-
-
-def read_video_array(path: Path, info: ExportInfo, *, max_frames: int | None = MAX_FRAMES
-                     ) -> np.ndarray:
-    """A (T, *input_shape) float16/32 .npy file (either byte order), memory-mapped, never
-    unpickled; checked and returned as float32 (T, *input_shape). The header is read first
-    (`read_npy_header`: only a regular file, one holding all the data it declares), so a FIFO
-    never hangs and a video of more than `max_frames` frames is refused before reading."""
-    from alignprog.data.dataset import ARRAY_DTYPES, read_npy_header
-
-    path = Path(path)
-    rank = 1 + len(info.input_shape)
-    layout = "(T, D)" if info.layout == "features" else "(T, C, H, W)"
-    try:
-        shape, dtype = read_npy_header(path)
-    except FileNotFoundError:
-        raise DataError("no such file", file=str(path)) from None
-    except OSError as exc:
-        raise DataError(f"cannot read ({exc.strerror or exc})", file=str(path)) from None
-    if dtype.newbyteorder("=") not in ARRAY_DTYPES:
-        raise DataError(f"dtype {dtype} is not float16/float32", file=str(path))
-    if max_frames is not None and shape and shape[0] > max_frames:
-        raise DataError(f"{shape[0]} frames is more than the bound of {max_frames} (raise "
-                        "--max-frames to read it)", file=str(path))
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"not a readable .npy array ({_short(exc)})", file=str(path)) from None
-    if array.ndim != rank or tuple(array.shape[1:]) != info.input_shape:
-        raise DataError(f"shape {tuple(array.shape)} does not fit the model, which reads the "
-                        f"{info.layout} layout {layout} with frames of shape {info.input_shape}",
-                        file=str(path))
-    if array.shape[0] == 0:
-        raise DataError("empty video: 0 frames", file=str(path))
-    try:
-        out = np.array(array, dtype=np.float32)  # a copy, never the memmap
-    except (OSError, ValueError) as exc:
-        raise DataError(f"truncated or unreadable array ({exc})", file=str(path)) from None
-    finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)                  # (T,)
-    if not finite.all():
-        raise DataError(f"contains NaN/Inf values (first at frame {np.flatnonzero(~finite)[0]})",
-                        file=str(path))
-    return out
-
-
-def embed(model: AlignmentModel, array: np.ndarray) -> torch.Tensor:
-    """One video (T, *F) through the encoder at once: embeddings (T, D), float32 on the CPU."""
-    param = next(model.parameters())
-    x = torch.from_numpy(np.asarray(array))[None].to(param.device, param.dtype)   # (1, T, *F)
-    mask = torch.ones(x.shape[:2], dtype=torch.bool, device=param.device)         # (1, T)
-    with torch.no_grad():
-        emb = model.encoder(x, mask).embeddings                                   # (1, T, D)
-    return emb[0].float().cpu()                                                   # (T, D)
-
-
-def whole_video_annotation(handle: str, num_frames: int) -> VideoAnnotation:
-    """One foreground segment over every frame (predict without segments)."""
-    return VideoAnnotation("-", handle, num_frames, (WHOLE_VIDEO_LABEL,), (0,),
-                           (num_frames - 1,), frozenset())
-
-
-def predict_progress(model: AlignmentModel, array: np.ndarray,
-                     annotation: VideoAnnotation) -> np.ndarray:
-    """Online action-level progress (T,): frame t of foreground segment [s, e] gets the head's
-    output on the prefix s..t (what a live system sees), background frames 0. The encoder runs
-    once over the whole video."""
-    from alignprog.evaluation.progress import online_progress
-
-    if model.progress_head is None:
-        raise ExportError("this model has no learnable progress head (the run trained "
-                          "progress.method=cumulative_l2 or none); predict needs one")
-    emb = embed(model, array)                                                     # (T, D)
-    return online_progress(model.progress_head, emb, annotation).float().numpy()  # (T,)
-
-
-def read_segments(path: Path) -> dict[str | None, RawAnnotation]:
-    """Segments per video from a JSON file; key None = the same segments for every video.
-
-    Accepted forms (bounds are inclusive feature-frame indices, as in dataset.json):
-
-    * ``{"<file stem>": {"labels": [...], "starts": [...], "ends": [...]}, ...}``
-    * ``{"<file stem>": [[start, end, label], ...], ...}``
-    * ``[[start, end, label], ...]``: the same segments for every video given
-    * a dataset annotation file (``{"<task>": {"handles": [...], "hdl_actions": [...],
-      "hdl_start_times": [...], "hdl_end_times": [...]}}``), videos matched by handle
-
-    Labels in the export's background labels (e.g. "0", "background") are background: their
-    frames get progress 0. Unannotated stretches become background, overlaps are cut, and the
-    last segment is fitted to the video's length, as the dataset loader does (`canonicalise`).
-    """
-    path = Path(path)
-    file = str(path)
-    try:
-        text = read_user_text(path)
-    except FileNotFoundError:
-        raise DataError("no such segments file", file=file) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read the segments JSON ({exc})", file=file) from None
-    data = load_json_text(text, lambda reason: DataError(
-        f"cannot read the segments JSON ({reason})", file=file))
-    if isinstance(data, list):
-        return {None: _raw_from_entry("-", "*", data, file)}
-    if not isinstance(data, dict) or not data:
-        raise DataError("segments must be a JSON object (one entry per video) or a list of "
-                        "[start, end, label]", file=file)
-    out: dict[str | None, RawAnnotation] = {}
-    if all(isinstance(v, dict) and "handles" in v for v in data.values()):
-        for task, record in data.items():
-            for raw in parse_task_record(task, record, file=file):
-                out[raw.handle] = raw
-        return out
-    for handle, entry in data.items():
-        out[handle] = _raw_from_entry("-", handle, entry, file)
-    return out
-
-
-def _raw_from_entry(task: str, handle: str, entry: Any, file: str) -> RawAnnotation:
-    if isinstance(entry, list):
-        bad = [e for e in entry if not (isinstance(e, list) and len(e) == 3)]
-        if bad or not entry:
-            raise DataError(f"segments must be a non-empty list of [start, end, label], got "
-                            f"{(bad or [entry])[0]!r}", file=file, handle=handle)
-        entry = {"starts": [e[0] for e in entry], "ends": [e[1] for e in entry],
-                 "labels": [e[2] for e in entry]}
-    if not isinstance(entry, dict) or not {"labels", "starts", "ends"} <= entry.keys():
-        raise DataError("a video's segments must be {\"labels\": [...], \"starts\": [...], "
-                        "\"ends\": [...]} or a list of [start, end, label]", file=file,
-                        handle=handle)
-    record = {"handles": [handle], "hdl_actions": [entry["labels"]],
-              "hdl_start_times": [entry["starts"]], "hdl_end_times": [entry["ends"]]}
-    return parse_task_record(task, record, file=file)[0]
-
-
-def segments_for(segments: Mapping[str | None, RawAnnotation], handle: str, num_frames: int,
-                 info: ExportInfo, *, file: str | None = None,
-                 log: RepairLog | None = None) -> VideoAnnotation:
-    """The canonical segments of video `handle` (T = num_frames) from `read_segments`' result."""
-    raw = segments.get(handle, segments.get(None))
-    if raw is None:
-        known = ", ".join(sorted(k for k in segments if k is not None)[:8])
-        raise DataError(f"no segments for video '{handle}' (the file has: {known})", file=file)
-    if raw.handle != handle:
-        raw = RawAnnotation(raw.task, handle, raw.labels, raw.starts, raw.ends)
-    background = frozenset(info.background_labels)
-    return canonicalise(raw, num_frames, background=background,
-                        gap_label=info.background_labels[0], log=log, file=file)

@@ -1,5 +1,5 @@
-"""Device choice, precision and seeding: the only module that branches on the device
-(STYLE habit 7). Everything else takes the device it is given."""
+"""Device choice, precision and seeding: the only module that branches on the device, so
+device handling lives in one place. Everything else takes the device it is given."""
 
 from __future__ import annotations
 
@@ -134,7 +134,8 @@ def deterministic(enabled: bool = True):
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"device": str(device), "torch": torch.__version__}
+    """The device of a run, as meta.json records it (torch's version is there already)."""
+    info: dict = {"device": str(device)}
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         info["gpu"] = torch.cuda.get_device_name(index)

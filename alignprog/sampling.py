@@ -1,15 +1,17 @@
-"""Segment sampling and progress targets for the learnable head (spec ALGORITHMS 4, DOC steps 1-2).
+"""Segment sampling and progress targets for the learnable head.
+
+See docs/algorithms.md#segment-sampling (steps 1-2 of the pipeline description).
 
 Per video: ``samples_per_video`` draws of a non-background action of at least
 ``min_segment_len`` frames (uniform over the valid actions, with replacement), then
 ``frames_per_segment`` target frames t in it without replacement; the sample is the segment from
 the action start s to t and its ground truth is ``(t - s + 1) / L`` (L the action length).
 Candidates are t >= s + min_segment_len - 1, so every segment has at least ``min_segment_len``
-frames. Stratified mode (the reference's rule, spec 4 step 5): each non-empty progress bin,
-early q <= 0.33 < mid <= 0.67 < late, gets max(1, n // 3) targets, the rest are drawn uniformly
-from the candidates left; with n = 5 that is one per non-empty bin plus two extras, which the
-document describes as "~2/~2/~1" (with n < 3 the rule still takes one per non-empty bin, so a
-draw may hold up to 3 targets, as the reference's). Uniform mode draws all n uniformly.
+frames. Stratified mode (the reference's rule): each non-empty progress bin, early
+q <= 0.33 < mid <= 0.67 < late, gets max(1, n // 3) targets, the rest are drawn uniformly from
+the candidates left; with n = 5 that is one per non-empty bin plus two extras, which the
+pipeline description calls "~2/~2/~1" (with n < 3 the rule still takes one per non-empty bin,
+so a draw may hold up to 3 targets, as the reference's). Uniform mode draws all n uniformly.
 
 Everything is batched over videos and draws with random keys and sorts (no Python loop over
 videos, draws or frames), on the CPU, from a ``torch.Generator``: the same seed gives the same
@@ -24,7 +26,7 @@ import torch
 
 from alignprog.runtime import to_device
 
-# Spec 4 step 5: the reference's bin edges (inclusive upper edges).
+# The reference's bin edges (inclusive upper edges).
 BIN_EDGES = (0.33, 0.67)
 BIN_NAMES = ("early", "mid", "late")
 
@@ -52,7 +54,7 @@ class SegmentSamples:
 
 
 def progress_bin(q: torch.Tensor) -> torch.Tensor:
-    """0 early (q <= 0.33), 1 mid (<= 0.67), 2 late, as the reference bins (spec 4 step 5)."""
+    """0 early (q <= 0.33), 1 mid (<= 0.67), 2 late, as the reference bins."""
     return (q > BIN_EDGES[0]).long() + (q > BIN_EDGES[1]).long()
 
 
@@ -66,7 +68,7 @@ def sample_segments(seg_start: torch.Tensor, seg_end: torch.Tensor,
                     samples_per_video: int = 10, frames_per_segment: int = 5,
                     min_segment_len: int = 3, stratified: bool = True,
                     generator: torch.Generator | None = None) -> SegmentSamples:
-    """Draw the progress head's training samples for a batch (spec 4).
+    """Draw the progress head's training samples for a batch (docs/algorithms.md#segment-sampling).
 
     Inputs are a batch's padded segment tensors (B, K) (``Batch.seg_start`` etc.: canonical,
     non-overlapping, inside each video). Returns the samples and ``stats``: videos, videos without
@@ -141,7 +143,8 @@ def gather_segments(embeddings: torch.Tensor, samples: SegmentSamples
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-aligned, zero-padded segment embeddings for the head: (Q, L_max, D) and lengths (Q,).
 
-    ``embeddings`` (B, T, D) stays in the graph: progress gradients reach the encoder (spec 3).
+    ``embeddings`` (B, T, D) stays in the graph: progress gradients reach the encoder
+    (docs/algorithms.md#head-input-and-gradient-flow).
     The samples stay on the host (L_max is read there); only their indices go to the device.
     """
     device = embeddings.device
@@ -165,29 +168,3 @@ def gather_frames(embeddings: torch.Tensor, video: torch.Tensor, start: torch.Te
     frame = (start[:, None] + offs).clamp(max=embeddings.shape[1] - 1)     # (Q, L)
     seg = embeddings[video[:, None], frame]                                  # (Q, L, D)
     return torch.where(inside[..., None], seg, 0.0)
-
-
-@dataclass
-class DenseTargets:
-    """Whole actions for dense training: action a is frames start..start+length-1 of `video`;
-    its per-frame ground truth is k / L for k = 1..L (spec 4, "dense")."""
-
-    video: torch.Tensor    # (A,)
-    start: torch.Tensor    # (A,)
-    length: torch.Tensor   # (A,)
-
-    def gt(self) -> torch.Tensor:
-        """(A, L_max) ground truth, 0 beyond each action's length."""
-        width = int(self.length.max()) if len(self.length) else 0
-        k = torch.arange(1, width + 1)[None, :].float()                       # (1, L)
-        return torch.where(k <= self.length[:, None], k / self.length[:, None].float(), 0.0)
-
-
-def dense_targets(seg_start: torch.Tensor, seg_end: torch.Tensor, seg_foreground: torch.Tensor,
-                  seg_mask: torch.Tensor, *, min_length: int = 2) -> DenseTargets:
-    """Every non-background action of at least ``min_length`` frames (spec 4: 2), whole."""
-    seg_start, seg_end = seg_start.cpu(), seg_end.cpu()
-    length = seg_end - seg_start + 1                                          # (B, K)
-    keep = seg_mask.cpu() & seg_foreground.cpu() & (length >= min_length)     # (B, K)
-    video, k = keep.nonzero(as_tuple=True)                                    # (A,), (A,)
-    return DenseTargets(video, seg_start[video, k], length[video, k])

@@ -1,12 +1,12 @@
-"""Scaling of the training step over several GPUs under torchrun (issue 10).
+"""Scaling of the training step over several GPUs under torchrun.
 
     PYTHONPATH=. torchrun --nproc-per-node 1 benchmarks/bench_ddp.py --json ddp-1.json
     PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/bench_ddp.py --json ddp-2.json
 
-The document's configuration, as in train_step.py (16 MCN heads, D = 128, `stacking` on
-(T, 2048) features, a batch of 2 videos of 450 and 380 frames, the GRU progress head with 10 x 5
-samples per video, Adam), one batch per rank per step through the real `Trainer` (gradients
-averaged over the ranks every step). Reports videos/s over all ranks (wall time of the timed
+The pipeline description's configuration, as in train_step.py (16 MCN heads, D = 128,
+`stacking` on (T, 2048) features, a batch of 2 videos of 450 and 380 frames, the GRU progress
+head with 10 x 5 samples per video, Adam), one batch per rank per step through the real
+`Trainer` (gradients averaged over the ranks every step). Reports videos/s over all ranks (wall time of the timed
 steps); the scaling efficiency is videos/s on N GPUs over N times videos/s on one.
 """
 
@@ -20,10 +20,10 @@ import time
 import torch
 from train_step import make_batch
 
-from alignprog import distributed
+from alignprog.training import distributed
 from alignprog.config import load_config
 from alignprog.data import load_dataset
-from alignprog.training.loop import Trainer
+from alignprog.training.trainer import Trainer
 
 
 def main() -> None:

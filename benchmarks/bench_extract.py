@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignprog.extract import SampledFrames, extract_video, load_network, preprocess
+from alignprog.data.extraction import extract_video, load_network, preprocess
+from alignprog.data.video import SampledFrames
 from alignprog.runtime import device_info, resolve_device
 
 
@@ -95,7 +96,7 @@ def main() -> None:
     args = p.parse_args()
     device = resolve_device(args.device)
     info = device_info(device)
-    print(f"device {info.get('gpu', 'cpu')}, torch {info['torch']}, {info['threads']} threads, "
+    print(f"device {info.get('gpu', 'cpu')}, torch {torch.__version__}, {info['threads']} threads, "
           f"{os.cpu_count()} CPU cores, batch {args.batch_size}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.video is None:

@@ -1,4 +1,5 @@
-"""Forward+backward time and peak memory of the four alignment losses (spec ALGORITHMS 6).
+"""Forward+backward time and peak memory of the four alignment losses
+(docs/algorithms.md#alignment-losses).
 
     PYTHONPATH=. python benchmarks/bench_losses.py --device cuda --json losses.json
     PYTHONPATH=. python benchmarks/bench_losses.py --device cpu --losses tcc --frames 32 128

@@ -3,9 +3,9 @@
     PYTHONPATH=. python benchmarks/bench_models.py --device cuda
     PYTHONPATH=. python benchmarks/bench_models.py --device cpu --frames 120 --resnet-frames 4
 
-Configuration as issue 9's reference measurements: 16 heads, D = 128, a batch of 2 videos of
-450 and 380 frames; the progress head on 500 segments of lengths 3..200 (batched, one call)
-against a simple loop that runs one segment at a time. Prints a table and optionally JSON.
+Configuration of the reference measurements (benchmarks/README.md): 16 heads, D = 128, a batch
+of 2 videos of 450 and 380 frames; the progress head on 500 segments of lengths 3..200 (batched,
+one call) against a simple loop that runs one segment at a time. Prints a table and optionally JSON.
 """
 
 from __future__ import annotations

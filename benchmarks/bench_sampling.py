@@ -4,7 +4,8 @@
 
 Annotations of the synthetic generator (250 videos x 4 tasks, about 200 frames each); the
 sampler runs on the CPU as in training: once over all 1,000 videos in one call, and as 500
-training steps of batch 2. The document's settings: 10 draws x 5 targets, stratified.
+training steps of batch 2. The pipeline description's settings: 10 draws x 5 targets,
+stratified.
 """
 
 from __future__ import annotations

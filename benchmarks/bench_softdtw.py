@@ -1,4 +1,6 @@
-"""Forward+backward time of the batched soft-DTW (spec ALGORITHMS 6.4, B17/B34).
+"""Forward+backward time of the batched soft-DTW (docs/algorithms.md#soft-dtw), against the
+reference's CPU loops (docs/reference-bugs.md#lav-regulariser-constant-pull,
+docs/reference-bugs.md#cpu-bound-reference-loops).
 
     PYTHONPATH=. python benchmarks/bench_softdtw.py --device cpu
     PYTHONPATH=. python benchmarks/bench_softdtw.py --device cuda --json

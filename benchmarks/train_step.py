@@ -1,4 +1,4 @@
-"""The training step of `alignprog train`, timed and taken apart (issue 9).
+"""The training step of `alignprog train`, timed and taken apart.
 
     PYTHONPATH=. python -m benchmarks.train_step --method lav --encoder stacking \
         --lengths 450,380 --device cuda --steps 50 --json lav.json
@@ -18,9 +18,9 @@ alignment loss, progress (sampling, gathering, head, loss) and optimizer (clip +
 compute floor of the step and the ratio of the measured step to it. --profile DIR writes a
 torch.profiler table per method. --json writes everything.
 
-Defaults are the document's configuration: 16 MCN heads, D = 128, a batch of 2 videos of 450 and
-380 frames, the GRU progress head with 10 x 5 samples per video, Adam; `stacking` on (T, 2048)
-features, `resnet50` on (T, 1024, 14, 14) layer3 maps.
+Defaults are the pipeline description's configuration: 16 MCN heads, D = 128, a batch of 2
+videos of 450 and 380 frames, the GRU progress head with 10 x 5 samples per video, Adam;
+`stacking` on (T, 2048) features, `resnet50` on (T, 1024, 14, 14) layer3 maps.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import torch
 from alignprog.config import Config, load_config, parse_overrides
 from alignprog.data import Batch, load_dataset
 from alignprog.runtime import deterministic
-from alignprog.training.loop import Trainer
+from alignprog.training.step import clip_gradients
+from alignprog.training.trainer import Trainer
 from benchmarks.bench_models import timed
 
 METHODS = ("tcc", "gtcc", "lav", "vava")
@@ -154,7 +155,7 @@ def breakdown(trainer: Trainer, batch: Batch, reps: int) -> dict:
             loss.backward()
 
     def optimizer():
-        trainer.clip({})
+        clip_gradients(trainer)
         trainer.optimizer.step()
 
     parts = {"encoder": encoder, "alignment": alignment, "progress": progress}
@@ -166,10 +167,10 @@ def breakdown(trainer: Trainer, batch: Batch, reps: int) -> dict:
 
 
 def flop_floor(trainer: Trainer, lengths: tuple[int, ...], precision: str) -> dict:
-    """The model's training FLOPs over the real frames (`alignprog.models.flops`) over the
+    """The model's training FLOPs over the real frames (`benchmarks.flops`) over the
     card's measured matmul rate in the step's precision (fp32: TF32 where cuDNN uses it, as
     the convolutions do): the least time the step's products can take on this card."""
-    from alignprog.models.flops import measure_matmul_tflops, model_flops
+    from benchmarks.flops import measure_matmul_tflops, model_flops
     flops = model_flops(trainer.model, sum(lengths), training=True)
     if precision == "bf16":
         tflops = measure_matmul_tflops(trainer.device, torch.bfloat16)

@@ -66,9 +66,10 @@ def annotation(segments: list[tuple[str, int]], task: str = "t", handle: str = "
 
 
 def loop_intra_contrast(u, window: int, margin: float, compat: str) -> float:
-    """C(U) of spec 6.4 in loop form, float64; u: (T, D) rows (tensor, array or lists).
-    Push sum_ab (1 - y) w max(0, margin - d); in-window y w margin ("reference", B17) or the
-    paper's pull y w d ("fixed"); w = (a - b)^2 + 1, y = [|a - b| < window]."""
+    """C(U) of docs/algorithms.md#intra-video-regulariser in loop form, float64; u: (T, D) rows
+    (tensor, array or lists). Push sum_ab (1 - y) w max(0, margin - d); in-window y w margin
+    ("reference", docs/reference-bugs.md#lav-regulariser-constant-pull) or the paper's pull
+    y w d ("fixed"); w = (a - b)^2 + 1, y = [|a - b| < window]."""
     rows = u.tolist() if hasattr(u, "tolist") else [list(map(float, r)) for r in u]
     total = 0.0
     for a in range(len(rows)):
@@ -90,7 +91,7 @@ def clip(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 def reference_gmm_fit(p: torch.Tensor, k: int, steps: int = 8
                       ) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Spec 6.3's GMM fit of one vector p (M,), written out: the parameters, the components,
+    """GTCC's GMM fit (docs/algorithms.md#gtcc-mixture-fit) of one vector p (M,), written out: the parameters, the components,
     the symmetric KL and torch.optim.LBFGS (lr 0.5, max_iter 4, history 10, strong Wolfe), in
     p's dtype. Returns (final J, G (k, M), pi (k,))."""
     dtype, m_len = p.dtype, len(p)

@@ -1,4 +1,5 @@
-"""Frame-unit mapping, canonical segments and length repairs on hand-made examples (spec 1.5-1.7)."""
+"""Frame-unit mapping, canonical segments and length repairs on hand-made examples
+(docs/data.md#frame-units-and-fps-presets, #canonical-segments, #length-repairs)."""
 
 from __future__ import annotations
 

@@ -98,3 +98,59 @@ def test_assignment_is_validated():
     cfg = DataConfig()
     with pytest.raises(Exception):
         cfg.batch_size = -1
+
+
+def test_pipeline_document_names_are_normalised(tmp_path: Path):
+    # The user's pipeline description says temporal_stacking and use_gru; the loaded config holds
+    # the one name the code reads, so a saved config no longer mentions them.
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  encoder: temporal_stacking\nprogress:\n  learnable:\n"
+                 "    use_gru: false\n")
+    cfg = load_config(f)
+    assert cfg.model.encoder == "stacking"
+    assert cfg.progress.learnable.arch == "mean" and cfg.progress.learnable.head_arch == "mean"
+    text = dump_config(cfg)
+    assert "temporal_stacking" not in text and "use_gru" not in text
+    assert load_config(overrides={"progress.learnable.use_gru": True,
+                                  "progress.learnable.arch": "transformer"}
+                       ).progress.learnable.arch == "transformer"
+    mean = load_config(overrides={"progress.learnable.use_gru": False,
+                                  "progress.learnable.arch": "mean"})
+    assert mean.progress.learnable.arch == "mean"
+    with pytest.raises(ConfigError, match="progress.learnable.use_gru=false means arch 'mean', "
+                                          "but arch is 'transformer'"):
+        load_config(overrides={"progress.learnable.use_gru": False,
+                               "progress.learnable.arch": "transformer"})
+    with pytest.raises(ConfigError, match="progress.learnable.use_gru must be true or false"):
+        load_config(overrides={"progress.learnable.use_gru": "sometimes"})
+    with pytest.raises(ConfigError, match="model.encoder: Input should be 'stacking', 'resnet50' "
+                                          "or 'naive', got 'resnet'"):
+        load_config(overrides={"model.encoder": "resnet"})
+
+
+def test_encoder_must_read_the_data_layout():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides={"model.encoder": "resnet50"})
+    assert str(err.value) == ("model.encoder 'resnet50' reads the 'frames' layout but "
+                              "data.layout is 'features'")
+    with pytest.raises(ConfigError, match="model.encoder 'naive' reads the 'features' layout"):
+        load_config(overrides={"model.encoder": "naive", "data.layout": "frames"})
+    cfg = load_config(overrides={"model.encoder": "resnet50", "data.layout": "frames"})
+    assert cfg.data.layout == "frames"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.split.train": 0}, "data.split.train: Input should be greater than 0, got 0"),
+    ({"data.split.train": 1.5, "data.split.val": 0},
+     "data.split.train: Input should be less than or equal to 1, got 1.5"),
+    ({"data.split.val": -0.1}, "data.split.val: Input should be greater than or equal to 0"),
+    ({"data.fps.source": {"tent": 0}}, "data.fps.source.tent: Input should be greater than 0"),
+    ({"data.fps.tolerance_s": -1}, "data.fps.tolerance_s: Input should be greater than or equal "
+                                   "to 0, got -1"),
+    ({"progress.learnable.weight_cap": 0.5}, "progress.learnable.weight_cap: Input should be "
+                                             "greater than or equal to 1, got 0.5"),
+])
+def test_range_messages(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert message in str(err.value)

@@ -1,4 +1,4 @@
-"""Multi-process training (issue 10): 2 ranks against one process that averages by hand.
+"""Multi-process training: 2 ranks against one process that averages by hand.
 
 Each test spawns 2 processes (one thread each) that join a gloo group on localhost, as torchrun's
 variables describe it, and run the real Trainer / fit / CLI. A GPU version runs 2 NCCL ranks.
@@ -23,7 +23,9 @@ from alignprog.data import load_dataset, make_loader
 from alignprog.data.batching import TaskBatchSampler
 from alignprog.runtime import deterministic
 from alignprog.training import RunDir
-from alignprog.training.loop import Trainer, fit, rank_seed, training_generators
+from alignprog.training.loop import fit
+from alignprog.training.step import clip_gradients
+from alignprog.training.trainer import Trainer, rank_seed, training_generators
 
 from conftest import TINY
 
@@ -72,7 +74,7 @@ def without_foreground(batch):
 def _steps_worker(rank: int, world: int, port: int, out: str, device: str,
                   no_foreground_rank: int | None) -> None:
     torchrun_env(rank, world, port)
-    from alignprog import distributed
+    from alignprog.training import distributed
     with (distributed.process_group(device, timeout=timedelta(seconds=60)) as dist,
           deterministic()):  # as fit runs
         cfg = load_config(overrides=TINY | {"train.device": device})
@@ -103,7 +105,7 @@ def _steps_worker(rank: int, world: int, port: int, out: str, device: str,
 def _fit_worker(rank: int, world: int, port: int, runs: str, name: str, steps: int,
                 resume: bool) -> None:
     torchrun_env(rank, world, port)
-    from alignprog import distributed
+    from alignprog.training import distributed
     with distributed.process_group("cpu", timeout=timedelta(seconds=60)) as dist:
         cfg = load_config(overrides=TINY | {"train.steps": steps})
         run = RunDir.create(Path(runs), name, resume=resume) if dist.is_main else None
@@ -121,7 +123,7 @@ def _cli_worker(rank: int, world: int, port: int, runs: str, steps: int) -> None
                                       "--json-logs", *TINY_SET])
     assert result.exit_code == 0, result.output
     if rank:
-        assert result.output == ""  # rank 0 alone reports
+        assert result.output == "", result.output  # rank 0 alone reports
 
 
 def _cli_refused_worker(rank: int, world: int, port: int, runs: str) -> None:
@@ -183,7 +185,7 @@ def reference_run(device: str, no_foreground_rank: int | None = None):
                 p.grad = None if grads[k] is None else (grads[k] / WORLD).contiguous()
                 if p.grad is not None and id(p) in head:
                     p.grad = p.grad / ref.lam
-            ref.clip({})
+            clip_gradients(ref)
             ref.optimizer.step()
             ref.optimizer.zero_grad(set_to_none=True)
             ref.step += 1

@@ -1,4 +1,5 @@
-"""The real EgoProceL annotation file with generated feature files (spec DATA_AND_EVAL 1-2)."""
+"""The real EgoProceL annotation file with generated feature files (docs/data.md: dataset root,
+annotation JSON, EgoProceL conventions and statistics)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def test_non_cmu_tasks_load_strictly(identity_root: Path, ego):
         assert video.annotation.background_fraction == pytest.approx(bg / (ends[-1] + 1),
                                                                      abs=1e-12)
     summary = ds.summary()
-    # Spec 2.2: background is the majority of EGTEA time (mean per-video fraction .68-.85).
+    # Background is the majority of EGTEA time (mean per-video fraction .68-.85;
+    # docs/data.md#egoprocel-statistics).
     egtea = [r for r in summary["tasks"] if r["task"].endswith(".egtea")]
     assert all(0.6 < r["background_fraction"] < 0.9 for r in egtea)
     assert summary["total"]["videos"] == 161
@@ -107,7 +109,8 @@ def test_egoprocel_fps_preset(tmp_path: Path, ego):
     ds = load_dataset(cfg)
     assert set(ds.repairs.counts) == {A.EMPTY_DROPPED}
     fg = [n for v in ds.videos for n in v.annotation.lengths[v.annotation.is_foreground]]
-    # Spec 2.1: at 1 fps most foreground segments are short; a few collapse entirely.
+    # At 1 fps most foreground segments are short; a few collapse entirely
+    # (docs/data.md#egoprocel-statistics).
     assert 0.4 < np.mean(np.array(fg) <= 5) < 0.8
     for v in ds.videos:
         ann = v.annotation

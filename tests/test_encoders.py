@@ -1,17 +1,22 @@
-"""Base encoders (spec ALGORITHMS §1.1-1.3; bugs B5, B7, B10).
+"""Base encoders (docs/algorithms.md#base-encoders) and the reference bugs they fix: the resnet50
+window off by one, the naive encoder built from the drop widths, the fixed embedding width
+(docs/reference-bugs.md).
 
 Most tests use small widths so the file runs in seconds on 2 CPU cores; the resnet50 encoder's
-internal widths are constructor arguments defaulting to the spec's 1024/512/512. The full-size
+internal widths are constructor arguments defaulting to the documented 1024/512/512. The full-size
 resnet50 run is `slow`, the CPU-vs-CUDA comparison is `gpu`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 
+from alignprog.config import ModelConfig
+from alignprog.models import build_model
 from alignprog.models.encoders import (
     ENCODERS,
     BaseEncoder,
@@ -24,8 +29,9 @@ from alignprog.models.encoders import (
 
 # name -> (constructor, per-frame input shape) of a small encoder of each kind.
 SMALL = {
-    "resnet50": (lambda **kw: ResNet50Encoder(**{"in_channels": 4, "conv_channels": (8, 6), "mlp_dim": 8,
-                                                 "out_dim": 5, "chunk_frames": 3, **kw}), (4, 5, 5)),
+    "resnet50": (lambda **kw: ResNet50Encoder(**{"in_channels": 4, "conv_channels": (8, 6),
+                                                 "mlp_dim": 8, "out_dim": 5, "chunk_frames": 3,
+                                                 **kw}), (4, 5, 5)),
     "stacking": (lambda **kw: StackingEncoder(in_dim=12, channels=8, out_dim=4, **kw), (12,)),
     "naive": (lambda **kw: NaiveEncoder(in_dim=12, layers=(10, 8), out_dim=4, **kw), (12,)),
 }
@@ -68,8 +74,8 @@ def test_shape_padding_zero_and_sign(name):
     assert torch.all(out[~mask] == 0)
     assert out[mask].abs().sum() > 0  # not a dead network: the other tests would be vacuous
     if name == "resnet50":
-        assert torch.all(out >= 0)  # §1.1: final ReLU, embeddings are non-negative
-    # naive ends in a plain Linear (§1.3: "... 256 -> ReLU -> 128"), so its outputs may be negative
+        assert torch.all(out >= 0)  # final ReLU, embeddings are non-negative
+    # naive ends in a plain Linear ("... 256 -> ReLU -> 128"), so its outputs may be negative
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -157,16 +163,17 @@ def test_input_validation(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# resnet50 (§1.1)
+# resnet50
 # ---------------------------------------------------------------------------------------------
 
-def resnet_reference_loop(model: ResNet50Encoder, video: torch.Tensor, reference_window: bool) -> torch.Tensor:
-    """The reference's per-frame loop: build each frame's stack one slot at a time (§1.1 step 1)."""
+def resnet_reference_loop(model: ResNet50Encoder, video: torch.Tensor, reference_window: bool
+                          ) -> torch.Tensor:
+    """The reference's per-frame loop: build each frame's stack one slot at a time."""
     n, c, h, w = video.shape
     k = model.temporal_depth
     rows = []
     for r in range(n):
-        first = r - k if reference_window else r - k + 1  # B5: reference r-k..r-1, intended r-k+1..r
+        first = r - k if reference_window else r - k + 1  # reference r-k..r-1, intended r-k+1..r
         slots = []
         for s in range(first, first + k):
             slots.append(video[s] if s >= 0 else video.new_zeros((c, h, w)))
@@ -179,23 +186,27 @@ def resnet_reference_loop(model: ResNet50Encoder, video: torch.Tensor, reference
 @pytest.mark.parametrize("reference_window", [False, True])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_resnet_window_matches_reference_loop(reference_window, k):
-    model = make("resnet50", dtype=torch.float64, temporal_depth=k, reference_window=reference_window)
+    model = make("resnet50", dtype=torch.float64, temporal_depth=k,
+                 reference_window=reference_window)
     vids = videos("resnet50", [5, 2], dtype=torch.float64)
     x, mask = pad(vids, fill=1e6)
     out = model(x, mask)
     for i, v in enumerate(vids):
-        torch.testing.assert_close(out[i, :len(v)], resnet_reference_loop(model, v, reference_window))
+        torch.testing.assert_close(out[i, :len(v)],
+                                   resnet_reference_loop(model, v, reference_window))
 
 
 def test_resnet_window_offsets():
-    assert ResNet50Encoder(4, temporal_depth=2, conv_channels=(2, 2), mlp_dim=2).window_offsets().tolist() == [-1, 0]
-    ref = ResNet50Encoder(4, temporal_depth=2, reference_window=True, conv_channels=(2, 2), mlp_dim=2)
+    plain = ResNet50Encoder(4, temporal_depth=2, conv_channels=(2, 2), mlp_dim=2)
+    assert plain.window_offsets().tolist() == [-1, 0]
+    ref = ResNet50Encoder(4, temporal_depth=2, reference_window=True, conv_channels=(2, 2),
+                          mlp_dim=2)
     assert ref.window_offsets().tolist() == [-2, -1]
 
 
 @pytest.mark.parametrize("reference_window", [False, True])
 def test_resnet_frame_zero_depends_on_its_input_only_with_intended_window(reference_window):
-    """B5: the reference window never reads frame r, so frame 0's embedding is input-independent."""
+    """The reference window never reads frame r, so frame 0's embedding is input-independent."""
     model = make("resnet50", dtype=torch.float64, reference_window=reference_window)
     model.train()
     (v,) = videos("resnet50", [4], dtype=torch.float64)
@@ -219,7 +230,8 @@ def test_resnet_chunking_does_not_change_outputs():
 
 
 def test_resnet_default_widths_and_out_dim():
-    """Spec widths (in -> 1024 -> 512, MLP 512) on tiny maps; out_dim honoured (B10)."""
+    """Documented widths (in -> 1024 -> 512, MLP 512) on tiny maps; out_dim honoured (the
+    reference always emits 128)."""
     torch.manual_seed(0)
     model = ResNet50Encoder(in_channels=3, out_dim=16)
     conv1, conv2 = model.conv[0], model.conv[2]
@@ -234,7 +246,7 @@ def test_resnet_default_widths_and_out_dim():
 
 
 # ---------------------------------------------------------------------------------------------
-# temporal_stacking (§1.2)
+# temporal_stacking
 # ---------------------------------------------------------------------------------------------
 
 def test_stacking_default_schedule():
@@ -242,12 +254,14 @@ def test_stacking_default_schedule():
     got = [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in model.convs]
     assert got == [(2048, 256, 2), (256, 128, 3)] + [(128, 128, 3)] * 5
     assert all(c.bias is None and c.stride == (1,) for c in model.convs)
-    assert sum(p.numel() for p in model.parameters()) == sum(i * o * k for i, o, k in got) == 1_392_640
+    assert (sum(p.numel() for p in model.parameters()) == sum(i * o * k for i, o, k in got)
+            == 1_392_640)
 
 
 def test_stacking_schedule_variants():
     assert stacking_schedule(64, 32, 4, 3, 2) == [(64, 32, 3), (32, 16, 3), (16, 8, 3), (8, 4, 3)]
-    assert stacking_schedule(64, 32, 16, 2, 4) == [(64, 32, 2), (32, 16, 3), (16, 16, 3), (16, 16, 3)]
+    assert stacking_schedule(64, 32, 16, 2, 4) == [(64, 32, 2), (32, 16, 3), (16, 16, 3),
+                                                   (16, 16, 3)]
     with pytest.raises(ValueError, match="out_dim < channels"):
         StackingEncoder(channels=128, out_dim=128)
     with pytest.raises(ValueError, match="power of two"):
@@ -308,11 +322,12 @@ def test_stacking_last_real_frame_sees_zero_lookahead():
 
 
 # ---------------------------------------------------------------------------------------------
-# naive (§1.3)
+# naive
 # ---------------------------------------------------------------------------------------------
 
 def test_naive_default_architecture():
-    """B7 fixed: built from `layers` = [1024, 512, 512, 256], ReLU between, none at the end."""
+    """Built from `layers` = [1024, 512, 512, 256] (the reference uses the drop widths), ReLU
+    between, none at the end."""
     model = NaiveEncoder()
     linears = [m for m in model.mlp if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [
@@ -334,19 +349,22 @@ def test_naive_is_per_frame():
 # ---------------------------------------------------------------------------------------------
 
 def test_build_encoder_names():
-    assert set(ENCODERS) == {"resnet50", "stacking", "temporal_stacking", "naive"}
+    # One name per encoder, the config's: it reads the reference's temporal_stacking as stacking.
+    assert set(ENCODERS) == {"resnet50", "stacking", "naive"}
+    assert set(ENCODERS) == set(get_args(ModelConfig.model_fields["encoder"].annotation))
     assert isinstance(build_encoder("stacking", in_dim=12, channels=8, out_dim=4), StackingEncoder)
-    alias = build_encoder("temporal_stacking", in_dim=12, channels=8, out_dim=4)
-    assert isinstance(alias, StackingEncoder) and alias.out_dim == 4
+    alias = build_model(ModelConfig(encoder="temporal_stacking", conv_channels=8, output_dim=4),
+                        None, input_shape=(12,), num_tasks=1)
+    assert isinstance(alias.encoder.base, StackingEncoder) and alias.encoder.base.out_dim == 4
     assert isinstance(build_encoder("naive", in_dim=12, layers=(4,), out_dim=3), NaiveEncoder)
     assert isinstance(build_encoder("resnet50", in_channels=2, conv_channels=(2, 2), mlp_dim=2),
                       ResNet50Encoder)
-    with pytest.raises(ValueError, match="unknown encoder 'resnet'.*naive, resnet50, stacking, temporal_stacking"):
+    with pytest.raises(ValueError, match="unknown encoder 'resnet'.*naive, resnet50, stacking$"):
         build_encoder("resnet")
 
 
 def test_default_parameter_counts():
-    """§1.1: the two Conv3d layers hold about 42.5 M parameters."""
+    """The two Conv3d layers of resnet50 hold about 42.5 M parameters."""
     model = ResNet50Encoder()
     assert sum(p.numel() for p in model.conv.parameters()) == 42_468_864
     assert sum(p.numel() for p in model.parameters()) == 43_059_840
@@ -358,7 +376,7 @@ def test_default_parameter_counts():
 
 @pytest.mark.slow
 def test_resnet_full_size():
-    """Real sizes: (T, 1024, 14, 14) layer3 maps, spec widths, batched == per-frame loop."""
+    """Real sizes: (T, 1024, 14, 14) layer3 maps, default widths, batched == per-frame loop."""
     torch.manual_seed(0)
     model = ResNet50Encoder().eval()
     g = torch.Generator().manual_seed(1)

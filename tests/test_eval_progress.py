@@ -7,12 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from alignprog.cli import app
 from alignprog.config import load_config
 from alignprog.training.loop import fit
-from alignprog.training.restore import resolve_checkpoint
+from alignprog.errors import AlignprogError
+from alignprog.training.restore import load_trained_model, open_run, resolve_checkpoint
 from alignprog.training.rundir import RunDir
 
 from conftest import TINY
@@ -146,6 +148,41 @@ def test_bad_inputs_give_one_line_errors(run_copy: Path, tmp_path: Path, args, m
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error:") and message in lines[0], lines[0]
     assert "Traceback" not in result.output
+
+
+def test_open_run_restores_model_config_and_the_run_split(run_copy: Path, tmp_path: Path):
+    opened = open_run(run_copy, checkpoint="last")
+    assert opened.run.path == run_copy
+    assert opened.checkpoint == resolve_checkpoint(run_copy, "last")
+    assert opened.device.type == "cpu" and opened.state["step"] == 4
+    cfg, model, _ = load_trained_model(opened.checkpoint)
+    assert opened.config == cfg and not opened.model.training
+    ours = opened.model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in model.state_dict().items())
+    # The run's split.json, not whatever the config would draw today; read on first access.
+    assert opened.data_config.split.file == opened.run.split_path
+    assert "dataset" not in vars(opened)
+    ds = opened.dataset
+    assert ds is opened.dataset
+    assert ds.splits.sha256() == RunDir.open(run_copy).read_json("eval_test.json")["split_sha256"]
+    # Another root is only recorded: nothing is read before `dataset` is asked for.
+    other = open_run(run_copy, dataset=tmp_path / "elsewhere")
+    assert other.data_config.root == tmp_path / "elsewhere"
+    assert other.checkpoint == resolve_checkpoint(run_copy, "best")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"run_dir": "{missing}"}, "no run directory"),
+    ({"checkpoint": "step-99999999"}, "no such checkpoint"),
+    ({"device": "tpu"}, "is not a device"),
+])
+def test_open_run_errors_are_one_line(run_copy: Path, tmp_path: Path, kwargs, message):
+    kwargs = {"run_dir": run_copy} | kwargs
+    if kwargs["run_dir"] == "{missing}":
+        kwargs["run_dir"] = tmp_path / "nope"
+    with pytest.raises(AlignprogError, match=message) as info:
+        open_run(**kwargs)
+    assert "\n" not in str(info.value)
 
 
 def test_help_documents_every_option():

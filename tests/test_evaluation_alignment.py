@@ -1,4 +1,5 @@
-"""Alignment metrics (spec DATA_AND_EVAL 3.0-3.5): hand-made inputs with hand-computed answers."""
+"""Alignment metrics (docs/evaluation.md#alignment-metrics): hand-made inputs with hand-computed
+answers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from alignprog.evaluation.alignment import (alignment_partners, enclosed_area_er
                                             enclosed_area_error_pair, evaluate_alignment,
                                             kendall_tau, kendall_tau_pair, kendall_tau_wild,
                                             kendall_tau_wild_pair, phase_classification,
-                                            phase_progression, video_progress_gt)
+                                            phase_progression)
+from alignprog.evaluation.video_level import video_progress_gt
 
 from conftest import annotation, tiny_model, tiny_synthetic
 
@@ -31,7 +33,8 @@ def sequence(n: int, seed: int = 0) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Ground-truth alignment (spec 3.0, P1, P16)
+# Ground-truth alignment (docs/evaluation.md#ground-truth-alignment): background has no partner,
+# pairs without a shared action are skipped
 
 
 def test_partners_hand_case_and_background_never_aligns():
@@ -54,7 +57,7 @@ def test_repeated_action_gives_several_partner_runs():
 
 
 # ----------------------------------------------------------------------------------------------
-# Kendall's tau (spec 3.3, P8, P17)
+# Kendall's tau (docs/evaluation.md#kendall-tau): every ordered pair, undefined taus counted
 
 
 def test_kendall_tau_identity_is_one_and_reversed_is_minus_one():
@@ -96,7 +99,8 @@ def test_pairs_never_mix_tasks_and_aggregations_differ():
 
 
 # ----------------------------------------------------------------------------------------------
-# Kendall's tau in the wild (spec 3.4 SPEC definition, P1, P16, P18)
+# Kendall's tau in the wild, alignprog's corrected definition
+# (docs/evaluation.md#kendall-tau-in-the-wild, docs/reference-bugs.md#kendall-tau-wild-definition)
 
 
 def test_kendall_tau_wild_identity_is_one():
@@ -140,7 +144,7 @@ def test_kendall_tau_wild_ignores_background_frames():
 
 @pytest.mark.parametrize("metric", [kendall_tau_wild, enclosed_area_error])
 def test_pair_without_shared_action_is_skipped_and_counted(metric):
-    # Background is shared but is no action (P1): the pair has no ground truth (P16).
+    # Background is shared but is no action: the pair has no ground truth, so it is skipped.
     anns = [annotation([("0", 2), ("a", 3)], handle="v0"),
             annotation([("0", 2), ("b", 3)], handle="v1"),
             annotation([("0", 1), ("a", 4)], handle="v2")]
@@ -152,7 +156,7 @@ def test_pair_without_shared_action_is_skipped_and_counted(metric):
 
 
 # ----------------------------------------------------------------------------------------------
-# Enclosed area error (spec 3.5, P15)
+# Enclosed area error (docs/evaluation.md#enclosed-area-error): wild mode an explicit flag
 
 
 def test_eae_perfect_alignment_is_zero():
@@ -179,7 +183,8 @@ def test_eae_hand_case():
 
 
 # ----------------------------------------------------------------------------------------------
-# Phase classification (spec 3.1 SPEC protocol, P13)
+# Phase classification, corrected protocol: fitted on train, scored on test
+# (docs/evaluation.md#phase-classification)
 
 
 def clusters(labels: list[tuple[str, int]], centre: dict[str, float], seed: int) -> np.ndarray:
@@ -229,7 +234,8 @@ def test_phase_classification_single_class_subset_is_none():
 
 
 # ----------------------------------------------------------------------------------------------
-# Phase progression (spec 3.0 video-level GT, 3.2 SPEC protocol, P14)
+# Phase progression on video-level GT, corrected protocol: fitted on train, scored on test
+# (docs/evaluation.md#phase-progression)
 
 
 def test_video_progress_gt_hand_case_flat_over_background():

@@ -15,8 +15,9 @@ from alignprog.data.dataset import GeneratedArray
 from alignprog.evaluation import (CONVENTION, action_frames, constant_progress, duration_prior,
                                   duration_prior_progress, embed_videos, evaluate_progress,
                                   online_progress, parse_baseline, progress_metrics)
-from alignprog.evaluation.progress import (PathLengthPrior, cumulative_path, online_cost,
-                                           video_progress_gt)
+from alignprog.evaluation.cumulative import PathLengthPrior
+from alignprog.evaluation.online import online_cost
+from alignprog.evaluation.video_level import cumulative_path, video_progress_gt
 from alignprog.models.progress_heads import build_progress_head
 
 from conftest import BG, annotation, tiny_model, tiny_synthetic
@@ -43,7 +44,7 @@ def pooled_mae(pred_per_video, annotations) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Baselines: spec 3.11 closed forms and the frame-count prior
+# Baselines: closed forms (docs/evaluation.md#baseline-closed-forms) and the frame-count prior
 
 
 @pytest.mark.parametrize("length", range(1, 14))
@@ -58,7 +59,7 @@ def test_constant_baselines_match_closed_forms(length):
 
 
 def test_constant_half_anchor_values():
-    # Spec 3.11: L = 1: 0.5, 3: 0.278, 5: 0.26.
+    # docs/evaluation.md#baseline-closed-forms: L = 1: 0.5, 3: 0.278, 5: 0.26.
     for length, value in ((1, 0.5), (3, 0.278), (5, 0.26)):
         ann = annotation([("a", length)])
         assert pooled_mae([constant_progress(ann, 0.5)], [ann]) == pytest.approx(value, abs=5e-4)
@@ -70,7 +71,7 @@ def test_frame_count_prior_hand_example():
         ("t", "tr1", "train", [("a", 6), ("0", 30)]),
         ("t", "va0", "val", [("c", 50)]),                       # val: never in the prior
         ("t", "te0", "test", [("0", 1), ("a", 7), ("c", 3), ("0", 2)]),
-        ("t", "te1", "test", [("a", 100)]),                     # test: never in the prior (P4)
+        ("t", "te1", "test", [("a", 100)]),                     # test: never in the prior
     ])
     prior = duration_prior(ds, "train")
     assert prior.means == {"a": 5.0, "b": 10.0}                 # background excluded
@@ -106,12 +107,12 @@ def test_random_baseline_is_seeded_and_averaged():
     a, b = r1["predictors"]["random"], r2["predictors"]["random"]
     assert a["metrics"] == b["metrics"] and a["seeds"] == list(range(10))
     assert a["mae_pooled_std_over_seeds"] > 0
-    # Spec 3.11: the expectation tends to 1/3 for long actions.
+    # The expectation tends to 1/3 for long actions (docs/evaluation.md#baseline-closed-forms).
     assert a["metrics"]["mae"]["pooled"] == pytest.approx(1 / 3, abs=0.02)
 
 
 # ----------------------------------------------------------------------------------------------
-# The head, online (spec 3.7, ALGORITHMS 3.5)
+# The head, online (docs/evaluation.md#online-action-level-mae, docs/algorithms.md#online-protocol)
 
 
 def loop_reference(head, u: torch.Tensor, ann: VideoAnnotation) -> torch.Tensor:
@@ -243,6 +244,42 @@ def test_shape_metrics_hand_values():
     m = progress_metrics(np.zeros(11), action_frames([ann]))
     assert m["endpoints"]["first_10pct"] == pytest.approx((1 / 11 + 2 / 11) / 2)
     assert m["endpoints"]["last_10pct"] == pytest.approx((10 / 11 + 1) / 2)
+
+
+def loop_spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho read literally: average ranks (ties share the mean of their positions),
+    then Pearson's correlation of the ranks, all in float64 Python loops."""
+    def ranks(v: list[float]) -> list[float]:
+        return [1.0 + sum(w < a for w in v) + (sum(w == a for w in v) - 1) / 2.0 for a in v]
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy)
+
+
+def test_spearman_matches_a_loop_with_average_ranks_on_ties():
+    # Actions: 6 frames with two ties, 4 frames (one tie), 2 frames (too short: left out),
+    # 3 frames of a constant prediction (undefined, counted).
+    ann = annotation([("a", 6), ("0", 1), ("b", 4), ("c", 2), ("0", 2), ("d", 3)])
+    frames = action_frames([ann])
+    per_action = [[0.1, 0.3, 0.3, 0.2, 0.5, 0.5], [0.9, 0.1, 0.9, 0.4], [0.7, 0.2],
+                  [0.4, 0.4, 0.4]]
+    pred = np.concatenate(per_action)
+    s = progress_metrics(pred, frames)["spearman"]
+    rhos = [loop_spearman(p, list(range(len(p)))) for p in per_action[:2]]
+    # By hand: ranks 1, 3.5, 3.5, 2, 5.5, 5.5 against 1..6 give 13.5 / sqrt(16.5 * 17.5).
+    assert rhos[0] == pytest.approx(13.5 / math.sqrt(16.5 * 17.5), abs=1e-15)
+    assert s["mean"] == pytest.approx(sum(rhos) / 2, rel=0, abs=1e-12)
+    assert (s["actions"], s["undefined_constant"], s["min_frames"]) == (2, 1, 3)
+    # A NaN prediction ranks above every number (NaNs tie), as before: the action keeps a rho.
+    nan_frames = action_frames([annotation([("a", 3)])])
+    s = progress_metrics(np.array([math.nan, 0.1, 0.2]), nan_frames)["spearman"]
+    assert s["mean"] == pytest.approx(-0.5, abs=1e-12) and s["actions"] == 1
+    s = progress_metrics(np.full(3, math.nan), nan_frames)["spearman"]
+    assert (s["mean"], s["actions"], s["undefined_constant"]) == (None, 0, 1)
 
 
 def unbalanced_dataset() -> Dataset:
@@ -389,7 +426,7 @@ def test_cumulative_l2_and_video_level_hand_values():
     assert set(p) == {"cumulative_l2", "cumulative_l2_raw", "cumulative_l2_offline"}
     # Action a of 'te': P_s = 0, 3, 6, 9, mu_a = 3 -> raw 0, 1, 2, 3; GT 1/4, 1/2, 3/4, 1.
     assert p["cumulative_l2_raw"]["metrics"]["mae"]["pooled"] == pytest.approx(4 / 4)
-    # Clipped to [0, 1]: 0, 1, 1, 1 (P5).
+    # Clipped to [0, 1]: 0, 1, 1, 1 (docs/reference-bugs.md#unbounded-cumulative-predictions).
     assert p["cumulative_l2"]["metrics"]["mae"]["pooled"] == pytest.approx(1 / 4)
     assert p["cumulative_l2"]["clipped"] and not p["cumulative_l2_raw"]["clipped"]
     # Offline (self-normalised, non-causal): 0, 1/3, 2/3, 1.
@@ -417,7 +454,8 @@ def test_cumulative_l2_and_video_level_hand_values():
 
 
 def test_normalisers_never_see_the_evaluated_split():
-    """P3/P4: changing a test video changes its errors but not one normaliser."""
+    """Normalisers come from the training split only: changing a test video changes its errors
+    but not one normaliser."""
     a = evaluate_progress(IdentityModel(), line_dataset(), "test", device="cpu", baselines=(),
                           cumulative=True, video_level=True)
     b = evaluate_progress(IdentityModel(), line_dataset((0, 0, 30, 60, 90)), "test",

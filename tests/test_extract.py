@@ -11,6 +11,7 @@ import urllib.error
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -18,12 +19,10 @@ import torchvision
 from typer.testing import CliRunner
 
 from alignprog.cli import app
+from alignprog.data.extraction import ExtractSettings, extract_video, extract_videos, load_network
+from alignprog.data.video import SampledFrames, find_videos, keep_frame, sampling_period
 from alignprog.errors import AlignprogError, ConfigError, DataError
-from alignprog.extract import (ExtractSettings, SampledFrames, extract_video, extract_videos,
-                               find_videos, keep_frame, load_network, sampled_indices,
-                               sampling_period)
 
-av = pytest.importorskip("av")
 runner = CliRunner()
 
 
@@ -68,24 +67,42 @@ def net():
 
 
 # ------------------------------------------------------------------------------------------------
-# Sampling rule (DATA_AND_EVAL 1.4): keep decoded frame c when floor(c mod h) == 0
+# Sampling rule (docs/data.md#feature-extraction): keep decoded frame c when floor(c mod h) == 0
+
+
+def kept(num_decoded: int, h: Fraction) -> list[int]:
+    """The decoded-frame indices `keep_frame` (the rule SampledFrames applies) keeps."""
+    return [c for c in range(num_decoded) if keep_frame(c, h)]
 
 
 def test_sampling_rule_by_hand():
-    assert sampled_indices(90, sampling_period(30, 1)) == [0, 30, 60]
-    assert sampled_indices(31, sampling_period(30, 2)) == [0, 15, 30]
+    assert kept(90, sampling_period(30, 1)) == [0, 30, 60]
+    assert kept(31, sampling_period(30, 2)) == [0, 15, 30]
     # h = 12.5: 13 mod 12.5 = 0.5 is kept, 12 and 26 (mod 1.0) are not.
-    assert sampled_indices(51, sampling_period(25, 2)) == [0, 13, 25, 38, 50]
+    assert kept(51, sampling_period(25, 2)) == [0, 13, 25, 38, 50]
     # h = 7.5 (30 -> 4 fps): 12 of 90 frames.
-    assert sampled_indices(31, sampling_period(30, 4)) == [0, 8, 15, 23, 30]
+    assert kept(31, sampling_period(30, 4)) == [0, 8, 15, 23, 30]
     # NTSC: h = 30000/1001 exactly; frame ceil(k h) is kept, and frame 30000 = 1001 h exactly.
     h = sampling_period(Fraction(30000, 1001), 1)
-    assert sampled_indices(100, h) == [0, 30, 60, 90]
+    assert kept(100, h) == [0, 30, 60, 90]
     assert keep_frame(30000, h) and not keep_frame(29999, h) and not keep_frame(30001, h)
     # Above the native rate every frame is kept once.
-    assert sampled_indices(5, sampling_period(10, 25)) == [0, 1, 2, 3, 4]
+    assert kept(5, sampling_period(10, 25)) == [0, 1, 2, 3, 4]
     with pytest.raises(ConfigError):
         sampling_period(30, 0)
+
+
+@pytest.mark.parametrize("name, fps", [("a.mp4", 4), ("b.mkv", 2)])
+def test_decoder_keeps_the_frames_of_the_rule(videos, name, fps):
+    """SampledFrames yields exactly the decoded frames the rule keeps, in order."""
+    with av.open(str(videos / name)) as container:
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    with SampledFrames(videos / name, fps) as reader:
+        frames = list(reader)
+    want = kept(len(every), reader.period)
+    assert len(frames) == len(want)
+    for got, c in zip(frames, want):
+        np.testing.assert_array_equal(got, every[c])
 
 
 @pytest.mark.parametrize("name, fps, expected", [
@@ -104,7 +121,7 @@ def test_decoded_frame_counts(videos, name, fps, expected):
 
 
 def _reference(path: Path, fps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independently: decode every frame, keep the spec's indices, torchvision's own resize and
+    """Independently: decode every frame, keep the documented indices, torchvision's own resize and
     normalize, and torchvision's resnet50 run module by module, pooled by a plain mean."""
     from torchvision.transforms.v2 import functional as TF
 

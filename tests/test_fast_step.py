@@ -1,4 +1,4 @@
-"""The fast training step (issue 9): the sync-free eager step and its pieces equal the simple
+"""The fast training step: the sync-free eager step and its pieces equal the simple
 forms, skipped steps are skipped on the device, and (on a GPU) the CUDA-graph step equals the
 eager one without a host sync."""
 
@@ -19,7 +19,8 @@ from alignprog.models.mcn import MultiHeadEncoder
 from alignprog.runtime import checks_values, trusted_inputs
 from alignprog.sampling import gather_frames
 from alignprog.training.graphs import next_power_of_two, round_up, unsupported
-from alignprog.training.loop import Trainer, TrainingError, clip_to, grad_norm, read_record
+from alignprog.training.step import StepMetrics, clip_to, total_norm
+from alignprog.training.trainer import Trainer, TrainingError
 
 from conftest import TINY
 
@@ -100,7 +101,7 @@ def test_clip_to_equals_clip_grad_norm():
     for p in params:
         p.grad = torch.randn_like(p) * 5
     ref = [p.grad.clone() for p in params]
-    norm = grad_norm(params)
+    norm = total_norm(params, torch.device("cpu"))
     assert float(norm) == pytest.approx(
         math.sqrt(sum(float(g.square().sum()) for g in ref)), rel=1e-6)
     after = clip_to(params, norm, 1.5)
@@ -111,12 +112,27 @@ def test_clip_to_equals_clip_grad_norm():
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p.grad, q.grad)
     assert float(after) == pytest.approx(1.5, rel=1e-5)
-    assert float(grad_norm([])) == 0.0
+    assert float(total_norm([], torch.device("cpu"))) == 0.0
 
 
-def test_read_record_reads_device_scalars_once():
-    rec = {"a": torch.tensor(1.5), "b": None, "c": 3, "d": torch.tensor(True)}
-    assert read_record(rec) == {"a": 1.5, "b": None, "c": 3, "d": 1.0}
+def test_step_metrics_read_device_scalars_once():
+    m = StepMetrics(step=3, epoch=1, lam=2.0, samples=4, videos=2, frames=10,
+                    alignment=torch.tensor(1.5), progress=torch.tensor(0.25),
+                    total=torch.tensor(2.0), bad=torch.tensor(False),
+                    grad_encoder=torch.tensor(3.0), grad_head=torch.tensor(0.5),
+                    grad_encoder_clipped=torch.tensor(1.0), grad_head_clipped=torch.tensor(0.5),
+                    extra={"lr": 0.1})
+    out = m.read({"skipped_total": torch.tensor(7)})
+    assert out == {"step": 3, "epoch": 1, "alignment": 1.5, "progress": 0.25, "lambda": 2.0,
+                   "samples": 4, "videos": 2, "frames": 10, "total": 2.0,
+                   "weighted_progress": 0.5, "grad_encoder": 3.0, "grad_head": 0.5,
+                   "grad_encoder_clipped": 1.0, "grad_head_clipped": 0.5, "skipped": False,
+                   "skipped_total": 7, "lr": 0.1}
+    skipped = m.with_values(bad=torch.tensor(True)).read()
+    assert skipped["skipped"] and skipped["total"] is None
+    none = StepMetrics(step=1, epoch=0, lam=1.0, samples=0, videos=2, frames=5,
+                       alignment=torch.tensor(1.0), no_loss=True).read()
+    assert none["skipped"] and none["total"] is None and none["progress"] is None
 
 
 def test_trusted_inputs_switch_off_value_checks_on_gpus_only():
@@ -131,7 +147,8 @@ def test_no_graphs_on_the_cpu_and_the_reasons():
     with pytest.warns(UserWarning, match="not CUDA"):
         trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cpu"))
     assert trainer.graphs is None
-    assert unsupported(trainer, "auto") == "the device is not CUDA"
+    assert unsupported(cfg, torch.device("cpu"), several_processes=False,
+                       mode="auto") == "the device is not CUDA"
     assert round_up(450, 64) == 512 and round_up(448, 64) == 448
     assert [next_power_of_two(n) for n in (1, 2, 3, 5, 8, 9)] == [2, 2, 4, 8, 8, 16]
 

@@ -1,4 +1,4 @@
-"""FLOP counts (alignprog.models.flops): hand-derived numbers, checked against PyTorch's own
+"""FLOP counts (benchmarks.flops): hand-derived numbers, checked against PyTorch's own
 FlopCounterMode run on the real modules, forward and forward + backward."""
 
 from __future__ import annotations
@@ -12,12 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from alignprog.config import ModelConfig
 from alignprog.models import build_model
 from alignprog.models.encoders import NaiveEncoder, ResNet50Encoder, StackingEncoder
-from alignprog.models.flops import (
-    conv3d_flops,
-    encoder_flops,
-    measure_matmul_tflops,
-    model_flops,
-)
+from benchmarks.flops import conv3d_flops, encoder_flops, measure_matmul_tflops, model_flops
 
 
 def counted(module, x, mask, *, backward: bool = False) -> int:
@@ -74,7 +69,7 @@ def test_resnet50_other_windows_match_the_counter(k, reference_window):
 
 
 def test_conv3d_formulation_count():
-    """The spec's Conv3d over (C, k, H, W) stacks: FlopCounterMode on the modules themselves."""
+    """The documented Conv3d over (C, k, H, W) stacks: FlopCounterMode on the modules themselves."""
     enc = tiny_resnet()
     f = 7
     stack = torch.randn(f, 6, 2, 5, 5)                                   # (n, C, k, H, W)
@@ -86,8 +81,8 @@ def test_conv3d_formulation_count():
 
 
 def test_resnet50_default_is_pinned():
-    """Spec sizes, per frame: conv1 2*196*3*1024*1024*9 + conv2 2*196*2048*1024*9 + MLP
-    2*(512*512*2 + 512*128); the spec's padded Conv3d runs 1.8x that."""
+    """Default sizes, per frame: conv1 2*196*3*1024*1024*9 + conv2 2*196*2048*1024*9 + MLP
+    2*(512*512*2 + 512*128); the documented padded Conv3d runs 1.8x that."""
     enc = ResNet50Encoder()
     assert encoder_flops(enc, 1) == 11_098_128_384 + 7_398_752_256 + 1_179_648
     assert encoder_flops(enc, 830) == 830 * 18_498_060_288

@@ -163,7 +163,7 @@ def test_cli_config_file_bomb(tmp_path: Path):
 def test_cli_predict_bad_segments(tmp_path: Path, text, phrase):
     seg = tmp_path / "segs.json"
     seg.write_text(text)
-    from alignprog.export import read_segments
+    from alignprog.inference import read_segments
     with pytest.raises(DataError, match="cannot read the segments JSON"):
         read_segments(seg)
 

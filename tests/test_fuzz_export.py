@@ -163,7 +163,6 @@ def test_fifo_and_overlong_videos_are_refused(run, tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
-    pytest.importorskip("av")
     from test_extract import write_video
 
     d = tmp_path_factory.mktemp("xvideos")

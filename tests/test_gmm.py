@@ -1,6 +1,6 @@
-"""The batched GTCC mixture fit (alignprog.losses.gmm) against the spec's per-vector reference:
+"""The batched GTCC mixture fit (alignprog.losses.gmm) against the reference's per-vector fit:
 torch.optim.LBFGS (lr 0.5, max_iter 4, history 10, strong-Wolfe) for 8 steps on each vector
-(spec ALGORITHMS 6.3 "GMM fit", B15)."""
+(docs/algorithms.md#gtcc-mixture-fit, docs/reference-bugs.md#gtcc-mixture-fits-sequential)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def mixture_of(fit: GMMFit) -> torch.Tensor:
     return torch.einsum("ek,ekm->em", fit.weights, fit.components)
 
 
-def test_init_matches_spec():
+def test_init_matches_the_documented_init():
     params = init_params(torch.tensor([2, 7, 40]), K, torch.float64)
     for row, m_len in zip(params, (2, 7, 40)):
         assert torch.allclose(row[:K], torch.tensor([1 + k * (m_len - 2) / K for k in range(K)],
@@ -94,7 +94,7 @@ def test_closed_form_gradient_equals_autograd():
     assert grad2[0, 0] != 0 and grad2[1, 1] != 0 and grad2[2, 6] != 0 and grad2[3, 7] == 0
 
 
-def test_symmetric_kl_is_the_spec_objective():
+def test_symmetric_kl_is_the_documented_objective():
     p = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64)
     q = torch.tensor([[0.25, 0.25, 0.5]], dtype=torch.float64)
     lp, lq = torch.log(p + 1e-30), torch.log(q + 1e-30)
@@ -148,7 +148,7 @@ def test_fit_independent_of_batch_and_padding():
 def test_failures_are_per_fit_and_never_raise():
     rows = realistic_alphas([6, 12], seed=7)
     p, m = pad(rows)
-    bad_nan = torch.full((1, p.shape[1]), float("nan"), dtype=p.dtype)        # B12's 0/0 rows
+    bad_nan = torch.full((1, p.shape[1]), float("nan"), dtype=p.dtype)        # underflowed 0/0 rows
     short = torch.zeros(1, p.shape[1], dtype=p.dtype)
     short[0, 0] = 1.0                                                          # M = 1
     fit = fit_gmm(torch.cat([p[:1], bad_nan, short, p[1:]]), torch.tensor([6, 12, 1, 12]))
@@ -159,8 +159,8 @@ def test_failures_are_per_fit_and_never_raise():
 
 
 def test_negative_objective_counts_as_failure():
-    # A target the initial mixture reproduces: J is ~0 and its sign is rounding noise; the spec
-    # (and the reference) test J < 0. Only check the rule is applied consistently.
+    # A target the initial mixture reproduces: J is ~0 and its sign is rounding noise; the
+    # documented rule (and the reference) test J < 0. Only check the rule is applied consistently.
     p = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
     fit = fit_gmm(p, torch.tensor([2]))
     assert bool(fit.ok[0]) == bool(fit.objective[0] >= 0)

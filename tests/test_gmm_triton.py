@@ -41,7 +41,8 @@ needs_triton = pytest.mark.skipif(gmm_triton.triton is None, reason="needs trito
 def soft_neighbours(lengths: list[int], *, dtype=torch.float64, seed: int = 0, nan_row: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-neighbour distributions alpha (E, M_max) of the given lengths (M = 1 and 2 allowed),
-    optionally followed by an all-NaN row (B12's 0/0 alpha)."""
+    optionally followed by an all-NaN row (the reference's underflowed 0/0 alpha,
+    docs/reference-bugs.md#gtcc-exp-underflow)."""
     p, m = pad(realistic_alphas(lengths, dtype=dtype, seed=seed))
     if nan_row:
         p = torch.cat([p, torch.full((1, p.shape[1]), float("nan"), dtype=dtype)])

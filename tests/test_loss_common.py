@@ -1,4 +1,5 @@
-"""Shared loss helpers: padding, pairs, distances and the intra-video regulariser (spec 6.4)."""
+"""Shared loss helpers: padding, pairs, distances and the intra-video regulariser
+(docs/algorithms.md#intra-video-regulariser)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def test_intra_contrast_gradients_are_finite_for_identical_frames():
     mask = torch.ones(1, 20, dtype=torch.bool)
     intra_contrast(x, mask, window=5).sum().backward()
     assert torch.isfinite(x.grad).all()
-    # reference mode: the in-window term is a constant (B17), so only the push has a gradient
+    # reference mode: the in-window term is a constant
+    # (docs/reference-bugs.md#lav-regulariser-constant-pull), so only the push has a gradient
     y = torch.randn(1, 6, 2, dtype=torch.float64, requires_grad=True)
     intra_contrast(y, torch.ones(1, 6, dtype=torch.bool), window=15, compat="reference").sum() \
         .backward()

@@ -1,5 +1,6 @@
-"""GTCC loss (spec ALGORITHMS 6.3; 6.1 pairs/reduction; B9, B12-B16, B20) against loop-form
-references written here from the spec's equations."""
+"""GTCC loss (docs/algorithms.md#gtcc; pairs and reduction: docs/algorithms.md#pairs-and-reduction;
+the reference's GTCC bugs: the gtcc-* entries of docs/reference-bugs.md) against loop-form
+references written here from the documented equations."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
-# Loop-form references, straight from spec 6.3.
+# Loop-form references, straight from docs/algorithms.md#gtcc.
 # ------------------------------------------------------------------------------------------------
 
 def omega_ref(r: int, c: int, n: int, w: int, forward: bool) -> bool:
-    """Spec 6.3 step 3 for one entry (B16: backward excludes c = r; w = 0 -> all ones)."""
+    """The window Omega for one entry (docs/algorithms.md#gtcc, per-primary step 3; backward
+    excludes c = r; w = 0 -> all ones)."""
     if w == 0:
         return True
     band = (r <= c <= r + w - 1) if forward else (r - w <= c <= r - 1)
@@ -35,8 +37,9 @@ def omega_ref(r: int, c: int, n: int, w: int, forward: bool) -> bool:
 
 def loop_reference(xs, drops, samples, directions, comps, weights, *, epoch=0, delta=0.2,
                    gamma=0.95, tau=0.1, lam_v=0.0, compat="fixed", eps=1e-3):
-    """Per-pair losses (ordered_pairs order) of spec 6.3 steps 1-9, loops over pairs, sampled
-    frames, components and frames. comps (P, S, K, >= M), weights (P, S, K) are the fits."""
+    """Per-pair losses (ordered_pairs order) of docs/algorithms.md#gtcc, per-secondary steps 1-9,
+    loops over pairs, sampled frames, components and frames. comps (P, S, K, >= M),
+    weights (P, S, K) are the fits."""
     b, dim = len(xs), xs[0].shape[1]
     k_count = weights.shape[-1]
     pair_losses, p = [], 0
@@ -106,7 +109,7 @@ def all_frames(lengths):
 
 
 def random_gmm(lengths, samples, k, t, seed=0):
-    """Pinned fits: random components (the spec's parametric form) and weights per slot."""
+    """Pinned fits: random components (the documented parametric form) and weights per slot."""
     gen = torch.Generator().manual_seed(seed)
     pi_idx, pj_idx = ordered_pairs(len(lengths))
     s = max(len(x) for x in samples)
@@ -160,9 +163,10 @@ def test_value_matches_loop_reference(compat, lam_v):
         assert torch.allclose(got, expect_a.sum(), rtol=1e-9)
 
 
-def test_internal_fit_matches_spec_pipeline():
+def test_internal_fit_matches_documented_pipeline():
     """Whole pipeline with the GMM fitted inside (batched L-BFGS) against alpha computed in loops
-    and fitted per vector with torch.optim.LBFGS (spec 6.3 steps 2-3), then the loop loss."""
+    and fitted per vector with torch.optim.LBFGS (docs/algorithms.md#gtcc, per-secondary steps
+    2-3), then the loop loss."""
     lengths, k = [8, 11], 4
     xs = videos(lengths, seed=3)
     x, mask = pad_sequences(xs)
@@ -254,7 +258,8 @@ def test_identical_sequences_reach_the_minimum():
     """gamma = 1: every term is a weighted squared error >= 0. For two identical videos with
     well-separated frames, forward windows and components all on the anchor frame, v~ = u_s,
     beta is one-hot on s and the loss is 0, the minimum. The backward window excludes the anchor
-    (B16), so there the minimum is not reached outside the corner blocks."""
+    (docs/reference-bugs.md#gtcc-window-mask-quirks), so there the minimum is not reached outside
+    the corner blocks."""
     n, k = 8, 3
     u = videos([n], scale=10.0, seed=9)[0]
     x, mask = pad_sequences([u, u.clone()])
@@ -386,7 +391,7 @@ def test_failed_fits_skip_their_pair_and_are_counted():
 # compat="reference": each reproduced bug on a hand-computed case.
 # ------------------------------------------------------------------------------------------------
 
-def test_b12_alpha_underflow_fails_the_fits_in_reference_mode():
+def test_alpha_underflow_fails_the_fits_in_reference_mode():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 10, 4, generator=gen) * 0.1
     x[1] += 100.0                                  # every distance > 10.4: exp(-d/0.1) == 0 in fp32
@@ -398,7 +403,7 @@ def test_b12_alpha_underflow_fails_the_fits_in_reference_mode():
     assert det.n_failed_fits == 0 and torch.isfinite(fixed) and float(fixed) > 0
 
 
-def test_b12_beta_underflow_gives_e_equal_s_squared_in_reference_mode():
+def test_beta_underflow_gives_e_equal_s_squared_in_reference_mode():
     gen = torch.Generator().manual_seed(1)
     u = torch.randn(6, 2, generator=gen) * 0.3
     v = u.clone()
@@ -417,7 +422,7 @@ def test_b12_beta_underflow_gives_e_equal_s_squared_in_reference_mode():
     assert torch.isfinite(fixed.pair_losses).all() and float(fixed.pair_losses[0]) < 26
 
 
-def test_b14_drop_term_bound():
+def test_drop_term_bound():
     # A 1-frame primary: w = round(0.2) = 0 -> full window over its one frame, beta = 1 on frame
     # 0 = s, so A = 0. Its drop logits are one value: standardised to 0, b = d_min + (1-d_min)/2.
     xs = videos([1, 4], seed=2)
@@ -433,7 +438,7 @@ def test_b14_drop_term_bound():
     assert math.isclose(float(custom.pair_losses[0]), (1 - b) / 0.5, rel_tol=1e-12)
 
 
-def test_b16_window_mask_by_hand():
+def test_window_mask_by_hand():
     # N = 5, delta = 0.5: w = round(2.5) = 2 (half to even).
     n = torch.tensor([5, 5])
     rows = torch.arange(5)[None, :].expand(2, 5)
@@ -460,7 +465,7 @@ def test_b16_window_mask_by_hand():
 
 
 @pytest.mark.parametrize("compat", ["fixed", "reference"])
-def test_b13_short_videos_use_all_their_frames(compat):
+def test_short_videos_use_all_their_frames(compat):
     xs = videos([7, 12], seed=4)
     loss, det = gtcc_loss(xs, compat=compat, generator=torch.Generator().manual_seed(0),
                           return_details=True)

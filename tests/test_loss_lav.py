@@ -1,4 +1,6 @@
-"""LAV (spec ALGORITHMS 6.4, B17, B18, reductions 6.1 / B20) against plain float64 loops."""
+"""LAV (docs/algorithms.md#lav, reductions docs/algorithms.md#pairs-and-reduction) against plain
+float64 loops, with the reference's constant in-window term
+(docs/reference-bugs.md#lav-regulariser-constant-pull) and pinned values."""
 
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from conftest import loop_intra_contrast
 LOG3 = math.log(3.0)
 
 
-# --- the spec's formulas as loops ---------------------------------------------------------------
+# --- the documented formulas as loops -----------------------------------------------------------
 
 def loop_soft_dtw(u: list[list[float]], v: list[list[float]], gamma: float) -> float:
-    """Spec 6.4: C_nm = ||u_n - v_m||^2; R00 = 0, borders +inf, softmin with the max-shift."""
+    """docs/algorithms.md#soft-dtw: C_nm = ||u_n - v_m||^2; R00 = 0, borders +inf, softmin with
+    the max-shift."""
     n, m = len(u), len(v)
     r = [[math.inf] * (m + 1) for _ in range(n + 1)]
     r[0][0] = 0.0
@@ -33,7 +36,8 @@ def loop_soft_dtw(u: list[list[float]], v: list[list[float]], gamma: float) -> f
 
 def loop_lav(seqs, *, min_temp=0.1, cr_coefficient=0.01, window=15, margin=2.0,
              compat="fixed", reduction="reference") -> float:
-    """Spec 6.1 / 6.4: every ordered pair (i, j), i != j, soft-DTW computed for that order."""
+    """Every ordered pair (i, j), i != j, soft-DTW computed for that order
+    (docs/algorithms.md#lav)."""
     lists = [s.tolist() for s in seqs]
     regs = [loop_intra_contrast(u, window, margin, compat) for u in lists]
     terms = []
@@ -75,8 +79,9 @@ def test_matches_loop_other_settings(gamma):
 
 
 def test_pinned_values():
-    """B18: a forward value on fixed inputs, pinned (from the loops above), so that a later
-    memory or speed refactor cannot silently change the loss."""
+    """A forward value on fixed inputs, pinned (from the loops above), so that a later memory or
+    speed refactor cannot silently change the loss
+    (docs/reference-bugs.md#memory-refactors-changed-losses)."""
     t = torch.arange(6, dtype=torch.float64)
     a = torch.stack([torch.cos(t / 2), torch.sin(t / 3), t / 5], 1)             # (6, 3)
     b = torch.stack([torch.cos(t[:4] / 2 + 0.3), torch.sin(t[:4] / 3), t[:4] / 4], 1)
@@ -93,10 +98,10 @@ PINNED_REF = 13.134587251809757
 PINNED_FIXED_W3 = 3.465554693140356
 
 
-def test_reference_mode_b17_constant_in_window_term():
-    # B17 by hand: with every frame pair in the window (T = 3 < 15), the reference C(U) is
-    # margin * sum_ab ((a - b)^2 + 1) = 2 * (3 * 1 + 4 * 2 + 2 * 5) = 42 for any embeddings, and
-    # it has no gradient. B = 2: total = 2 SoftDTW + c_r * 2 * (42 + 42).
+def test_reference_mode_constant_in_window_term():
+    # The reference's constant term by hand: with every frame pair in the window (T = 3 < 15),
+    # the reference C(U) is margin * sum_ab ((a - b)^2 + 1) = 2 * (3 * 1 + 4 * 2 + 2 * 5) = 42 for
+    # any embeddings, and it has no gradient. B = 2: total = 2 SoftDTW + c_r * 2 * (42 + 42).
     seqs = [s.requires_grad_(True) for s in videos([3, 3], seed=3)]
     total = lav_loss(seqs, compat="reference", cr_coefficient=0.01)
     sdtw_only = lav_loss(seqs, compat="reference", cr_coefficient=0.0)

@@ -1,8 +1,9 @@
-"""TCC loss (spec ALGORITHMS 6.2, reduction 6.1, bugs B11 and B20).
+"""TCC loss (docs/algorithms.md#tcc, reduction docs/algorithms.md#pairs-and-reduction).
 
-Values are checked against a loop-form float64 reference written here from the spec's
-equations, in both compat modes; B11's reference behaviour (variance about mu_l, no epsilon,
-self-pairs included and NaN) against hand-derived numbers. Small D and T throughout.
+Values are checked against a loop-form float64 reference written here from the documented
+equations, in both compat modes; the reference's bugs (variance about mu_l, no epsilon,
+self-pairs included and NaN: docs/reference-bugs.md#tcc-variance-about-wrong-mean,
+docs/reference-bugs.md#tcc-self-pairs-nan) against hand-derived numbers. Small D and T throughout.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ TAU, LAM, EPS = 0.1, 0.001, 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
-# Loop-form reference, straight from spec 6.2 (float64, exact distances, no batching).
+# Loop-form reference, straight from docs/algorithms.md#tcc (float64, exact distances, no
+# batching).
 
 def softmax_list(logits: list[float]) -> list[float]:
     top = max(logits)
@@ -50,7 +52,7 @@ def ref_pair_loss(u: torch.Tensor, v: torch.Tensor, *, compat: str, tau: float =
     total = 0.0
     for i in range(n):
         if compat == "reference":
-            var = sum(betas[i][l] * (l - mus[l]) ** 2 for l in range(n))         # B11: mu_l
+            var = sum(betas[i][l] * (l - mus[l]) ** 2 for l in range(n))         # reference: mu_l
             err = (i - mus[i]) ** 2 / var if var > 0 else float("nan")         # no epsilon
         else:
             var = max(sum(betas[i][l] * (l - mus[i]) ** 2 for l in range(n)), eps)
@@ -74,7 +76,7 @@ def make_seqs(lengths, dim=4, scale=0.5, seed=0, dtype=torch.float64):
 
 
 def separated_seqs(b=2, n=12, dim=128, seed=0):
-    """Random 128-d embeddings of norm ~11 (spec 6.2's NaN observation), float32."""
+    """Random 128-d embeddings of norm ~11 (docs/reference-bugs.md#tcc-self-pairs-nan), float32."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, dim, generator=g) for _ in range(b)]
 
@@ -85,7 +87,7 @@ def separated_seqs(b=2, n=12, dim=128, seed=0):
 @pytest.mark.parametrize("compat", ["fixed", "reference"])
 @pytest.mark.parametrize("reduction", ["reference", "mean"])
 def test_matches_loop_reference(compat, reduction):
-    # A length-1 primary is 0/0 in reference compat (test_b11_no_epsilon...), so only fixed
+    # A length-1 primary is 0/0 in reference compat (test_no_epsilon...), so only fixed
     # gets one here.
     seqs = make_seqs([5, 3, 4, 1 if compat == "fixed" else 2])
     got = tcc_loss(seqs, compat=compat, reduction=reduction)
@@ -126,11 +128,11 @@ def test_distances_match_exact_helper():
 
 
 # ---------------------------------------------------------------------------------------------
-# B11 by hand: U = [0, 1] (D = 1), tau = 1. alpha_0 = (a, 1 - a) with a = sigmoid(1), so
-# v~ = (1 - a, a); beta_0 = (b, 1 - b), beta_1 = (1 - b, b) with b = sigmoid(2a - 1), so
-# mu = (1 - b, b). Intended variance b(1 - b) for both frames; reference sum_l beta_il (l - mu_l)^2
-# = (1 - b)^2 for both. Pair loss: reference 2 + 2 lam log(1 - b); fixed
-# 2 (1 - b) / b + lam log(b (1 - b)).
+# The reference's variance by hand: U = [0, 1] (D = 1), tau = 1. alpha_0 = (a, 1 - a) with
+# a = sigmoid(1), so v~ = (1 - a, a); beta_0 = (b, 1 - b), beta_1 = (1 - b, b) with
+# b = sigmoid(2a - 1), so mu = (1 - b, b). Intended variance b(1 - b) for both frames; reference
+# sum_l beta_il (l - mu_l)^2 = (1 - b)^2 for both. Pair loss: reference 2 + 2 lam log(1 - b);
+# fixed 2 (1 - b) / b + lam log(b (1 - b)).
 
 def hand_case():
     a = 1 / (1 + math.exp(-1))
@@ -141,7 +143,7 @@ def hand_case():
     return lam, ref, fixed
 
 
-def test_b11_variance_about_mu_l_by_hand():
+def test_reference_variance_about_mu_l_by_hand():
     lam, ref, fixed = hand_case()
     u = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
     kw = dict(softmax_temp=1.0, alignment_variance=lam)
@@ -154,8 +156,8 @@ def test_b11_variance_about_mu_l_by_hand():
     assert abs(ref - fixed) > 0.1
 
 
-def test_b11_self_pairs_nan_in_reference_finite_in_fixed():
-    # Spec 6.2: well-separated random 128-d embeddings (norm ~11): beta of a self-pair is one-hot,
+def test_self_pairs_nan_in_reference_finite_in_fixed():
+    # Well-separated random 128-d embeddings (norm ~11): beta of a self-pair is one-hot,
     # sigma2 = 0 and (i - mu_i)^2 = 0, so the reference's self-pair term is 0/0 = NaN.
     seqs = separated_seqs()
     x, mask = pad_sequences(seqs)
@@ -166,8 +168,8 @@ def test_b11_self_pairs_nan_in_reference_finite_in_fixed():
     assert torch.isnan(ref[is_self]).all()
     assert torch.isfinite(ref[~is_self]).all()
     assert torch.isfinite(fixed).all()
-    # The NaN reaches the reference batch loss (which therefore stops training, B11); the fixed
-    # loss skips self-pairs and stays finite.
+    # The NaN reaches the reference batch loss (which therefore stops training,
+    # docs/reference-bugs.md#tcc-self-pairs-nan); the fixed loss skips self-pairs and stays finite.
     assert torch.isnan(tcc_loss(seqs, compat="reference"))
     assert torch.isfinite(tcc_loss(seqs, compat="fixed"))
     # Fixed self-pair: mu_i = i exactly, sigma2 clamped to eps: N * lam * log(sqrt(eps)).
@@ -175,7 +177,7 @@ def test_b11_self_pairs_nan_in_reference_finite_in_fixed():
     torch.testing.assert_close(fixed[is_self], torch.full((2,), n * LAM * math.log(1e-3)))
 
 
-def test_b11_reference_pairs_and_reduction_over_b_squared():
+def test_reference_pairs_and_reduction_over_b_squared():
     seqs = make_seqs([4, 5, 3], seed=7)
     x, mask = pad_sequences(seqs)
     first, second = ordered_pairs(3, include_self=True)
@@ -187,7 +189,7 @@ def test_b11_reference_pairs_and_reduction_over_b_squared():
     assert tcc_loss(seqs).item() == pytest.approx(pair_fixed.sum().item() / 6, rel=1e-12)
 
 
-def test_b11_no_epsilon_in_reference_clamp_in_fixed():
+def test_no_epsilon_in_reference_clamp_in_fixed():
     # A length-1 video cycles to itself: mu = 0, sigma2 = 0. Reference: 0/0 = NaN for the pair
     # whose primary it is; fixed: sigma2 -> eps, term = lam * log(sqrt(eps)).
     seqs = make_seqs([1, 4], seed=2)
@@ -386,7 +388,7 @@ def test_cpu_and_cuda_agree(compat):
         (gg,) = torch.autograd.grad(lg, xg)
         torch.testing.assert_close(lg.cpu(), lc, rtol=tol, atol=tol)
         torch.testing.assert_close(gg.cpu(), gc, rtol=tol * 10, atol=tol * 10)
-    # B11's NaN reproduces on CUDA too.
+    # The reference's self-pair NaN reproduces on CUDA too.
     sep = torch.stack(separated_seqs()).to(dev)
     m = torch.ones(2, 12, dtype=torch.bool, device=dev)
     assert torch.isnan(tcc_loss_batch(sep, m, compat="reference"))

@@ -1,5 +1,6 @@
-"""VAVA loss (spec ALGORITHMS 6.5, B17-B20): values against a float64 loop reference written from
-the spec's equations, invariances, adversarial inputs, the reference-mode bugs it reproduces."""
+"""VAVA loss (docs/algorithms.md#vava): values against a float64 loop reference written from the
+documented equations, invariances, adversarial inputs, the reference-mode bugs it reproduces
+(the vava-* entries of docs/reference-bugs.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ COMPATS = ("fixed", "reference")
 
 
 # --------------------------------------------------------------------------------------------
-# Plain loop reference (numpy float64), spec 6.5 steps 1-10 and 6.4, one pair at a time.
+# Plain loop reference (numpy float64) of docs/algorithms.md#vava and
+# docs/algorithms.md#intra-video-regulariser, one pair at a time.
 
 
 def loop_pair(u: np.ndarray, v: np.ndarray, *, compat: str, phi: float, eps: float | None = None,
@@ -145,7 +147,8 @@ def test_explicit_epsilon_matches_loop(compat):
 
 
 def test_pinned_reference_value():
-    # B18: F's refactors silently changed VAVA (mean for sum, eps = lambda2, C_XY dropped, /NM).
+    # The fork's memory refactors silently changed VAVA (mean for sum, eps = lambda2, C_XY
+    # dropped, /NM; docs/reference-bugs.md#memory-refactors-changed-losses).
     # A pinned forward value on fixed inputs catches such drift; it equals the loop reference.
     k = torch.arange(5, dtype=torch.float64)
     u = torch.stack([torch.cos(k), torch.sin(0.7 * k), 0.1 * k], 1)           # (5, 3)
@@ -162,20 +165,22 @@ PINNED = {"reference": 67007.66062699948, "fixed": 255.26768809000907}
 
 
 def test_phi_schedule():
-    # Spec 6.5: at e = 49, 0.993 (F3) and 0.951 (G); clipped to [0.001, 0.999].
+    # docs/algorithms.md#vava: at e = 49, 0.993 (the fork's sqrt form) and 0.951 (the original
+    # release's exp form); clipped to [0.001, 0.999].
     assert vava_phi(49) == pytest.approx(0.999 ** 7)
     assert round(vava_phi(49), 3) == 0.993
     assert round(vava_phi(49, "exp"), 3) == 0.951
     assert vava_phi(0) == 0.999 and vava_phi(0, "exp") == 0.999
     assert vava_phi(10 ** 9, "exp") == 0.001
-    # Per optimiser step (B19 fix): 7500 steps (50 epochs of 150 steps) decays to 0.999^86.
+    # Per optimiser step (the fixed mode, docs/reference-bugs.md#vava-phi-indexed-by-epoch):
+    # 7500 steps (50 epochs of 150 steps) decays to 0.999^86.
     assert vava_phi(7499) == pytest.approx(0.999 ** 86)
     with pytest.raises(ValueError):
         vava_phi(0, "linear")
 
 
 # --------------------------------------------------------------------------------------------
-# Fixed-mode properties (B19 corrections)
+# Fixed-mode properties (the vava-* corrections of docs/reference-bugs.md)
 
 
 def test_fixed_plan_marginals_and_transport_cost():
@@ -197,8 +202,9 @@ def test_fixed_plan_marginals_and_transport_cost():
 
 
 def test_fixed_push_is_bounded():
-    # B19: the reference -Abar*D push falls without limit as the videos move apart; the hinge
-    # keeps C_XY >= 0 (and the loss bounded below by the other terms).
+    # The reference -Abar*D push falls without limit as the videos move apart
+    # (docs/reference-bugs.md#vava-contrastive-push-unbounded); the hinge keeps C_XY >= 0 (and
+    # the loss bounded below by the other terms).
     seqs = make_seqs([6, 5], dim=4, seed=5, scale=1e3)
     ref = vava_terms(*pad_sequences(seqs), compat="reference")
     fix = vava_terms(*pad_sequences(seqs), compat="fixed")
@@ -223,11 +229,12 @@ def test_identical_videos_align_on_the_diagonal():
 
 
 # --------------------------------------------------------------------------------------------
-# Reference-mode behaviour (B17, B18, B19, B20)
+# Reference-mode behaviour
 
 
 def test_reference_dist_is_constant():
-    # B19: sum(T) = 1 so "dist" = 1e6/(N'M') whatever the embeddings, with ~zero gradient.
+    # sum(T) = 1 so "dist" = 1e6/(N'M') whatever the embeddings, with ~zero gradient
+    # (docs/reference-bugs.md#vava-transport-cost-constant).
     seqs = [s.requires_grad_() for s in make_seqs([4, 2, 6], seed=7)]
     terms = vava_terms(*pad_sequences(seqs), compat="reference")
     want = 1e6 / ((terms.n + 1) * (terms.m + 1)).double()
@@ -238,7 +245,8 @@ def test_reference_dist_is_constant():
 
 
 def test_reference_plan_near_uniform_with_eps_n():
-    # B19: eps = N makes T almost uniform (spec measured max/min 1.2-1.8); the fixed eps does not.
+    # eps = N makes T almost uniform (measured max/min 1.2-1.8,
+    # docs/reference-bugs.md#vava-sinkhorn-epsilon-too-large); the fixed eps does not.
     seqs = make_seqs([12, 10], dim=8, seed=8)
     ref = vava_terms(*pad_sequences(seqs), compat="reference")
     fix = vava_terms(*pad_sequences(seqs), compat="fixed")
@@ -253,8 +261,9 @@ def test_reference_plan_near_uniform_with_eps_n():
 def test_reference_prior_not_normalised_and_offsets_by_hand():
     seqs = make_seqs([3, 5], seed=9)
     ref = vava_terms(*pad_sequences(seqs), compat="reference")
-    assert not ref.prior[0].sum().item() == pytest.approx(1.0, rel=1e-3)   # P unnormalised (B19)
-    # Offsets of entry (i=1, j=3) with N'=2, M'=4, r_1 = 0, c_3 = 0 (spec 6.5 step 4, B19):
+    assert not ref.prior[0].sum().item() == pytest.approx(1.0, rel=1e-3)   # P unnormalised
+    # Offsets of entry (i=1, j=3) with N'=2, M'=4, r_1 = 0, c_3 = 0
+    # (docs/reference-bugs.md#vava-optimality-offsets-mixed):
     one = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
     args = (one(1), one(3), one(0), one(0), one(2), one(4))
     col, row = optimality_offsets(*args, compat="reference")
@@ -264,7 +273,7 @@ def test_reference_prior_not_normalised_and_offsets_by_hand():
 
 
 def test_reference_contrast_xy_unbounded_form():
-    # B19: C_XY = sum (A - Abar) * D over the augmented D (zeta entries included).
+    # Reference C_XY = sum (A - Abar) * D over the augmented D (zeta entries included).
     seqs = make_seqs([4, 3], seed=10)
     t = vava_terms(*pad_sequences(seqs), compat="reference")
     for p in range(2):
@@ -277,8 +286,9 @@ def test_reference_contrast_xy_unbounded_form():
 
 
 def test_intra_contrast_forms_by_hand():
-    # B17 via intra_contrast: two frames at distance 3, window 15. Reference: constant in-window
-    # term sum w*margin = (1 + 2 + 2 + 1) * 2 = 12. Fixed: pull sum w*d = 2 * (2 * 3) = 12 too,
+    # docs/reference-bugs.md#lav-regulariser-constant-pull via intra_contrast: two frames at
+    # distance 3, window 15. Reference: constant in-window term
+    # sum w*margin = (1 + 2 + 2 + 1) * 2 = 12. Fixed: pull sum w*d = 2 * (2 * 3) = 12 too,
     # so use distance 1 -> 4.
     u = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
     v = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
@@ -289,7 +299,8 @@ def test_intra_contrast_forms_by_hand():
 
 
 def test_reference_reduction_is_a_sum_and_mean_divides_by_frames():
-    # Spec 6.1 / B18 / B20: "reference" sums the ordered pairs; "mean" averages pair/(N + M).
+    # docs/algorithms.md#pairs-and-reduction: "reference" sums the ordered pairs; "mean"
+    # averages pair/(N + M).
     seqs = make_seqs([4, 6, 3], seed=11)
     for compat in COMPATS:
         t = vava_terms(*pad_sequences(seqs), compat=compat)

@@ -1,4 +1,5 @@
-"""The multi-head attention-fusion encoder (spec ALGORITHMS 2) and build_model."""
+"""The multi-head attention-fusion encoder (docs/algorithms.md#mcn-attention-fusion) and
+build_model."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from alignprog.cli import app
-from alignprog.training.loop import read_record
+from alignprog.training.step import StepMetrics
 
 from conftest import TINY
 
@@ -46,14 +46,17 @@ def check_steps(records: list[dict], steps: int, progress: str) -> None:
     assert len(end) == 1
 
 
-def test_read_record_mixes_devices():
-    """Scalars of several devices (and plain numbers) read together as Python floats."""
+def test_step_metrics_read_mixes_devices():
+    """Scalars of several devices (and plain numbers) read together as Python numbers."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    record = {"step": 3, "a": torch.tensor(1.5, device=devices[-1]),
-              "b": torch.tensor(2, device="cpu"), "c": torch.tensor([0.25])}
-    out = read_record(record)
-    assert out == {"step": 3, "a": 1.5, "b": 2.0, "c": 0.25}
-    assert all(type(out[k]) is float for k in "abc")
+    m = StepMetrics(step=3, epoch=0, lam=1.0, samples=0, videos=2, frames=4,
+                    alignment=torch.tensor(1.5, device=devices[-1]), progress=None,
+                    total=torch.tensor([0.25]), bad=torch.tensor(False, device=devices[-1]),
+                    grad_encoder=torch.tensor(2, device="cpu"))
+    out = m.read({"skipped_total": torch.zeros((), dtype=torch.long, device=devices[-1])})
+    assert (out["alignment"], out["total"], out["grad_encoder"]) == (1.5, 0.25, 2.0)
+    assert all(type(out[k]) is float for k in ("alignment", "total", "grad_encoder"))
+    assert out["skipped_total"] == 0 and out["skipped"] is False
 
 
 @pytest.mark.parametrize("progress", PROGRESS)

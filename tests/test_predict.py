@@ -13,7 +13,11 @@ from typer.testing import CliRunner
 from alignprog.cli import app
 from alignprog.config import DataConfig, load_config
 from alignprog.data import load_dataset
-from alignprog.export import embed, export_run, load_with_config
+from alignprog.data.arrays import read_npy_header
+from alignprog.errors import DataError
+from alignprog.evaluation import embed_videos
+from alignprog.export import export_run, load_with_config
+from alignprog.inference import embed, read_video_array
 from alignprog.training import RunDir
 from alignprog.training.loop import fit
 
@@ -228,7 +232,7 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path: Path):
     cases = [
         ([str(wrong_dim)], "does not fit the model"),
         ([str(pickled)], "holds Python objects"),
-        ([str(ints)], "is not float16/float32"),
+        ([str(ints)], "arrays must be float16 or float32"),
         ([str(nan)], "NaN/Inf"),
         ([str(tmp_path / "missing.npy")], "no such file"),
         ([feature, "--segments", str(tmp_path / "segs.json")], "no segments for video"),
@@ -244,3 +248,36 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path: Path):
                if not line.startswith("note: ")]
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
         assert "Traceback" not in result.output
+
+
+def test_embed_is_the_evaluation_pass(setup):
+    """One array through `embed` gives what evaluation's `embed_videos` gives the same video."""
+    export, root = setup
+    model, _ = load_with_config(export)
+    ds = load_dataset(DataConfig(root=root))
+    for i in (0, len(ds.videos) - 1):
+        assert torch.equal(embed(model, ds.load(i)),
+                           embed_videos(model, ds, [i], device="cpu")[0])      # (T, D)
+
+
+def test_predict_reads_videos_with_the_dataset_reader(setup, tmp_path: Path):
+    """A bad file gets the same message from predict's reader as from the dataset loader's."""
+    export, _ = setup
+    _, info = load_with_config(export)
+    good = tmp_path / "good.npy"
+    np.save(good, np.ones((7, 16), dtype=np.float32))
+    writes = {
+        "ints": lambda p: np.save(p, np.ones((7, 16), dtype=np.int64)),
+        "objects": lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True),
+        "truncated": lambda p: p.write_bytes(good.read_bytes()[:-10]),
+        "garbage": lambda p: p.write_bytes(b"not a numpy array\n" * 8),
+    }
+    for name, write in writes.items():
+        path = tmp_path / f"{name}.npy"
+        write(path)
+        with pytest.raises(DataError) as header:
+            read_npy_header(path)
+        with pytest.raises(DataError) as video:
+            read_video_array(path, info)
+        assert video.value.what == header.value.what and video.value.file == str(path), name
+    assert read_video_array(good, info).dtype == np.float32

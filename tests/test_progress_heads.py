@@ -1,4 +1,5 @@
-"""Progress heads (spec ALGORITHMS 3): batching, masking, per-prefix protocol, streaming, shapes."""
+"""Progress heads (docs/algorithms.md#progress-heads): batching, masking, per-prefix protocol,
+streaming, shapes."""
 
 from __future__ import annotations
 
@@ -105,7 +106,9 @@ def prefixes(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("arch,position", DENSE)
 def test_prefix_protocol_dense_equivalence_only_for_causal_features(arch, position):
-    """Spec 3.5 / B26: one dense pass equals the per-prefix outputs iff the feature is causal."""
+    """One dense pass equals the per-prefix outputs iff the feature is causal
+    (docs/algorithms.md#online-protocol,
+    docs/reference-bugs.md#dense-output-differs-from-prefix-output)."""
     head = make(arch, position)
     seg = padded([20], seed=3)[0][0]                                # (T, D)
     per_prefix = head(*prefixes(seg))                               # (T,) output of head(seg[:t+1])
@@ -115,7 +118,8 @@ def test_prefix_protocol_dense_equivalence_only_for_causal_features(arch, positi
         assert (per_prefix[:-1] - dense[:-1]).abs().max() > 1e-3
         torch.testing.assert_close(per_prefix[-1], dense[-1], atol=1e-5, rtol=0)
     else:
-        # Includes the 1-frame prefix, which F gets wrong for transformer/dilated (B32).
+        # Includes the 1-frame prefix, which the fork gets wrong for transformer/dilated
+        # (docs/reference-bugs.md#short-prefix-skips-blocks).
         torch.testing.assert_close(per_prefix, dense, atol=1e-5, rtol=0)
 
 
@@ -139,8 +143,9 @@ def test_step_reproduces_per_prefix_forward(arch, position):
             torch.testing.assert_close(streamed[i], head(*prefixes(segs[i])), atol=1e-5, rtol=0)
 
 
-def test_gru_relative_matches_float64_reference_of_the_document_equations():
-    """DOC step 3 / spec 3.1: x_tau = [s_tau; tau/T], learnable h0, GRU, MLP 64->32->1, sigmoid."""
+def test_gru_relative_matches_float64_reference_of_the_pipeline_equations():
+    """docs/algorithms.md#gru-head: x_tau = [s_tau; tau/T], learnable h0, GRU, MLP 64->32->1,
+    sigmoid."""
     head = make("gru", "relative", dtype=torch.float64)
     with torch.no_grad():
         head.h0.normal_()  # a non-zero learned h0 must be used as the initial state
@@ -166,10 +171,10 @@ def test_parameter_counts_of_default_heads():
     def count(m):
         return sum(p.numel() for p in m.parameters())
     # GRU(129 -> 64): 3*64*129 + 3*64*64 + 2*3*64 = 37440; MLP 64*32+32 + 32+1 = 2113; h0 64.
-    assert count(build_progress_head("gru")) == 37440 + 2113 + 64 == 39617  # "~39.6K", spec 3.1
+    assert count(build_progress_head("gru")) == 37440 + 2113 + 64 == 39617  # "~39.6K"
     assert count(build_progress_head("gru", learnable_h0=False)) == 39617 - 64
     assert count(build_progress_head("gru", position="none")) == 39617 - 3 * 64
-    # Mean: 129*64+64 + 64*32+32 + 33 (spec 3.2).
+    # Mean: 129*64+64 + 64*32+32 + 33 (docs/algorithms.md#mean-head).
     assert count(build_progress_head("mean")) == 8320 + 2080 + 33 == 10433
     # Transformer: in 129*64+64 + LN 128; block LN 128 + 4*(64*64+64) + LN 128 + 64*128+128 + 128*64+64.
     assert count(build_progress_head("transformer")) == 8320 + 128 + 2 * 33472 + 2113 == 77505
@@ -201,7 +206,7 @@ def test_transformer_alibi_slopes():
     head = build_progress_head("transformer")
     assert isinstance(head, TransformerProgressHead)
     torch.testing.assert_close(head.alibi_slopes, torch.tensor([1.0, 0.5, 0.25, 0.125]))
-    torch.testing.assert_close(head.mlp[-1].bias, torch.tensor([-2.0]))  # spec 3.3 readout init
+    torch.testing.assert_close(head.mlp[-1].bias, torch.tensor([-2.0]))  # readout bias init -2
 
 
 @pytest.mark.parametrize("arch,position", DENSE)
@@ -242,7 +247,8 @@ def test_build_names_and_errors():
 
 
 def test_count_feature_matches_frame_count_at_the_last_frame():
-    # Spec 3.1 examples of log(1+T)/log(1+300): T = 1 -> 0.121, 5 -> 0.314, 10 -> 0.420, 300 -> 1.
+    # log(1+T)/log(1+300) (docs/algorithms.md#position-features): T = 1 -> 0.121, 5 -> 0.314,
+    # 10 -> 0.420, 300 -> 1.
     from alignprog.models.progress_heads import _count_feature
     tau = torch.tensor([0.0, 4.0, 9.0, 299.0])
     torch.testing.assert_close(_count_feature(tau, 300), torch.tensor([0.121, 0.314, 0.420, 1.0]),

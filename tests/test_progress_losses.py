@@ -1,4 +1,5 @@
-"""Progress losses: the document's weighted L1, options, and cumulative_l2 (spec ALGORITHMS 5)."""
+"""Progress losses: the pipeline description's weighted L1, options, and cumulative_l2
+(docs/algorithms.md#progress-losses)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from alignprog.losses.progress import (action_progress_gt, cumulative_l2_loss,
                                        segment_path_lengths)
 
 
-def test_weights_are_the_documents():
+def test_weights_are_the_pipeline_descriptions():
     gt = torch.tensor([0.1, 0.2, 0.5, 1.0, 0.05])
     assert progress_weights(gt, 10.0).tolist() == pytest.approx([10, 5, 2, 1, 10])
     assert progress_weights(gt, 4.0).tolist() == pytest.approx([4, 4, 2, 1, 4])

@@ -1,5 +1,6 @@
-"""The resnet50 encoder's 2-D formulation equals the spec's Conv3d over gathered frame stacks
-(spec ALGORITHMS §1.1): values and gradients, every window, chunking, padding and hole frames.
+"""The resnet50 encoder's 2-D formulation equals the documented Conv3d over gathered frame stacks
+(docs/algorithms.md#resnet50): values and gradients, every window, chunking, padding and hole
+frames.
 
 `conv3d_forward` below is the encoder's earlier forward, kept as the reference: it gathers the
 (n, C, k, H, W) stack of every real frame and runs the module's own nn.Conv3d layers on it.
@@ -129,7 +130,7 @@ def test_float32_and_bf16_autocast_follow_the_conv3d_path():
 
 
 def test_same_parameters_and_checkpoint_keys():
-    """The spec's Conv3d modules stay the parameters: old checkpoints load unchanged."""
+    """The documented Conv3d modules stay the parameters: old checkpoints load unchanged."""
     model = small()
     assert list(model.state_dict()) == [
         "conv.0.weight", "conv.0.bias", "conv.2.weight", "conv.2.bias", "mlp.0.weight",
@@ -142,7 +143,7 @@ def test_same_parameters_and_checkpoint_keys():
 
 
 def test_chunk_size_from_the_memory_budget():
-    """Spec sizes: input (twice, for an autocast copy), 3 conv1 taps, stacks, conv2 output."""
+    """Default sizes: input (twice, for an autocast copy), 3 conv1 taps, stacks, conv2 output."""
     model = ResNet50Encoder()
     per_frame = 14 * 14 * (2 * 1024 + 3 * 1024 + 2 * 2 * 1024 + 2 * 512)
     assert model.chunk_size(14, 14, 4) == ResNet50Encoder.CHUNK_BYTES // (4 * per_frame) == 534

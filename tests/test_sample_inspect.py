@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from alignprog.cli import app
 from alignprog.config import Config
 from alignprog.data import load_dataset, make_loader
+from alignprog.evaluation.sampling_report import sampling_report
 from alignprog.sampling import sample_segments
-from alignprog.sampling_report import sampling_report
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -113,7 +113,7 @@ def test_unweighted_loss_and_short_actions():
     assert rep["actions"]["shorter_than_min_segment_len"] > 0
     st, un = rep["stratified"], rep["uniform"]
     # Uniform: at most frames_per_segment = 2 targets per draw. Stratified: one per non-empty
-    # progress bin (spec 4 step 5, k = max(1, 2 // 3) = 1), so up to 3.
+    # progress bin (k = max(1, 2 // 3) = 1), so up to 3.
     assert un["extra_targets"] == 0 and st["extra_targets"] > 0
     for run in (st, un):
         assert run["samples"] == (2 * run["stats"]["draws"] - run["missing_targets"]
@@ -124,7 +124,7 @@ def test_unweighted_loss_and_short_actions():
     assert result.exit_code == 0 and "targets beyond 2 per draw" in result.stdout
     gts = [s["gt"] for s in rep["timeline"]["samples"]]
     lengths = [s["end"] - s["start"] + 1 for s in rep["timeline"]["samples"]]
-    # Every segment has at least min_segment_len frames (spec 4 step 3).
+    # Every segment has at least min_segment_len frames.
     assert all(g * n >= 8 - 1e-4 for g, n in zip(gts, lengths))
 
 

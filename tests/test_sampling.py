@@ -1,4 +1,4 @@
-"""Segment sampling for the progress head (spec ALGORITHMS 4, DOC steps 1-2)."""
+"""Segment sampling for the progress head (docs/algorithms.md#segment-sampling)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from alignprog.config import DataConfig, SyntheticConfig
 from alignprog.data import load_dataset, make_loader
-from alignprog.sampling import (dense_targets, gather_segments, progress_bin, sample_segments)
+from alignprog.sampling import gather_segments, progress_bin, sample_segments
 
 
 def segs(videos):
@@ -44,7 +44,7 @@ def test_ground_truth_formula_on_a_hand_example():
     torch.testing.assert_close(s.gt, (s.target - 5 + 1).float() / 10)
     assert (s.segment_length >= 3).all()
     assert s.bin.tolist() == progress_bin(s.gt).tolist()
-    # DOC's example: action 50-100, t = 75 -> 26/51
+    # The pipeline description's example: action 50-100, t = 75 -> 26/51
     s = draw(segs([[(False, 50), (True, 51)]]), samples_per_video=50)
     hit = s.target == 75
     assert hit.any() and torch.allclose(s.gt[hit], torch.tensor(26 / 51))
@@ -103,7 +103,8 @@ def groupby_draw(s):
 
 
 def reference_draw(length: int, n: int, m: int, stratified: bool, rng: random.Random):
-    """Spec 4 steps 3-6 as a plain loop (one draw of one action starting at 0)."""
+    """The documented candidate and target rule as a plain loop (one draw of one action starting
+    at 0)."""
     cand = list(range(m - 1, length))
     if stratified and len(cand) >= 3:
         bins = {0: [], 1: [], 2: []}
@@ -198,9 +199,3 @@ def test_gather_segments_matches_slices_and_keeps_gradients():
         assert (seg[i, n:] == 0).all()
     seg.sum().backward()
     assert emb.grad.abs().sum() > 0
-
-
-def test_dense_targets():
-    d = dense_targets(*segs([[(False, 2), (True, 4), (True, 1), (False, 1)]]))
-    assert d.video.tolist() == [0] and d.start.tolist() == [2] and d.length.tolist() == [4]
-    torch.testing.assert_close(d.gt(), torch.tensor([[0.25, 0.5, 0.75, 1.0]]))

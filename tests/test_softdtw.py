@@ -1,4 +1,4 @@
-"""Soft-DTW (spec ALGORITHMS 6.4) against a plain per-cell float64 loop written here."""
+"""Soft-DTW (docs/algorithms.md#soft-dtw) against a plain per-cell float64 loop written here."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ LOG3 = math.log(3.0)
 
 
 def loop_soft_dtw(c: torch.Tensor, gamma: float) -> torch.Tensor:
-    """R[N, M] cell by cell, as spec 6.4 writes it: R00 = 0, borders +inf, softmin with the
-    max-shift. Torch scalar ops, so autograd through it gives the reference gradient."""
+    """R[N, M] cell by cell, as docs/algorithms.md#soft-dtw writes it: R00 = 0, borders +inf,
+    softmin with the max-shift. Torch scalar ops, so autograd through it gives the reference
+    gradient."""
     n, m = c.shape
     inf = torch.tensor(math.inf, dtype=c.dtype)
     r = [[inf] * (m + 1) for _ in range(n + 1)]

@@ -1,4 +1,5 @@
-"""Splits: the [F] counting rule, determinism, the reference procedure, files (spec 1.8)."""
+"""Splits: the fork's counting rule, determinism, the reference procedure, files
+(docs/data.md#splits)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from alignprog.errors import DataError
 
 from conftest import TEST_DATA
 
-# [F] data_splits.json per-task train/val/test counts (spec DATA_AND_EVAL 1.8).
+# The fork's data_splits.json per-task train/val/test counts (docs/data.md#splits).
 F_COUNTS = {16: (12, 2, 2), 31: (23, 3, 5), 29: (22, 3, 4), 19: (14, 2, 3), 15: (11, 2, 2),
             17: (13, 2, 2), 10: (8, 1, 1), 34: (26, 3, 5), 33: (25, 3, 5), 12: (9, 1, 2),
             13: (10, 1, 2), 14: (10, 1, 3), 6: (4, 1, 1), 32: (24, 3, 5), 2: (1, 0, 1),
@@ -48,7 +49,7 @@ def test_egoprocel_totals_match_reference():
 
 
 def test_random_split_equals_reference_procedure():
-    """[F]: random.seed(42) once, then per task in JSON order copy + random.shuffle."""
+    """The fork: random.seed(42) once, then per task in JSON order copy + random.shuffle."""
     handles = egoprocel_handles()
     state = random.getstate()
     try:

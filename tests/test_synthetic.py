@@ -1,5 +1,6 @@
-"""The synthetic dataset: determinism, annotation invariants (spec DATA_AND_EVAL 1.1, 1.7), the
-statistics targets of spec 2.4, and that the features carry a readable but noisy signal."""
+"""The synthetic dataset: determinism, annotation invariants (docs/data.md#annotation-json,
+#canonical-segments), the statistics targets of docs/data.md#synthetic-dataset, and that the
+features carry a readable but noisy signal."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def small() -> SyntheticDataset:
 
 
 def videos(ds: SyntheticDataset):
-    """(task, handle, labels, canonical lengths) of every video; lengths via spec 1.7."""
+    """(task, handle, labels, canonical lengths) of every video; lengths as
+    docs/data.md#canonical-segments."""
     for task, rec in ds.annotations.items():
         for h, labels, starts, ends in zip(rec["handles"], rec["hdl_actions"],
                                            rec["hdl_start_times"], rec["hdl_end_times"]):
@@ -114,8 +116,8 @@ def test_every_video_obeys_the_annotation_invariants(seed):
             assert len(labels) == len(starts) == len(ends) >= 3
             assert all(type(x) is int for x in starts + ends)
             assert starts[0] == 0 and ends[-1] == ds.lengths[h] - 1
-            assert starts[1:] == ends[:-1]  # shared boundaries (spec 1.1)
-            lengths = np.diff(starts + [ends[-1] + 1])  # canonical (spec 1.7)
+            assert starts[1:] == ends[:-1]  # shared boundaries (the JSON form)
+            lengths = np.diff(starts + [ends[-1] + 1])  # canonical segments
             assert (lengths >= 1).all()
             assert labels[0] == labels[-1] == "0"
             assert all(int(a) in ds.id2action for a in labels)
@@ -125,7 +127,7 @@ def test_every_video_obeys_the_annotation_invariants(seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Statistics of the default dataset (spec 2.4 targets, scaled down)
+# Statistics of the default dataset (EgoProceL's, scaled down: docs/data.md#synthetic-dataset)
 
 
 def test_default_statistics_are_within_the_stated_bounds(default):

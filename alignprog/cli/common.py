@@ -1,11 +1,17 @@
-"""Shared CLI plumbing: consoles, config resolution, and error -> exit code mapping."""
+"""Shared CLI plumbing: consoles, config resolution, `--help` defaults read from the config, and
+error -> exit code mapping.
+
+Light on purpose: every subcommand module imports this one, and `alignprog --help` imports every
+subcommand module, so nothing here (or at the top of a subcommand module) may import torch,
+numpy or the data layer; commands import those inside their function.
+"""
 
 from __future__ import annotations
 
 import functools
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, get_args
+from typing import Annotated, Any, Callable, Mapping, Optional, get_args
 
 import typer
 from rich.console import Console
@@ -20,6 +26,45 @@ err_console = Console(stderr=True)    # diagnostics: stderr
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="YAML or JSON config file (see `alignprog/config.py` for every key).",
     show_default=False)]
+
+
+class ConfigDefault(str):
+    """The default an option shows in `--help`, read from a config field: the text, plus the
+    dotted `key` and the `value` it was read from (so a test can check every one)."""
+
+    key: str
+    value: Any
+
+
+def show_number(value: float | int) -> str:
+    """A number as short as it reads: 20, 0.5, 3e-4, 1e6."""
+    if isinstance(value, int):
+        return str(value)
+    plain = f"{value:g}"
+    mantissa, exponent = f"{value:e}".split("e")
+    sci = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return sci if len(sci) < len(plain) else plain
+
+
+def default_of(model: type, key: str, names: Mapping[Any, str] | None = None) -> ConfigDefault:
+    """The `--help` default of the option that sets `key` (dotted, e.g. "train.lr") of the config
+    model `model`: the field's own default, so that the help can never disagree with it.
+    `names` maps a value to the text shown instead (a bool flag's "joint", say)."""
+    *sections, leaf = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    value = model.model_fields[leaf].get_default(call_default_factory=True)
+    if names is not None:
+        text = names[value]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = show_number(value)
+    else:
+        text = str(value)
+    shown = ConfigDefault(text)
+    shown.key, shown.value = key, value
+    return shown
+
+
 def config_choices(name: str, model: type, field: str, *, exclude: tuple[str, ...] = (),
                    extra: tuple[str, ...] = ()) -> type[Enum]:
     """The choices of an option: the Literal values of a config field (the config is the one
@@ -43,7 +88,8 @@ LenientOpt = Annotated[bool, typer.Option(
 FpsPresetOpt = Annotated[Optional[FpsPreset], typer.Option(
     "--fps-preset", help="Frame units of the annotations: none (annotation frames are feature "
     "frames) or egoprocel (source fps per EgoProceL source, features at data.fps.feature, "
-    "1 fps by default).", show_default="none")]
+    f"{default_of(Config, 'data.fps.feature')} fps by default).",
+    show_default=default_of(Config, "data.fps.preset"))]
 
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override any setting by its dotted key, e.g. --set data.split.seed=3 "

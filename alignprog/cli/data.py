@@ -8,17 +8,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rich.markup import escape
-
 from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, Layout, LenientOpt,
-                                   SetOpt, console, err_console, guarded, report, resolve_config)
-from alignprog.data.dataset import DatasetErrors, load_dataset, scan_arrays, training_problems
+                                   SetOpt, console, default_of, err_console, guarded, report,
+                                   resolve_config)
+from alignprog.config import Config
 from alignprog.errors import DataError
-from alignprog.data.splits import write_splits
-from alignprog.data.write import write_synthetic_root
 
 app = typer.Typer(help="Create and validate datasets.", no_args_is_help=True,
                   rich_markup_mode="rich")
@@ -36,22 +34,28 @@ def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (must be new or empty).",
                                             show_default=False)],
     tasks: Annotated[Optional[int], typer.Option(
-        help="Number of tasks.", show_default="4")] = None,
+        help="Number of tasks.", show_default=default_of(Config, "data.synthetic.tasks"))] = None,
     videos_per_task: Annotated[Optional[int], typer.Option(
-        help="Videos per task.", show_default="20")] = None,
+        help="Videos per task.",
+        show_default=default_of(Config, "data.synthetic.videos_per_task"))] = None,
     dim: Annotated[Optional[int], typer.Option(
-        help="Feature dimension of features/*.npy.", show_default="2048")] = None,
+        help="Feature dimension of features/*.npy.",
+        show_default=default_of(Config, "data.synthetic.dim"))] = None,
     layout: Annotated[Layout, typer.Option(
         help="Which arrays to write: features (T, D), frames (T, C, S, S) or both. frames is "
         "large: about 400 KB per frame at 1024x14x14 float16.")] = Layout.features,
     frame_channels: Annotated[Optional[int], typer.Option(
-        help="Channels C of the frames layout.", show_default="1024")] = None,
+        help="Channels C of the frames layout.",
+        show_default=default_of(Config, "data.synthetic.frame_channels"))] = None,
     frame_size: Annotated[Optional[int], typer.Option(
-        help="Spatial size S of the frames layout.", show_default="14")] = None,
+        help="Spatial size S of the frames layout.",
+        show_default=default_of(Config, "data.synthetic.frame_size"))] = None,
     seed: Annotated[Optional[int], typer.Option(
-        help="Generator seed: the same seed writes the same dataset.", show_default="0")] = None,
+        help="Generator seed: the same seed writes the same dataset.",
+        show_default=default_of(Config, "data.synthetic.seed"))] = None,
     dtype: Annotated[Optional[Dtype], typer.Option(
-        help="Array dtype on disk.", show_default="float32 for features, float16 for frames")] = None,
+        help="Array dtype on disk.", show_default="float32 for features, float16 for frames")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it is not empty.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -61,6 +65,8 @@ def synth(
     The root holds dataset.json (EgoProceL format), id2action.txt, splits.json and
     features/<handle>.npy (and/or frames/<handle>.npy): exactly what --dataset ROOT reads.
     """
+    from alignprog.data.write import write_synthetic_root
+
     cfg = resolve_config(config, set_, {
         "data.synthetic.tasks": tasks, "data.synthetic.videos_per_task": videos_per_task,
         "data.synthetic.dim": dim, "data.synthetic.frame_channels": frame_channels,
@@ -98,10 +104,12 @@ def check(
     lenient: LenientOpt = False,
     fps_preset: FpsPresetOpt = None,
     feature_fps: Annotated[Optional[float], typer.Option(
-        help="Frame rate of the feature files.", show_default="1.0")] = None,
+        help="Frame rate of the feature files.",
+        show_default=default_of(Config, "data.fps.feature"))] = None,
     split_file: Annotated[Optional[Path], typer.Option(
-        help="Explicit split file ([F] data_splits.json format). Default: ROOT/splits.json if "
-        "present, else the configured fractions and seed.", show_default=False)] = None,
+        help="Explicit split file (the reference fork's data_splits.json format). Default: "
+        "ROOT/splits.json if present, else the configured fractions and seed.",
+        show_default=False)] = None,
     write_split: Annotated[Optional[Path], typer.Option(
         help="Write the split actually used to this file (with its SHA-256).",
         show_default=False)] = None,
@@ -116,6 +124,9 @@ def check(
     Every layout present (features/, frames/) is opened; every problem is printed on one line
     naming the file, task and handle, and the exit code is 1 if there is any.
     """
+    from alignprog.data.dataset import DatasetErrors, load_dataset, scan_arrays, training_problems
+    from alignprog.data.splits import write_splits
+
     cfg = resolve_config(config, set_, {
         "data.root": root, "data.annotations": annotations, "data.id2action": id2action,
         "data.tasks": tasks, "data.strict": False if lenient else None,

@@ -1,14 +1,13 @@
 """`alignprog eval-progress`: a trained run's progress error against ground truth and baselines.
 
 Loads the run's model from a checkpoint, the dataset from the checkpoint's config (and the
-run's split.json), runs `evaluation.progress.evaluate_progress` with the cumulative_l2 predictor
+run's split.json), runs `evaluation.report.evaluate_progress` with the cumulative_l2 predictor
 and the video-level OGPE on, optionally the alignment metrics, then prints tables (or JSON),
 saves ``evaluation_<split>.json`` in the run and, with ``--plots``, writes PNG figures.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -33,7 +32,7 @@ DEFAULT_BASELINES = ("constant_0.5", "frame_count", "random", "constant_0", "con
 PLOT_VIDEOS = 4
 PROTOCOL = ("action-level rows: mean |prediction - (t - s + 1)/L| over foreground frames, "
             "online (each frame sees its action's prefix), oracle-segmented (GT action bounds), "
-            "never comparable with the paper's video-level OPE; video-level rows: spec 3.6 OGPE, "
+            "never comparable with the paper's video-level OPE; video-level rows: OGPE, "
             "all frames, normaliser from the training split only")
 
 
@@ -100,7 +99,7 @@ def _per_task_table(rep: dict) -> Table:
 
 def _video_table(rep: dict) -> Table:
     vl = rep["video_level"]
-    t = Table(title=f"video-level OGPE on the {rep['split']} split (spec 3.6; all frames, "
+    t = Table(title=f"video-level OGPE on the {rep['split']} split (all frames, "
               "background included)", title_justify="left")
     t.add_column("predictor", no_wrap=True)
     for col in ("videos", "all frames", "tasks", "monotonic", "last frame"):
@@ -222,67 +221,24 @@ def print_report(rep: dict) -> None:
 # Plots
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def write_plots(rep: dict, curves: list[dict], out_dir: Path) -> list[Path]:
     """progress_curves.png (GT and predictions of a few videos, actions shaded) and
     error_by_bin.png (MAE per GT progress bin per predictor), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from alignprog.fileio import atomic_write_bytes
+    from alignprog.plots import (error_by_bin_figure, png_bytes, progress_curves_figure,
+                                 require_matplotlib)
 
+    require_matplotlib()
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    figures = []
     if curves:
-        fig, axes = plt.subplots(len(curves), 1, figsize=(10, 2.6 * len(curves)), squeeze=False)
-        for ax, c in zip(axes[:, 0], curves):
-            for seg in c["segments"]:
-                if seg["foreground"]:
-                    ax.axvspan(seg["start"] - 0.5, seg["end"] + 0.5, color="0.9", lw=0)
-                    ax.axvline(seg["start"] - 0.5, color="0.7", lw=0.5)
-            ax.plot(c["ground_truth"], color="black", lw=1.5, label="ground truth")
-            for name, pred in c["predictions"].items():
-                ax.plot(pred, lw=1, label=name)
-            ax.set_ylim(-0.05, 1.1)
-            ax.set_xlim(-0.5, c["num_frames"] - 0.5)
-            ax.set_title(f"{c['task']} / {c['handle']} ({rep['split']})", fontsize=9)
-            ax.set_ylabel("progress")
-        axes[-1, 0].set_xlabel("frame (shaded: actions; background predicted 0)")
-        axes[0, 0].legend(loc="upper left", fontsize=7, ncol=4)
-        fig.tight_layout()
-        path = out_dir / "progress_curves.png"
-        atomic_write_bytes(path, _png(fig))
-        plt.close(fig)
+        figures.append(("progress_curves.png", progress_curves_figure(curves, rep["split"])))
+    figures.append(("error_by_bin.png", error_by_bin_figure(rep, _headline(rep, raw=False))))
+    written = []
+    for name, fig in figures:
+        path = out_dir / name
+        atomic_write_bytes(path, png_bytes(fig))
         written.append(path)
-
-    bins = ("early", "mid", "late")
-    names = _headline(rep, raw=False)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 3), 3.5))
-    width = 0.8 / max(len(names), 1)
-    for j, name in enumerate(names):
-        by = rep["predictors"][name]["metrics"]["by_progress"]
-        vals = [by[b]["mae"] if by[b]["mae"] is not None else math.nan for b in bins]
-        ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(bins))], vals, width,
-               label=name)
-    edges = rep["predictors"][names[0]]["metrics"]["by_progress"] if names else {}
-    ax.set_xticks(range(len(bins)), [f"{b}\n({edges[b]['low']:g}-{edges[b]['high']:g})"
-                                     if edges else b for b in bins])
-    ax.set_ylabel("MAE")
-    ax.set_title(f"action-level progress error per GT progress bin ({rep['split']} split; "
-                 "unclipped cumulative_l2 and other constants: see the report)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = out_dir / "error_by_bin.png"
-    atomic_write_bytes(path, _png(fig))
-    plt.close(fig)
-    written.append(path)
     return written
 
 
@@ -291,7 +247,7 @@ def write_plots(rep: dict, curves: list[dict], out_dir: Path) -> list[Path]:
 
 
 def _baselines(values: list[str] | None) -> tuple[str, ...]:
-    from alignprog.evaluation.progress import parse_baseline
+    from alignprog.evaluation.baselines import parse_baseline
 
     if not values:
         return DEFAULT_BASELINES
@@ -354,7 +310,7 @@ def eval_progress(
     OGPE, and the naive baselines, with shape metrics (monotonicity, endpoint errors) beside the
     errors. The report is saved as evaluation_<split>.json in the run directory.
     """
-    from alignprog.distributed import is_main_process
+    from alignprog.training.distributed import is_main_process
 
     if not is_main_process():
         return  # under torchrun, rank 0 alone evaluates and writes the report
@@ -362,44 +318,25 @@ def eval_progress(
         fail(f"--split must be one of {', '.join(SPLITS)}, got '{split}'", 2)
     if alignment and split == "train":
         fail("--alignment fits its probes on the train split; scoring them on train would "
-             "report training accuracy (P13): choose --split val or test", 2)
+             "report training accuracy: choose --split val or test", 2)
     names = _baselines(baselines)
 
-    from alignprog.data.dataset import load_dataset
-    from alignprog.evaluation.progress import evaluate_progress
-    from alignprog.runtime import resolve_device
-    from alignprog.checks import load_checked_model
-    from alignprog.training.restore import resolve_checkpoint
-    from alignprog.training.rundir import RunDir, to_json_value
+    from alignprog.evaluation.report import evaluate_progress
+    from alignprog.training.restore import open_run
+    from alignprog.training.rundir import to_json_value
 
     evaluate_alignment = None
     if alignment:
-        try:
-            from alignprog.evaluation.alignment import evaluate_alignment
-        except ImportError as exc:
-            fail(f"--alignment: the alignment metrics are not available in this installation "
-                 f"({exc})")
+        from alignprog.evaluation.alignment import evaluate_alignment
 
-    run = RunDir.open(run_dir)
-    ckpt = resolve_checkpoint(run.path, checkpoint)
-    dev = resolve_device(device)
-    # One line for a damaged checkpoint; NaN/Inf or absurd weights are refused (they would
-    # "evaluate" to head None and a bogus cumulative_l2 MAE).
-    cfg, model, state = load_checked_model(ckpt, device=str(dev))
-
-    data_cfg = cfg.data
-    updates: dict[str, Any] = {}
-    if dataset is not None:
-        updates["root"] = dataset
-    if run.split_path.is_file():
-        # The split the model was trained with, whatever the config would draw today.
-        updates["split"] = data_cfg.split.model_dump() | {"file": run.split_path}
-    if updates:
-        data_cfg = type(data_cfg).model_validate(data_cfg.model_dump() | updates)
+    # Refuses a damaged checkpoint or corrupted weights in one line, before reading any data.
+    opened = open_run(run_dir, checkpoint=checkpoint, dataset=dataset, device=device)
+    run, ckpt, dev = opened.run, opened.checkpoint, opened.device
+    cfg, model, state = opened.config, opened.model, opened.state
     err_console.print(f"evaluating {escape(str(ckpt))} on the {split} split of "
-                      f"{escape(str(data_cfg.root or 'the synthetic dataset'))} ({dev})",
-                      highlight=False, soft_wrap=True)
-    ds = load_dataset(data_cfg)
+                      f"{escape(str(opened.data_config.root or 'the synthetic dataset'))} "
+                      f"({dev})", highlight=False, soft_wrap=True)
+    ds = opened.dataset  # read now, after the line above
     for warning in ds.warnings:
         report("warning", warning)
     if not ds.indices(split):

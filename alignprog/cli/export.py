@@ -14,17 +14,14 @@ from alignprog.cli.common import console, fail, guarded
 
 EPILOG = ("Examples:\n\n  alignprog export runs/lav-20250101-120000 --out exports/lav\n\n"
           "  alignprog export runs/my-run --out exports/my-run-bf16 --checkpoint last "
-          "--dtype bf16 --overwrite")
+          "--dtype bf16 --overwrite\n\n"
+          "  alignprog export runs/my-run --out exports/step-500 --checkpoint step-00000500 --json")
 
 
 class Dtype(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
-
-
-class Format(str, Enum):
-    safetensors = "safetensors"
 
 
 @guarded
@@ -36,14 +33,13 @@ def export(
         show_default=False)],
     checkpoint: Annotated[str, typer.Option(
         help="best (falls back to the latest), last, or a checkpoint directory (a path, or a "
-        "name under the run's checkpoints/).")] = "best",
+        "name under the run's checkpoints/, e.g. step-00000500).")] = "best",
     dtype: Annotated[Dtype, typer.Option(
-        help="Storage dtype of the floating-point weights.")] = Dtype.fp32,
-    format_: Annotated[Format, typer.Option(
-        "--format", help="File format (only safetensors: no pickle, loadable anywhere).")
-    ] = Format.safetensors,
+        help="Storage dtype of the floating-point weights: fp32 is exact, bf16/fp16 halve the "
+        "file (alignprog.load upcasts them to float32).")] = Dtype.fp32,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace an existing export in --out.")] = False,
+        "--overwrite", help="Replace an existing export in --out (a folder that is not an "
+        "alignprog export is never replaced).")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the written paths and the config as JSON.")] = False,
 ) -> None:

@@ -38,7 +38,7 @@ def extract_features(
         help="Dataset root to write into (created if missing).", show_default=False)],
     fps: Annotated[float, typer.Option(
         help="Target frame rate: decoded frame c is kept when floor(c mod h) == 0, "
-        "h = native fps / FPS (DATA_AND_EVAL 1.4).")] = 1.0,
+        "h = native fps / FPS.")] = 1.0,
     layout: Annotated[Layout, typer.Option(
         help="features: (T, 2048) pooled layer4; frames: (T, 1024, 14, 14) layer3 (about "
         "400 KB per frame in fp16); both: one network pass gives both.")] = Layout.features,
@@ -49,7 +49,8 @@ def extract_features(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Frames per network pass.", min=1)] = 32,
     dtype: Annotated[Dtype, typer.Option(
-        help="Storage dtype of the arrays ([F] stores float16); the network runs in float32.")
+        help="Storage dtype of the arrays (the reference fork stores float16); the network runs "
+        "in float32.")
     ] = Dtype.fp16,
     overwrite: Annotated[bool, typer.Option(
         help="Redo videos whose arrays already exist (and accept other settings than the "
@@ -65,7 +66,8 @@ def extract_features(
     exit code is then 1, after the others are written.
     """
     from alignprog.errors import ConfigError
-    from alignprog.extract import ExtractSettings, extract_videos, find_videos
+    from alignprog.data.extraction import ExtractSettings, extract_videos
+    from alignprog.data.video import find_videos
     from alignprog.runtime import resolve_device
 
     try:

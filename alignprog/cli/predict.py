@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import numpy as np
 import typer
 from rich import box
 from rich.markup import escape
@@ -34,6 +33,8 @@ SPARK_WIDTH = 32
 
 def sparkline(values: np.ndarray, width: int = SPARK_WIDTH) -> str:
     """Values in [0, 1] as at most `width` block characters (bins averaged)."""
+    import numpy as np  # not at the top: `alignprog --help` stays light
+
     if len(values) == 0:
         return ""
     bins = np.array_split(np.asarray(values, dtype=np.float64), min(width, len(values)))
@@ -73,13 +74,13 @@ def predict(
     """
     from alignprog.data.annotations import RepairLog
     from alignprog.errors import ConfigError
-    from alignprog.export import (WHOLE_VIDEO_NOTE, load_with_config, predict_progress,
-                                  read_segments, read_video_array, segments_for,
-                                  whole_video_annotation)
+    from alignprog.export import load_with_config
+    from alignprog.inference import (WHOLE_VIDEO_NOTE, predict_progress, read_segments,
+                                     read_video_array, segments_for, whole_video_annotation)
     from alignprog.runtime import resolve_device
 
     if plot is not None:
-        from alignprog.sampling_report import require_matplotlib
+        from alignprog.plots import require_matplotlib
         require_matplotlib()  # fail before the work, not after
     try:
         dev = resolve_device(device)
@@ -129,7 +130,7 @@ def predict(
 
 def _check_cost(path: Path, head, ann, info, bound: float, whole_video: bool) -> None:
     """Refuse, before the work, a video whose online prediction would take hours."""
-    from alignprog.evaluation.progress import online_cost
+    from alignprog.evaluation.online import online_cost
 
     steps = online_cost(head, ann)
     if steps <= bound:
@@ -171,6 +172,8 @@ def _print_video(video: dict[str, Any], whole: bool) -> None:
     for col, justify in (("#", "right"), ("label", "left"), ("frames", "right"),
                          ("progress (online)", "left"), ("first", "right"), ("last", "right")):
         table.add_column(col, justify=justify)
+    import numpy as np
+
     pred = np.asarray(video["progress"])
     for k, seg in enumerate(video["segments"]):
         if seg["foreground"]:
@@ -185,28 +188,6 @@ def _print_video(video: dict[str, Any], whole: bool) -> None:
 
 def plot_progress(result: dict[str, Any]) -> bytes:
     """A PNG: one panel per video, the online progress curve over frames, background shaded."""
-    import io
+    from alignprog.plots import png_bytes, predict_figure
 
-    from matplotlib.figure import Figure
-
-    videos = result["videos"]
-    fig = Figure(figsize=(10, 2.2 * len(videos) + 0.6), layout="constrained")
-    axes = fig.subplots(len(videos), 1, squeeze=False)[:, 0]
-    for ax, video in zip(axes, videos):
-        pred = np.asarray(video["progress"])
-        for seg in video["segments"]:
-            frames = np.arange(seg["start"], seg["end"] + 1)
-            if not seg["foreground"]:
-                ax.axvspan(seg["start"] - 0.5, seg["end"] + 0.5, color="#dddddd", lw=0)
-                continue
-            # One line per action: progress restarts at each action, so no line joins them.
-            ax.plot(frames, pred[frames], color="#1f77b4", lw=1.5,
-                    marker="." if len(frames) == 1 else None)
-        title = Path(video["file"]).name
-        if result["whole_video_as_one_segment"]:
-            title += " (whole video as one segment)"
-        ax.set(xlim=(-0.5, len(pred) - 0.5), ylim=(-0.02, 1.05), ylabel="progress", title=title)
-    axes[-1].set_xlabel("frame (grey: background)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    return png_bytes(predict_figure(result))

@@ -14,7 +14,6 @@ from rich.text import Text
 
 from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, LenientOpt, SetOpt,
                                    console, guarded, report, resolve_config, write_figure)
-from alignprog.sampling_report import plot_report, require_matplotlib, sampling_report
 
 BIN_STYLE = {"early": "green", "mid": "magenta", "late": "dark_orange"}
 MODE_STYLE = {True: "bold blue", False: "bold"}
@@ -63,6 +62,9 @@ def sample_inspect(
     - what the sampler rejected and why;
     - one video's timeline: its segments and the sampled segments under them.
     """
+    from alignprog.evaluation.sampling_report import sampling_report
+    from alignprog.plots import png_bytes, require_matplotlib, sampling_figure
+
     cfg = resolve_config(config, set_, {
         "data.root": root, "data.annotations": annotations,
         "data.strict": False if lenient else None,
@@ -76,7 +78,7 @@ def sample_inspect(
     if rep["stratified"]["samples"] == 0:
         report("warning", f"no samples drawn from the {split} split (see the rejections)")
     if plot is not None:
-        write_figure(plot, plot_report(rep))
+        write_figure(plot, png_bytes(sampling_figure(rep)))
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
         return

@@ -15,11 +15,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from alignprog.cli.common import (ConfigOpt, SetOpt, config_choices, console, err_console, fail,
-                                   guarded, report, resolve_config)
-from alignprog.config import (LearnableProgressConfig, ModelConfig, ProgressConfig, TrainConfig,
-                              dump_config)
-from alignprog.models import ENCODER_LAYOUT
+from alignprog.cli.common import (ConfigOpt, SetOpt, config_choices, console, default_of,
+                                   err_console, fail, guarded, report, resolve_config,
+                                   show_number)
+from alignprog.config import (DEFAULT_LAMBDA, ENCODER_LAYOUT, Config, LearnableProgressConfig,
+                              ModelConfig, ProgressConfig, TrainConfig, dump_config)
 
 
 Method = config_choices("Method", TrainConfig, "method")
@@ -27,9 +27,13 @@ Method = config_choices("Method", TrainConfig, "method")
 ProgressMethod = config_choices("ProgressMethod", ProgressConfig, "method", extra=("none",))
 Head = config_choices("Head", LearnableProgressConfig, "arch")
 ClipMode = config_choices("ClipMode", TrainConfig, "clip_mode")
-# temporal_stacking, the reference's name for stacking, stays out of the choices
-Encoder = config_choices("Encoder", ModelConfig, "encoder", exclude=("temporal_stacking",))
+Encoder = config_choices("Encoder", ModelConfig, "encoder")
 Precision = config_choices("Precision", TrainConfig, "precision")
+
+# --lambda's default depends on the method: the per-method table.
+LAMBDA_DEFAULTS = ", ".join(f"{m} {show_number(v)}" for m, v in DEFAULT_LAMBDA.items())
+_CLIPS = (f"encoder at train.encoder_clip = {default_of(Config, 'train.encoder_clip')}, head at "
+          f"train.head_clip = {default_of(Config, 'train.head_clip')}")
 
 
 def _fmt(value, spec: str = ".4g") -> str:
@@ -63,7 +67,8 @@ class Display:
             frate = r["frames"] / r["seconds"] if r.get("seconds") else None
             t.add_row(str(r["step"]), _fmt(r["alignment"]), _fmt(r["progress"]),
                       _fmt(r["weighted_progress"]), _fmt(r.get("total")),
-                      _fmt(r.get("grad_encoder"), ".2e"), _fmt(r.get("grad_encoder_clipped"), ".2e"),
+                      _fmt(r.get("grad_encoder"), ".2e"),
+                      _fmt(r.get("grad_encoder_clipped"), ".2e"),
                       _fmt(r.get("grad_head"), ".2e"), _fmt(r.get("grad_head_clipped"), ".2e"),
                       _fmt(r.get("lr"), ".1e"), str(r.get("skipped_total", 0)), _fmt(rate, ".1f"),
                       _fmt(frate, ".0f"), _fmt(r.get("gpu_memory_mb"), ".0f"))
@@ -153,45 +158,56 @@ def _result_table(report: dict) -> Table:
 @guarded
 def train(
     method: Annotated[Optional[Method], typer.Option(
-        help="Alignment method.", show_default="lav")] = None,
+        help="Alignment method.", show_default=default_of(Config, "train.method"))] = None,
     dataset: Annotated[Optional[Path], typer.Option(
         help="Dataset root (see `alignprog data check`). Unset: the embedded synthetic dataset.",
         show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs.", show_default="20")] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        help="Epochs.", show_default=default_of(Config, "train.epochs"))] = None,
     steps: Annotated[Optional[int], typer.Option(
         help="Optimizer steps in all; overrides --epochs.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(
-        help="Videos per batch (one task per batch).", show_default="2")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of the encoder.",
-                                                show_default="3e-4")] = None,
+        help="Videos per batch (one task per batch).",
+        show_default=default_of(Config, "data.batch_size"))] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Adam learning rate of the encoder.",
+        show_default=default_of(Config, "train.lr"))] = None,
     head_lr: Annotated[Optional[float], typer.Option(
-        help="Learning rate of the progress head.", show_default="3e-3")] = None,
+        help="Learning rate of the progress head.",
+        show_default=default_of(Config, "train.head_lr"))] = None,
     progress: Annotated[Optional[ProgressMethod], typer.Option(
-        help="Progress predictor trained with the encoder.", show_default="learnable")] = None,
+        help="Progress predictor trained with the encoder.",
+        show_default=default_of(Config, "progress.method"))] = None,
     lambda_: Annotated[Optional[float], typer.Option(
         "--lambda", help="total = alignment + lambda * progress.",
-        show_default="tcc 1e3, gtcc 1e6, lav 1e6, vava 1e7")] = None,
-    head: Annotated[Optional[Head], typer.Option(help="Progress-head architecture.",
-                                                 show_default="gru")] = None,
+        show_default=LAMBDA_DEFAULTS)] = None,
+    head: Annotated[Optional[Head], typer.Option(
+        help="Progress-head architecture.",
+        show_default=default_of(Config, "progress.learnable.arch"))] = None,
     clip_mode: Annotated[Optional[ClipMode], typer.Option(
-        help="Gradient clipping: separate (encoder train.encoder_clip = 1.0, head 1.0), global "
-        "(one clip over everything; the document's is 1e-5), none.",
-        show_default="separate")] = None,
+        help=f"Gradient clipping: separate ({_CLIPS}), global (one clip over everything at "
+        "train.encoder_clip; the pipeline description uses 1e-5), none.",
+        show_default=default_of(Config, "train.clip_mode"))] = None,
     encoder: Annotated[Optional[Encoder], typer.Option(
-        help="Base encoder; resnet50 reads the frames/ layout.", show_default="stacking")] = None,
+        help="Base encoder; resnet50 reads the frames/ layout.",
+        show_default=default_of(Config, "model.encoder"))] = None,
     device: Annotated[Optional[str], typer.Option(
-        help="auto, cpu, cuda or cuda:N.", show_default="auto")] = None,
+        help="auto, cpu, cuda or cuda:N.", show_default=default_of(Config, "train.device"))
+    ] = None,
     precision: Annotated[Optional[Precision], typer.Option(
         help="fp32, or bf16 autocast for the model (losses stay fp32).",
-        show_default="fp32")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed.", show_default="0")] = None,
+        show_default=default_of(Config, "train.precision"))] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Seed.", show_default=default_of(Config, "train.seed"))] = None,
     name: Annotated[Optional[str], typer.Option(
         help="Run name under --runs-dir.", show_default="<method>-<timestamp>")] = None,
     runs_dir: Annotated[Optional[Path], typer.Option(
-        help="Folder of the runs.", show_default="runs")] = None,
+        help="Folder of the runs.", show_default=default_of(Config, "train.runs_dir"))] = None,
     two_stage: Annotated[Optional[bool], typer.Option(
         "--two-stage/--joint", help="Train the head alone on the frozen encoder after the "
-        "alignment epochs, instead of jointly only.", show_default="joint")] = None,
+        "alignment epochs, instead of jointly only.",
+        show_default=default_of(Config, "train.two_stage",
+                                {True: "two-stage", False: "joint"}))] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run --name from its latest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(
@@ -238,7 +254,7 @@ def train(
         if config is None and saved.is_file():
             config = saved
     cfg = resolve_config(config, set_, flags)
-    from alignprog import distributed
+    from alignprog.training import distributed
 
     if print_config:
         if distributed.is_main_process():
@@ -259,7 +275,7 @@ def _create_run(cfg, dist, dataset, *, resume: bool, overwrite: bool):
     waits for a run that never starts."""
     from alignprog.runtime import resolve_device
     from alignprog.training import RunDir
-    from alignprog.training.loop import TrainingError
+    from alignprog.training.trainer import TrainingError
     from alignprog.training.memory import memory_problem
     from alignprog.training.rundir import claim_run_name
 

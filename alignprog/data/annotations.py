@@ -1,8 +1,10 @@
 """Per-video annotations: parsing, frame-unit mapping, canonical segments and length repairs.
 
-Spec DATA_AND_EVAL 1.1 (format and invariants), 1.5 (frame units), 1.6 (length repair), 1.7
-(canonical non-overlapping segments). Annotations are immutable: every repair builds a new object
-(pitfall P9), and every repair is counted in a `RepairLog` instead of happening silently (P29).
+See docs/data.md#annotation-json (format and invariants), #frame-units-and-fps-presets,
+#length-repairs and #canonical-segments (non-overlapping segments). Annotations are immutable:
+every repair builds a new object (the reference overwrites them:
+docs/reference-bugs.md#annotations-mutated-in-place), and every repair is counted in a
+`RepairLog` instead of happening silently (docs/reference-bugs.md#silent-skips-on-length-mismatch).
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class VideoAnnotation:
 
 @dataclass
 class RepairLog:
-    """Counts of every repair or warning kind, with the first example of each (spec 1.6, P29)."""
+    """Counts of every repair or warning kind, with the first example of each
+    (docs/data.md#length-repairs), so no repair is silent."""
 
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, str] = field(default_factory=dict)
@@ -138,7 +141,8 @@ def parse_task_record(
     warnings: list[str] | None = None,
     errors: list[DataError] | None = None,
 ) -> list[RawAnnotation]:
-    """Check one task record of the annotation JSON and return its videos (spec 1.1 invariants).
+    """Check one task record of the annotation JSON and return its videos (the invariants of
+    docs/data.md#invariants).
 
     With ``strict=False``, unequal numbers of handles and annotation lists are paired by position
     (the first ``min(n)`` of each) and a warning naming the task and the counts is appended to
@@ -223,7 +227,8 @@ def _parse_video(task: str, i: int, lists: dict[str, list], seen: set[str], *, f
 
 def map_bounds(values: Iterable[float], *, unit: str, feature_fps: float,
                source_fps: float | None) -> list[int]:
-    """Spec 1.5: ``floor(t * f_target / f_source)``, ``floor(sec * f_target)``, or identity."""
+    """``floor(t * f_target / f_source)``, ``floor(sec * f_target)``, or identity
+    (docs/data.md#frame-units-and-fps-presets)."""
     if unit == "seconds":
         scale = feature_fps
     elif source_fps is not None:
@@ -249,10 +254,11 @@ def canonicalise(
 ) -> VideoAnnotation:
     """Map to feature frames, make segments non-overlapping, and fit them to ``num_frames``.
 
-    Spec 1.5-1.7, in order: map bounds; a leading unannotated stretch becomes background;
-    ``e_k := s_{k+1} - 1`` for k < K (the shared boundary frame goes to the later segment);
-    drop empty segments; drop segments starting at or after ``N``; set ``e_K := N - 1``; warn when
-    ``|E' - (N - 1)|`` exceeds the tolerance (``E'`` the mapped last end).
+    In order (docs/data.md#frame-units-and-fps-presets, #canonical-segments, #length-repairs):
+    map bounds; a leading unannotated stretch becomes background; ``e_k := s_{k+1} - 1`` for
+    k < K (the shared boundary frame goes to the later segment); drop empty segments; drop
+    segments starting at or after ``N``; set ``e_K := N - 1``; warn when ``|E' - (N - 1)|``
+    exceeds the tolerance (``E'`` the mapped last end).
     """
     log = log if log is not None else RepairLog()
     where = f"{raw.task}/{raw.handle}"

@@ -1,8 +1,8 @@
-"""Padded single-task batches (spec DATA_AND_EVAL 1.9, 1.11; ALGORITHMS 0.1).
+"""Padded single-task batches (docs/data.md#batching).
 
-Videos of different lengths become one zero-padded tensor with a boolean mask (STYLE habit 5)
-plus padded per-segment tensors, so downstream code is batched tensor code. Every batch holds
-videos of one task only: alignment pairs never mix tasks.
+Videos of different lengths become one zero-padded tensor with a boolean mask plus padded
+per-segment tensors, so downstream code is batched tensor code. Every batch holds videos of one
+task only: alignment pairs never mix tasks.
 """
 
 from __future__ import annotations
@@ -115,11 +115,12 @@ class TaskBatchSampler(Sampler[list[int]]):
 
     Per epoch, each task's videos are shuffled (``shuffle``) and cut into batches of
     ``batch_size``; the batches of all tasks are then pooled and shuffled (the multi-task
-    schedule of spec 1.9). With ``drop_last`` an incomplete final batch is dropped, except that a
-    task with fewer videos than ``batch_size`` (but at least two) still forms one smaller batch,
-    so that small tasks are trained on; a task with a single video cannot form a pair and is
-    listed in ``skipped_tasks``. Randomness comes from a local generator seeded by
-    ``(seed, epoch)``: the same seed and epoch give the same batches (spec P30).
+    schedule of docs/data.md#batching). With ``drop_last`` an incomplete final batch is dropped,
+    except that a task with fewer videos than ``batch_size`` (but at least two) still forms one
+    smaller batch, so that small tasks are trained on; a task with a single video cannot form a
+    pair and is listed in ``skipped_tasks``. Randomness comes from a local generator seeded by
+    ``(seed, epoch)``: the same seed and epoch give the same batches (no global RNG:
+    docs/reference-bugs.md#global-rng-reseeding).
 
     Several processes (``num_replicas`` > 1, this one ``rank``): every rank draws the same
     epoch's batches from the shared seed and takes every ``num_replicas``-th one from its
@@ -195,9 +196,9 @@ def make_loader(dataset: Dataset, split: str | None, *, batch_size: int, shuffle
     """A DataLoader of single-task `Batch`es over one split (None: all videos).
 
     Training: ``shuffle=True, drop_last=True``. Evaluation: ``shuffle=False, drop_last=False``,
-    which visits every video exactly once (pitfall P8). ``tasks`` restricts to some tasks
-    (single-task mode passes one). ``num_replicas``/``rank``: this process's share of the
-    batches in a multi-process run (see `TaskBatchSampler`).
+    which visits every video exactly once (docs/reference-bugs.md#dropped-or-unpaired-test-videos).
+    ``tasks`` restricts to some tasks (single-task mode passes one). ``num_replicas``/``rank``:
+    this process's share of the batches in a multi-process run (see `TaskBatchSampler`).
     """
     groups: dict[str, list[int]] = {}
     for i in dataset.indices(split, tasks):
@@ -210,7 +211,7 @@ def make_loader(dataset: Dataset, split: str | None, *, batch_size: int, shuffle
 
 def make_loaders(dataset: Dataset, split: str | None, *, batch_size: int, multi_task: bool,
                  train: bool, seed: int = 0, num_workers: int = 0) -> dict[str, DataLoader]:
-    """Loaders for the two modes of spec 1.9.
+    """Loaders for the single-task and multi-task modes (docs/data.md#batching).
 
     Multi-task: ``{"all": loader}`` whose batches (each single-task) cover every task, shuffled
     together when training. Single-task: ``{task: loader}``, one per task, each task trained and

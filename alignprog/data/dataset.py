@@ -1,6 +1,7 @@
 """Dataset roots (EgoProceL format) and the synthetic default, loaded into one `Dataset`.
 
-Spec DATA_AND_EVAL 1.1-1.8. A root holds ``dataset.json`` (or the file named by
+See docs/data.md (dataset root, annotation JSON, vocabulary, frame units, length repairs,
+canonical segments, splits). A root holds ``dataset.json`` (or the file named by
 ``data.annotations``), optionally ``id2action.txt`` and ``splits.json``, and ``features/<handle>.npy``
 (T, D) and/or ``frames/<handle>.npy`` (T, C, H, W), float16 or float32. Arrays are opened lazily
 (memory-mapped), so a dataset larger than RAM works; only their headers are read at load time.
@@ -10,9 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import math
-import os
-import stat
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,13 +23,13 @@ from alignprog.config import DataConfig
 from alignprog.data.annotations import (BEYOND_DROPPED, EMPTY_DROPPED, FINAL_SHORTENED,
                                         LENGTH_MISMATCH, RawAnnotation, RepairLog,
                                         VideoAnnotation, canonicalise, parse_task_record)
+from alignprog.data.arrays import load_float32, read_npy_header
 from alignprog.data.splits import SPLIT_NAMES, Splits, ordered_split, random_split, read_splits
 from alignprog.errors import DataError
 from alignprog.fileio import load_json_text, read_user_text
 
 LAYOUTS = ("features", "frames")
 ARRAY_RANK = {"features": 2, "frames": 4}
-ARRAY_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 SYNTHETIC_NAME = "synthetic"
 
 
@@ -122,16 +120,8 @@ class Dataset:
         video = self.videos[index]
         layout = layout or self.layout
         source = video.arrays[layout]
-        where = dict(file=_array_name(source, layout, video.handle), task=video.task,
-                     handle=video.handle)
-        try:
-            array = np.array(source.load(), dtype=np.float32)  # a copy, never the memmap
-        except (OSError, ValueError) as exc:
-            raise DataError(f"truncated or unreadable array ({exc})", **where) from None
-        if not np.isfinite(array).all():
-            bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
-            raise DataError(f"contains NaN/Inf values (first at frame {bad[0]})", **where)
-        return array
+        return load_float32(source.load, file=_array_name(source, layout, video.handle),
+                            task=video.task, handle=video.handle)
 
     def summary(self) -> dict[str, Any]:
         """Per-task and overall statistics, JSON-serialisable (``data check``)."""
@@ -197,39 +187,9 @@ class DatasetErrors(DataError):
 # Reading files
 
 
-def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from a .npy header, checking the file holds all the data it declares."""
-    mode = os.stat(path).st_mode  # FileNotFoundError propagates (reported as "missing")
-    if not stat.S_ISREG(mode):  # a FIFO would block open() forever; a device/dir is nonsense
-        raise DataError("not a regular file (FIFO, device, socket or folder); refusing to open it",
-                        file=str(path))
-    try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                      else np.lib.format.read_array_header_2_0)
-            shape, _fortran, dtype = reader(fh)
-            offset = fh.tell()
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"not a readable .npy array ({exc})".replace("\n", " "),
-                        file=str(path)) from None
-    if dtype.hasobject:
-        raise DataError("holds Python objects; only float16/float32 arrays are read "
-                        "(never unpickled)", file=str(path))
-    if any(s < 0 for s in shape):
-        raise DataError(f"invalid shape {tuple(shape)} in the .npy header", file=str(path))
-    expected = offset + math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-    actual = os.path.getsize(path)
-    if actual < expected:
-        raise DataError(f"truncated array: header says {shape} {dtype} ({expected} bytes with "
-                        f"header) but the file has {actual} bytes", file=str(path))
-    return tuple(int(s) for s in shape), dtype
-
-
 def read_vocabulary(path: Path) -> dict[str, str]:
-    """``<int id> <name>`` per line -> {"id": name} (spec 1.2)."""
+    """``<int id> <name>`` per line -> {"id": name}
+    (docs/data.md#action-vocabulary-and-background)."""
     try:
         lines = read_user_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -281,7 +241,8 @@ def select_tasks(all_tasks: list[str], patterns: list[str] | None) -> list[str]:
 
 
 def source_fps_of(task: str, cfg: DataConfig) -> float | None:
-    """The fps of this task's annotation frame numbers, or None for identity (spec 1.5)."""
+    """The fps of this task's annotation frame numbers, or None for identity
+    (docs/data.md#frame-units-and-fps-presets)."""
     table = cfg.fps.table()
     if cfg.fps.unit == "seconds" or not table:
         return None
@@ -361,20 +322,14 @@ def load_dataset(cfg: DataConfig, *, all_layouts: bool = False, collect: bool = 
             path = root / layout / f"{raw.handle}.npy"
             where = dict(file=str(path), task=raw.task, handle=raw.handle)
             try:
-                shape, dtype = read_npy_header(path)
+                shape, dtype = read_npy_header(path, max_frames=cfg.max_frames,
+                                               setting="data.max_frames",
+                                               raise_with="--set data.max_frames=N")
             except FileNotFoundError:
                 fail(DataError(f"{layout} file is missing", **where))
                 continue
             except DataError as err:
                 fail(DataError(err.what, **where))
-                continue
-            if dtype.newbyteorder("=") not in ARRAY_DTYPES:  # big-endian is read as well
-                fail(DataError(f"dtype {dtype}: arrays must be float16 or float32", **where))
-                continue
-            if shape and shape[0] > cfg.max_frames:
-                fail(DataError(f"{shape[0]} frames, more than data.max_frames = {cfg.max_frames} "
-                               "(raise it with --set data.max_frames=N if the video is real)",
-                               **where))
                 continue
             if len(shape) != ARRAY_RANK[layout] or 0 in shape[1:]:
                 want = "(T, D)" if layout == "features" else "(T, C, H, W)"

@@ -1,8 +1,14 @@
-"""Train / validation / test splits (spec DATA_AND_EVAL 1.8, pitfalls P7 and P30).
+"""Train / validation / test splits (docs/data.md#splits).
 
-A split assigns every handle of every task to one of train, val, test. The file format is [F]'s
-``data_splits.json`` (fields description, ratios, seed, counts, category_counts, splits), so that
-a split written by alignprog can be read by the reference scripts and the other way round.
+One split serves every stage, its hash in every result (the fork mixed several test sets:
+docs/reference-bugs.md#inconsistent-test-sets), and no global RNG is touched
+(docs/reference-bugs.md#global-rng-reseeding).
+
+A split assigns every handle of every task to one of train, val, test. The file format is the
+fork's
+``data_splits.json`` (fields description, ratios, seed, counts, category_counts, splits), so
+that a split written by alignprog can be read by the reference scripts and the other way round
+(docs/data.md#split-file-format).
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ class Splits:
 
 
 def split_counts(n: int, train: float, val: float, test: float) -> tuple[int, int, int]:
-    """[F] ``utils/data_splits.py``: per-task counts with Python's (banker's) round.
+    """The fork's ``utils/data_splits.py``: per-task counts with Python's (banker's) round.
 
     ``n_train = max(1, round(train n))``, ``n_val = max(1, round(val n))``,
     ``n_test = max(1, n - n_train - n_val)``; while the sum exceeds n, take one from train (while
@@ -93,8 +99,9 @@ def random_split(task_handles: Mapping[str, Sequence[str]], *, train: float, val
                  test: float, seed: int) -> Splits:
     """Per task in the given order, shuffle a copy of the handles with one local generator.
 
-    One ``random.Random(seed)`` drawn across tasks in JSON order is what [F]'s ``random.seed(42)``
-    followed by per-task ``random.shuffle`` does, without touching the global RNG (P30).
+    One ``random.Random(seed)`` drawn across tasks in JSON order is what the fork's
+    ``random.seed(42)`` followed by per-task ``random.shuffle`` does, without touching the global
+    RNG (docs/reference-bugs.md#global-rng-reseeding).
     """
     rng = random.Random(seed)
     assignment = {}

@@ -1,9 +1,10 @@
 """The embedded synthetic procedural-activity dataset, used when no dataset is named.
 
-Targets are spec DATA_AND_EVAL 2.4, scaled down to a small default (4 tasks x 20 videos of roughly
-100-400 frames at "1 fps"). `generate` draws only the annotations; a video's arrays are rendered on
-demand from generators keyed by (seed, task, video, stream), never global RNG state, so they are the
-same whatever the order or number of calls.
+Targets are EgoProceL's statistics (docs/data.md#egoprocel-statistics, #synthetic-dataset),
+scaled down to a small default (4 tasks x 20 videos of roughly 100-400 frames at "1 fps").
+`generate` draws only the annotations; a video's arrays are rendered on demand from generators
+keyed by (seed, task, video, stream), never global RNG state, so they are the same whatever the
+order or number of calls.
 
 Latent model (LATENT_DIM dims) of frame t in segment k with label a:
     foreground:  z_t = m_a + PROGRESS_SCALE * p_t * d_a + s_k + FG_NOISE * e_t,  p_t in [0, 1]
@@ -24,21 +25,21 @@ from alignprog.config import SyntheticConfig
 from alignprog.errors import DataError
 
 LATENT_DIM = 32
-VOCAB_SIZE = (4, 8)  # distinct actions per task, inclusive (spec 2.4 says 4-17; kept small)
-# Spec 1.2: a few ids are shared across tasks (chop_vegetables occurs in six EgoProceL tasks).
+VOCAB_SIZE = (4, 8)  # distinct actions per task, inclusive (EgoProceL: 4-17; kept small)
+# A few ids are shared across tasks (chop_vegetables occurs in six EgoProceL tasks).
 SHARED_ACTIONS = ("wash_hands", "wipe_counter", "fetch_tool")
 P_SHARED = 0.35  # chance that a task uses a given shared action
 VERBS = ("pour", "cut", "mix", "stir", "fold", "attach", "open", "close", "peel", "spread",
          "screw", "insert", "remove", "place", "heat", "press")
 P_OPTIONAL, P_SKIP = 0.3, 0.4  # share of steps that are optional; chance an optional one is skipped
-SWAP_RANGE = (0.05, 0.2)  # per-task chance of swapping adjacent steps (spec 2.3: disc 0-0.3)
+SWAP_RANGE = (0.05, 0.2)  # per-task chance of swapping adjacent steps (EgoProceL: 0-0.3)
 REPEAT_RANGE = (0.1, 0.45)  # per-action chance of each extra occurrence (geometric)
-MAX_OCCURRENCES = 8  # spec 2.4: 1-4 occurrences, heavy tail up to ~8
-P_DIRECT = 0.06  # per fg->fg gap; about 3% of all label transitions (spec 2.3)
-BG_RANGE = (0.35, 0.65)  # per-task background fraction (spec 2.4 says 0.2-0.85; narrowed)
+MAX_OCCURRENCES = 8  # EgoProceL-like: 1-4 occurrences, heavy tail up to ~8
+P_DIRECT = 0.06  # per fg->fg gap; about 3% of all label transitions (as EgoProceL)
+BG_RANGE = (0.35, 0.65)  # per-task background fraction (EgoProceL: 0.2-0.85; narrowed)
 BG_JITTER = 0.05  # per-video spread of the background fraction around the task's
-FIRST_BG, LAST_BG = 0.14, 0.09  # spec 2.1: median first / last background share of a video
-# Foreground durations in frames: log-normal (spec 2.1). The per-video speed and per-segment
+FIRST_BG, LAST_BG = 0.14, 0.09  # EgoProceL's median first / last background share of a video
+# Foreground durations in frames: log-normal (as EgoProceL's). The per-video speed and per-segment
 # factors make the same action's length vary strongly between videos (CV ~0.8), so counting
 # frames alone does not tell progress.
 FG_MEDIAN, TASK_SIGMA, ACTION_SIGMA = 12.0, 0.2, 0.4
@@ -211,7 +212,7 @@ def _draw_video(rng: np.random.Generator, order: list[int], optional: np.ndarray
     base = np.array([median[a] for a in seq])  # (n,)
     fg = base * speed * rng.lognormal(0.0, SEGMENT_SIGMA, n)  # (n,)
     # Gaps between consecutive actions: background unless a (rare) direct transition; equal
-    # labels are never adjacent (spec 2.3).
+    # labels are never adjacent (as in EgoProceL).
     direct = (rng.random(n - 1) < P_DIRECT) & (labels[1:] != labels[:-1])  # (n-1,)
     f = np.clip(bg_fraction + BG_JITTER * rng.standard_normal(), 0.2, 0.8)
     fg *= _squash(fg.sum() / (1.0 - f)) * (1.0 - f) / fg.sum()
@@ -278,7 +279,8 @@ def generate(cfg: SyntheticConfig) -> SyntheticDataset:
             handle = f"{name}_v{v:02d}"
             starts = np.cumsum(lengths) - lengths  # (K,)
             T = int(lengths.sum())
-            # JSON form (spec 1.1): shared boundaries, end[k] == start[k+1], last end == T-1.
+            # JSON form (docs/data.md#annotation-json): shared boundaries, end[k] == start[k+1],
+            # last end == T-1.
             record["handles"].append(handle)
             record["hdl_actions"].append([str(a) for a in labels])
             record["hdl_start_times"].append([int(s) for s in starts])

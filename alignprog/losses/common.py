@@ -1,7 +1,8 @@
 """Shared pieces of the alignment losses: padding, pair enumeration, distances, the
-intra-video contrastive regulariser (spec ALGORITHMS 6.1, 6.4).
+intra-video contrastive regulariser (see docs/algorithms.md#pairs-and-reduction and
+docs/algorithms.md#intra-video-regulariser).
 
-Pure tensor functions: no config import (STYLE habit 6). Every loss has a padded-batch core
+Pure tensor functions: no config import. Every loss has a padded-batch core
 ``*_loss_batch(x (B, T, D), mask (B, T), ...)`` and the list form ``*_loss(seqs, ...)``.
 """
 
@@ -15,10 +16,11 @@ from torch.autograd.function import once_differentiable
 from alignprog.runtime import broadcast_distances
 
 Compat = Literal["fixed", "reference"]
-# "reference": the reference's reduction (spec 6.1: TCC a mean over pairs, the others a sum over
-# ordered pairs; frames summed, nothing length-normalised), which the document's lambda values
-# assume (B20). "mean": the mean over ordered pairs and over the frames of each pair's sum, so
-# that values are O(1) whatever the lengths and batch size.
+# "reference": the reference's reduction (TCC a mean over pairs, the others a sum over ordered
+# pairs; frames summed, nothing length-normalised), which the pipeline description's lambda
+# values assume (docs/reference-bugs.md#inconsistent-loss-reductions). "mean": the mean over
+# ordered pairs and over the frames of each pair's sum, so that values are O(1) whatever the
+# lengths and batch size.
 Reduction = Literal["reference", "mean"]
 
 # Floor under squared distances before a square root, where a loss computes its own distances:
@@ -50,8 +52,9 @@ def ordered_pairs(batch: int, *, include_self: bool = False,
                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (i, j) of the ordered pairs of a batch, row-major: (P,), (P,).
 
-    ``include_self`` adds i == j (the reference TCC's B^2 pairs; spec 6.1). Built from the
-    counts alone (no boolean indexing), so it never waits for the device."""
+    ``include_self`` adds i == j (the reference TCC's B^2 pairs; see
+    docs/algorithms.md#pairs-and-reduction). Built from the counts alone (no boolean indexing),
+    so it never waits for the device."""
     if include_self:
         first = torch.arange(batch, device=device).repeat_interleave(batch)      # (B^2,)
         return first, torch.arange(batch, device=device).repeat(batch)
@@ -132,7 +135,7 @@ def pairwise_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def pairwise_sq_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (..., N, M) (soft-DTW's cost, spec 6.4)."""
+    """Squared Euclidean distances (..., N, M) (soft-DTW's cost, docs/algorithms.md#soft-dtw)."""
     return _Distances.apply(x, y, True)
 
 
@@ -140,11 +143,13 @@ def intra_contrast(x: torch.Tensor, mask: torch.Tensor, *, window: int = 15, mar
                    compat: Compat = "fixed") -> torch.Tensor:
     """The intra-video regulariser C(U) of LAV and VAVA for every video: (B, T, D) -> (B,).
 
-    Spec 6.4, with d_ab = ||u_a - u_b||, w_ab = (a - b)^2 + 1, y_ab = [|a - b| < window]:
+    See docs/algorithms.md#intra-video-regulariser. With d_ab = ||u_a - u_b||,
+    w_ab = (a - b)^2 + 1, y_ab = [|a - b| < window]:
 
     * push (both modes): sum_ab (1 - y_ab) w_ab max(0, margin - d_ab), far-apart frames pushed
       at least ``margin`` apart;
-    * ``compat="reference"``: plus sum_ab y_ab w_ab margin, a constant with no gradient (B17);
+    * ``compat="reference"``: plus sum_ab y_ab w_ab margin, a constant with no gradient
+      (docs/reference-bugs.md#lav-regulariser-constant-pull);
     * ``compat="fixed"``: plus sum_ab y_ab w_ab d_ab, the LAV paper's pull of in-window frames
       together (the diagonal, d_aa = 0, adds nothing).
 

@@ -1,4 +1,5 @@
-"""Batched fit of GTCC's soft-neighbour Gaussian mixtures (spec ALGORITHMS 6.3 "GMM fit", B15).
+"""Batched fit of GTCC's soft-neighbour Gaussian mixtures (see
+docs/algorithms.md#gtcc-mixture-fit and docs/reference-bugs.md#gtcc-mixture-fits-sequential).
 
 GTCC fits one K-component mixture of discrete Gaussians to every soft-neighbour distribution
 alpha_s (one per ordered pair and sampled frame: 40 fits at B = 2). The reference runs them one
@@ -15,8 +16,8 @@ in the reductions). The test compares it with ``torch.optim.LBFGS`` run on each 
 is ``alignprog.losses.gmm_triton``, the same replay as one kernel launch with one program per fit
 and no host sync, "auto" (default) Triton on CUDA when it imports, torch otherwise.
 
-Everything here is detached (B15: the fit gives constants, no gradient reaches the embeddings).
-Pure tensor functions, no config import (STYLE habit 6).
+Everything here is detached (as in the reference, the fit gives constants: no gradient reaches
+the embeddings). Pure tensor functions, no config import.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from alignprog.losses import gmm_triton
 
 Backend = Literal["auto", "torch", "triton"]
 
-# Guard inside both logarithms of the symmetric KL (spec 6.3, objective).
+# Guard inside both logarithms of the symmetric KL (docs/algorithms.md#gtcc-mixture-fit).
 KL_EPS = 1e-30
-# Floor on the "variances" (spec 6.3 components, spec 9 "variance floor 0.5").
+# Floor on the "variances" of the components (docs/algorithms.md#gtcc-mixture-fit).
 VAR_FLOOR = 0.5
 # torch.optim.LBFGS defaults, which the reference leaves untouched.
 TOLERANCE_GRAD = 1e-7
@@ -63,7 +64,8 @@ class GMMFit:
 
 
 def init_params(lengths: torch.Tensor, n_components: int, dtype: torch.dtype) -> torch.Tensor:
-    """Spec 6.3 initialisation, flattened as [means, variances, logits]: (E,) -> (E, 3K).
+    """The reference initialisation (docs/algorithms.md#gtcc-mixture-fit), flattened as
+    [means, variances, logits]: (E,) -> (E, 3K).
 
     mu_k = 1 + k (M - 2) / K, v_k = M, rho_k = 1. The order matches the reference's parameter
     list, so the flat L-BFGS vectors (and their dot products) are the same."""
@@ -77,7 +79,8 @@ def init_params(lengths: torch.Tensor, n_components: int, dtype: torch.dtype) ->
 
 def _clip_mean_and_variance(means: torch.Tensor, variances: torch.Tensor, top: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """clip(mu, 0, M - 1) and max(v, 0.5) (spec 6.3), (E, K) each, top (E, 1) = M - 1.
+    """clip(mu, 0, M - 1) and max(v, 0.5) (docs/algorithms.md#gtcc-mixture-fit), (E, K) each,
+    top (E, 1) = M - 1.
 
     The gradient passes where the value is inside the bounds or ON them, as torch.clamp's did in
     the PyTorch releases the reference ran on; PyTorch 2.14 changed torch.clamp to give 0 on the
@@ -94,8 +97,9 @@ def gmm_components(params: torch.Tensor, lengths: torch.Tensor, m_max: int
     """Components G (E, K, m_max) and weights pi (E, K) from flat params (E, 3K).
 
     g_k(m) ~ exp(-(m - clip(mu_k, 0, M - 1))^2 / (2 max(v_k, 0.5))), normalised over the real
-    m < M of each fit (spec 6.3); the 1/(sigma sqrt(2 pi)) factor cancels. The clipped mean puts
-    the exponent of the nearest real m above -0.25, so the normaliser never underflows."""
+    m < M of each fit (docs/algorithms.md#gtcc-mixture-fit); the 1/(sigma sqrt(2 pi)) factor
+    cancels. The clipped mean puts the exponent of the nearest real m above -0.25, so the
+    normaliser never underflows."""
     means, variances, logits = params.chunk(3, dim=-1)                         # (E, K) each
     top = (lengths - 1).to(params.dtype)[:, None]                              # (E, 1) M - 1
     mu, var = _clip_mean_and_variance(means, variances, top)                   # (E, K) each
@@ -114,8 +118,9 @@ def gmm_components(params: torch.Tensor, lengths: torch.Tensor, m_max: int
 def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """J = sum p (log(p+eps) - log(q+eps)) + sum q (log(q+eps) - log(p+eps)), (E, M) -> (E,).
 
-    Two sums added, as the spec writes it: J >= 0 in exact arithmetic, and rounding can make a
-    near-perfect fit slightly negative, which the reference (and ``fit_gmm``) count as failed.
+    Two sums added, as docs/algorithms.md#gtcc-mixture-fit writes it: J >= 0 in exact
+    arithmetic, and rounding can make a near-perfect fit slightly negative, which the reference
+    (and ``fit_gmm``) count as failed.
     Padded entries (p = q = 0) add exactly 0."""
     log_p = torch.log(p + KL_EPS)
     log_q = torch.log(q + KL_EPS)
@@ -435,13 +440,16 @@ def fit_gmm(p: torch.Tensor, lengths: torch.Tensor, *, n_components: int = 15,
     """Fit a K-component discrete-Gaussian mixture to every probability vector of a batch.
 
     p (E, M_max): row e is a distribution over its first ``lengths[e]`` entries (the rest is
-    ignored). Spec 6.3: initialisation ``init_params``, objective ``symmetric_kl``, optimiser
-    L-BFGS (lr 0.5, max_iter 4 per step, history 10, strong-Wolfe) for ``max_steps`` steps, all
-    fits at once (``lbfgs_batched``), in p's dtype and on p's device, without gradient (B15).
+    ignored). As docs/algorithms.md#gtcc-mixture-fit: initialisation ``init_params``, objective
+    ``symmetric_kl``, optimiser L-BFGS (lr 0.5, max_iter 4 per step, history 10, strong-Wolfe)
+    for ``max_steps`` steps, all fits at once (``lbfgs_batched``), in p's dtype and on p's
+    device, without gradient (the reference's fits are detached too).
 
-    Failures are per fit (B15): M < 2 (the reference refuses it), a non-finite p (the reference's
-    NaN alpha rows, B12), or a final J that is non-finite or negative (the reference's failure
-    test) give ``ok`` False; nothing is raised. ``max_ls``: see ``lbfgs_batched`` (None: the
+    Failures are per fit, never an exit as in the reference
+    (docs/reference-bugs.md#gtcc-mixture-fits-sequential): M < 2 (the reference refuses it), a
+    non-finite p (the reference's NaN alpha rows, docs/reference-bugs.md#gtcc-exp-underflow), or
+    a final J that is non-finite or negative (the reference's failure test) give ``ok`` False;
+    nothing is raised. ``max_ls``: see ``lbfgs_batched`` (None: the
     rule of the installed PyTorch, 2.14; 25: older releases).
 
     ``backend``: "torch" runs ``lbfgs_batched`` (any device and dtype), "triton" the one-launch

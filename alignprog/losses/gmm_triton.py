@@ -1,4 +1,5 @@
-"""GTCC's mixture fits as one Triton kernel (spec ALGORITHMS 6.3 "GMM fit", B15; issue 9).
+"""GTCC's mixture fits as one Triton kernel, with no host sync (see
+docs/algorithms.md#gtcc-mixture-fit and docs/reference-bugs.md#gtcc-mixture-fits-sequential).
 
 ``alignprog.losses.gmm.lbfgs_batched`` replays ``torch.optim.LBFGS`` (strong-Wolfe) over E fits in
 lockstep with torch ops: every L-BFGS iteration is hundreds of small launches, and its loops end on

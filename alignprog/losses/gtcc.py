@@ -1,13 +1,16 @@
 """GTCC: generalised (multi-cycle, GMM) temporal cycle-consistency with a drop branch.
 
-Spec ALGORITHMS 6.3 (and 6.1 for the pairs and the reduction; bugs B9, B12-B16, B20 of 8).
-Pure tensor functions, no config import (STYLE habit 6): ``gtcc_loss_batch`` on a padded batch
+See docs/algorithms.md#gtcc (docs/algorithms.md#pairs-and-reduction for the pairs and the
+reduction) and the GTCC entries of docs/reference-bugs.md (gtcc-gamma-overwritten-by-k,
+gtcc-exp-underflow, gtcc-fixed-twenty-samples, gtcc-drop-term-unbounded,
+gtcc-mixture-fits-sequential, gtcc-window-mask-quirks, inconsistent-loss-reductions).
+Pure tensor functions, no config import: ``gtcc_loss_batch`` on a padded batch
 and the list form ``gtcc_loss``. All ordered pairs (i, j), i != j, and all their sampled frames
 are computed at once; the GMM fits of the whole batch run as one batched L-BFGS
 (``alignprog.losses.gmm``; one Triton launch on CUDA).
 
-On CUDA the loss makes no host sync inside ``alignprog.runtime.trusted_inputs()`` (issue 9;
-its input checks read values on the host, `runtime.checks_values`): the random draws are
+On CUDA the loss makes no host sync inside ``alignprog.runtime.trusted_inputs()`` (its
+input checks read values on the host, `runtime.checks_values`): the random draws are
 copied to the device without waiting, every (pair, sampled frame) slot is fitted (padded slots as
 inactive fits) instead of selecting the real ones with a boolean index, and the counts in
 ``GTCCDetails`` stay tensors until the caller reads them.
@@ -32,13 +35,14 @@ from alignprog.losses.common import (SQRT_EPS, Compat, Reduction, check_compat, 
 from alignprog.losses.gmm import GMMFit, fit_gmm
 from alignprog.runtime import checks_values, to_device
 
-# Sampled frames per primary video: hard-coded 20 in the reference (spec 6.3 step 2, spec 9).
+# Sampled frames per primary video: hard-coded 20 in the reference (docs/algorithms.md#gtcc).
 NUM_SAMPLES = 20
-# The reference's guard in the cycle-back normaliser (spec 6.3 step 5), compat="reference" only.
+# The reference's guard in the cycle-back normaliser (docs/algorithms.md#gtcc), reference only.
 BETA_EPS = 1e-6
-# The reference's guard inside the optional log-sigma term (spec 6.3 step 7).
+# The reference's guard inside the optional log-sigma term (docs/algorithms.md#gtcc).
 LOG_SIGMA_EPS = 1e-20
-# compat="fixed": floor on sigma^2 inside the optional log-sigma term (cf. B11's clamp).
+# compat="fixed": floor on sigma^2 inside the optional log-sigma term (like TCC's clamp,
+# docs/reference-bugs.md#tcc-variance-about-wrong-mean).
 VAR_EPS = 1e-12
 # Floor on the variance of the drop logits before the standardisation (both modes; std >= 1e-6):
 # reached by a (near-)constant set of logits or N = 1, where the reference divides 0 by 0.
@@ -63,7 +67,8 @@ class GTCCDetails:
 
 def draw_samples(mask: torch.Tensor, num_samples: int = NUM_SAMPLES,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Spec 6.3 step 2: a sorted uniform subset of min(num_samples, N_b) real frames per video.
+    """A sorted uniform subset of min(num_samples, N_b) real frames per video
+    (docs/algorithms.md#gtcc, per-primary step 2).
 
     mask (B, T) -> (B, S) long, S = min(num_samples, T), padded with -1. One ``torch.rand((B, T))``
     draw on the generator's device (CPU for the default generator): the real frames with the
@@ -83,7 +88,8 @@ def draw_samples(mask: torch.Tensor, num_samples: int = NUM_SAMPLES,
 
 def draw_directions(batch: int, generator: torch.Generator | None = None,
                     device: torch.device | None = None) -> torch.Tensor:
-    """Spec 6.3 step 3: forward with probability 1/2, one direction per primary. (B,) bool."""
+    """Forward with probability 1/2, one direction per primary (docs/algorithms.md#gtcc).
+    (B,) bool."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     draw = torch.rand((batch,), generator=generator, device=gen_device) < 0.5
     return draw if device is None else to_device(draw, torch.device(device))
@@ -91,11 +97,12 @@ def draw_directions(batch: int, generator: torch.Generator | None = None,
 
 def window_mask(lengths: torch.Tensor, samples: torch.Tensor, directions: torch.Tensor,
                 delta: float, t: int) -> torch.Tensor:
-    """Spec 6.3 step 3, the cycle-back window Omega of each sampled row: (B, S, T) bool.
+    """The cycle-back window Omega of each sampled row: (B, S, T) bool (docs/algorithms.md#gtcc).
 
-    w = round(N delta), half to even (B16). Forward: r <= c <= r + w - 1. Backward:
-    r - w <= c <= r - 1, which excludes the anchor c = r (B16). Both: the corner blocks
-    r, c < w and r, c >= N - w. w = 0 (N delta < 0.5): every real frame (B16; the reference's
+    The reference's quirks are kept (docs/reference-bugs.md#gtcc-window-mask-quirks):
+    w = round(N delta), half to even. Forward: r <= c <= r + w - 1. Backward:
+    r - w <= c <= r - 1, which excludes the anchor c = r. Both: the corner blocks
+    r, c < w and r, c >= N - w. w = 0 (N delta < 0.5): every real frame (the reference's
     -0 slice, handled explicitly here). Only real frames c < N; padded sample slots (-1) get
     the row of frame 0. Every row is non-empty: the forward band holds c = r, the backward band
     holds c = r - 1 when r >= w and the first corner holds c = 0 when r < w."""
@@ -174,51 +181,59 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
                     gmm: GMMFit | tuple[torch.Tensor, torch.Tensor] | None = None,
                     return_details: bool = False, drop_floor_eps: float = 1e-3,
                     compat: Compat = "fixed", reduction: Reduction = "reference"):
-    """GTCC loss of a padded batch (spec ALGORITHMS 6.3): scalar, or (scalar, GTCCDetails).
+    """GTCC loss of a padded batch (docs/algorithms.md#gtcc): scalar, or (scalar, GTCCDetails).
 
     x (B, T, D) embeddings, mask (B, T) bool with real frames first (a prefix mask, as
     ``pad_sequences`` makes); drop (B, D+1) the per-video drop vectors of the model's drop branch
-    (spec 2 step 5) or None for no drop term (as gamma = 1). Padded positions of x never matter
-    (they are zeroed first). Fewer than 2 videos: a zero connected to the graph (spec 6.1).
+    (docs/algorithms.md#drop-branch) or None for no drop term (as gamma = 1). Padded positions
+    of x never matter (they are zeroed first). Fewer than 2 videos: a zero connected to the graph
+    (docs/algorithms.md#pairs-and-reduction).
 
-    Defaults are the EgoProceL / cmu / egtea values of spec 6.3 and 9: K = ``n_components`` 15,
-    ``delta`` 0.2 (window width w = round(N delta), 0.05 <= delta <= 1), ``gamma`` 0.95 (drop
-    floor d_min = gamma^(epoch+1); gamma < 1 turns the drop term on), tau = ``softmax_temp``
-    0.1, ``max_gmm_iters`` 8 L-BFGS steps, ``alignment_variance`` 0 (the optional
-    lambda_v log sigma term). Other datasets use K 5, delta 0.5, gamma 1. B9: the reference
-    config overwrites gamma with ``n_components`` whenever K is given; here gamma is independent.
+    Defaults are the EgoProceL / cmu / egtea values (docs/algorithms.md#gtcc and
+    docs/algorithms.md#defaults): K = ``n_components`` 15, ``delta`` 0.2 (window width
+    w = round(N delta), 0.05 <= delta <= 1), ``gamma`` 0.95 (drop floor d_min = gamma^(epoch+1);
+    gamma < 1 turns the drop term on), tau = ``softmax_temp`` 0.1, ``max_gmm_iters`` 8 L-BFGS
+    steps, ``alignment_variance`` 0 (the optional lambda_v log sigma term). Other datasets use
+    K 5, delta 0.5, gamma 1. The reference config overwrites gamma with ``n_components``
+    whenever K is given; here gamma is independent
+    (docs/reference-bugs.md#gtcc-gamma-overwritten-by-k).
 
-    Randomness (spec 6.3 steps 2-3), drawn from ``generator`` (None: torch's default CPU
-    generator) in this order, each only when not passed in:
+    Randomness (docs/algorithms.md#gtcc, per-primary steps 2-3), drawn from ``generator``
+    (None: torch's default CPU generator) in this order, each only when not passed in:
     * ``samples`` (B, S) long, padded with -1, or a list of B index tensors: the sorted subset of
       min(``num_samples``, N_i) real frames of each primary, shared by all its secondaries
       (``draw_samples``: one torch.rand((B, T)), so the draw depends on the padded T);
     * ``directions`` (B,) bool, True = forward window (``draw_directions``: one torch.rand((B,))).
     ``gmm`` passes the fits in (a ``GMMFit``, or (components (P, S, K, T), weights (P, S, K)),
     pairs in ``ordered_pairs`` order); otherwise every (pair, sampled frame) distribution is fitted
-    at once by ``fit_gmm`` on x's device (detached, B15). A failed fit (M < 2, non-finite alpha,
-    non-finite or negative J) skips its whole pair, as F does (G and F3 exit); the count is in
-    the details.
+    at once by ``fit_gmm`` on x's device (detached, docs/algorithms.md#gtcc-mixture-fit). A
+    failed fit (M < 2, non-finite alpha, non-finite or negative J) skips its whole pair, as the
+    fork does (the original release and the fork's early snapshot exit); the count is in the
+    details.
 
-    compat="fixed" (default) vs compat="reference" (the F3 numbers):
-    * B12: alpha is a max-shifted softmax and beta a masked log-sum-exp softmax over the window,
-      without the +1e-6. Reference: exp(-d/tau) normalised by its sum (alpha) and by its sum
-      + 1e-6 (beta). In float32 exp(-d/tau) underflows once d > ~10.4 (tau 0.1); then an alpha
-      row is 0/0 = NaN, whose fit fails and skips the pair, and a beta row is 0 / 1e-6 = 0, so
-      mu = 0 and e = s^2 (the documented explosion). The reference would also raise on the NaN/Inf
-      check of step 8 and skip the batch; here the value is returned as it is.
-    * B14: the drop term is b A + (1 - b) / max(A, ``drop_floor_eps``) (bounded); reference:
-      b A + (1 - b) / A, infinite for A = 0 (e.g. a 1-frame primary, or a perfect cycle).
+    compat="fixed" (default) vs compat="reference" (the numbers of the fork's early snapshot):
+    * exp underflow (docs/reference-bugs.md#gtcc-exp-underflow): alpha is a max-shifted softmax
+      and beta a masked log-sum-exp softmax over the window, without the +1e-6. Reference:
+      exp(-d/tau) normalised by its sum (alpha) and by its sum + 1e-6 (beta). In float32
+      exp(-d/tau) underflows once d > ~10.4 (tau 0.1); then an alpha row is 0/0 = NaN, whose fit
+      fails and skips the pair, and a beta row is 0 / 1e-6 = 0, so mu = 0 and e = s^2 (the
+      documented explosion). The reference would also raise on its NaN/Inf check and skip the
+      batch; here the value is returned as it is.
+    * unbounded drop term (docs/reference-bugs.md#gtcc-drop-term-unbounded): the drop term is
+      b A + (1 - b) / max(A, ``drop_floor_eps``) (bounded); reference: b A + (1 - b) / A,
+      infinite for A = 0 (e.g. a 1-frame primary, or a perfect cycle).
     * optional log-sigma term (alignment_variance > 0): fixed lambda_v * log(sqrt(max(sigma^2,
       1e-12))), reference lambda_v * log(sqrt(sigma^2) + 1e-20) (an infinite gradient at 0).
-    Both modes: B13, the loop runs over |S| = min(20, N) sampled frames (the reference indexes 20
-    and fails on N < 20); B16, the window quirks of ``window_mask`` (w = 0 is an explicit full
-    mask); B15, the detached batched fit; the drop logits are standardised with the unbiased
-    std over the primary's N frames, floored (only for a constant set of logits or N = 1, where
-    the reference gives NaN).
+    Both modes: the loop runs over |S| = min(20, N) sampled frames (the reference indexes 20
+    and fails on N < 20, docs/reference-bugs.md#gtcc-fixed-twenty-samples); the window quirks
+    of ``window_mask`` (w = 0 is an explicit full mask); the detached batched fit
+    (docs/reference-bugs.md#gtcc-mixture-fits-sequential); the drop logits are standardised
+    with the unbiased std over the primary's N frames, floored (only for a constant set of
+    logits or N = 1, where the reference gives NaN).
 
-    reduction="reference" (default, spec 6.1, B20): the plain sum over ordered pairs and over the
-    sampled frames, as the document's lambda values assume. reduction="mean": the mean over the
+    reduction="reference" (default, docs/algorithms.md#pairs-and-reduction): the plain sum over
+    ordered pairs and over the sampled frames, as the pipeline description's lambda values assume
+    (docs/reference-bugs.md#inconsistent-loss-reductions). reduction="mean": the mean over the
     non-skipped ordered pairs of (pair loss / |S_i|), |S_i| = min(num_samples, N_i) the number of
     sampled frames of the pair's primary, i.e. the mean frame term.
 
@@ -229,7 +244,7 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
     """
     check_compat(compat, reduction)
     if not 0.05 <= delta <= 1.0:
-        raise ValueError(f"delta must satisfy 0.05 <= delta <= 1 (spec 6.3), got {delta}")
+        raise ValueError(f"delta must satisfy 0.05 <= delta <= 1, got {delta}")
     if softmax_temp <= 0 or n_components < 1 or num_samples < 1 or max_gmm_iters < 0:
         raise ValueError("softmax_temp must be > 0, n_components and num_samples >= 1, "
                          "max_gmm_iters >= 0")
@@ -260,7 +275,7 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
     pi_idx, pj_idx = ordered_pairs(b, device=x.device)                          # (P,), (P,)
     p, s = pi_idx.numel(), samples.shape[1]
     k = n_components
-    if p == 0:  # spec 6.1: fewer than 2 videos, no alignment loss
+    if p == 0:  # fewer than 2 videos: no alignment loss (docs/algorithms.md#pairs-and-reduction)
         zero = x.sum() * 0.0 + (drop.sum() * 0.0 if drop is not None else 0.0)
         if not return_details:
             return zero
@@ -278,6 +293,7 @@ def gtcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, drop: torch.Tensor |
     mask_u, mask_v = mask[pi_idx], mask[pj_idx]                                # (P, T)
     m_len = lengths[pj_idx]                                                    # (P,) M
 
+    # Step numbers: the per-secondary steps of docs/algorithms.md#gtcc.
     # Steps 2-3: soft neighbours alpha_s over V's real frames, then the (detached) fits.
     if gmm is None:
         with torch.no_grad():

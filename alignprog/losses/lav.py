@@ -1,11 +1,12 @@
-"""LAV: soft-DTW alignment plus the intra-video contrastive regulariser (spec ALGORITHMS 6.4).
+"""LAV: soft-DTW alignment plus the intra-video contrastive regulariser (docs/algorithms.md#lav).
 
-For an ordered pair (i, j) of videos of one batch (spec 6.1: both (i, j) and (j, i), i != j),
+For an ordered pair (i, j) of videos of one batch (both (i, j) and (j, i), i != j; see
+docs/algorithms.md#pairs-and-reduction),
 
     pair(i, j) = SoftDTW_g(U_i, U_j) + c_r * (C(U_i) + C(U_j)),
 
 soft-DTW over the squared Euclidean cost C_nm = ||u_n - v_m||^2 with g = ``min_temp``, and C(U) the
-regulariser of ``common.intra_contrast`` (window W, margin). Pure tensor functions (STYLE habit 6).
+regulariser of ``common.intra_contrast`` (window W, margin). Pure tensor functions.
 """
 
 from __future__ import annotations
@@ -25,25 +26,28 @@ def lav_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, min_temp: float = 0.1
                    compat: Compat = "fixed", reduction: Reduction = "reference") -> torch.Tensor:
     """LAV loss of a padded batch x (B, T, D) with prefix mask (B, T) -> scalar.
 
-    Defaults are the spec's (section 9): ``min_temp`` g_s = 0.1, ``cr_coefficient`` c_r = 0.01,
+    Defaults (docs/algorithms.md#defaults): ``min_temp`` g_s = 0.1, ``cr_coefficient`` c_r = 0.01,
     regulariser ``window`` 15 and ``margin`` 2 (hard-coded in the reference).
 
-    ``compat`` (B17): the in-window part of C(U).
+    ``compat`` (docs/reference-bugs.md#lav-regulariser-constant-pull): the in-window part of C(U).
       * ``"fixed"`` (default): the LAV paper's pull, sum_ab y_ab w_ab ||u_a - u_b||.
       * ``"reference"``: the reference's constant sum_ab y_ab w_ab margin, which has no gradient.
       The far-apart push term and the soft-DTW are the same in both modes. Soft-DTW runs on the
       inputs' device in their dtype (the reference runs it on the CPU in float64 with numba: the
       same recursion, differing by rounding only; pass float64 inputs for float64).
 
-    ``reduction`` (spec 6.1, B20):
+    ``reduction`` (docs/algorithms.md#pairs-and-reduction,
+    docs/reference-bugs.md#inconsistent-loss-reductions):
       * ``"reference"`` (default): sum over the B(B-1) ordered pairs of pair(i, j), nothing
-        normalised (LAV totals of 1e6-1e8, what the document's lambda ~1e6 assumes, 6.6).
+        normalised (LAV totals of 1e6-1e8, what the pipeline description's lambda ~1e6 assumes;
+        docs/algorithms.md#loss-magnitudes-and-lambda).
       * ``"mean"``: mean over the ordered pairs of pair(i, j) / (N_i + N_j), N_i the frame count
         of video i (a soft-DTW path has between max(N_i, N_j) and N_i + N_j - 1 cells).
 
     Soft-DTW is symmetric, SoftDTW(U_i, U_j) = SoftDTW(U_j, U_i) (the recursion on the transposed
     cost is the same one), and so is pair(i, j); so each unordered pair is computed once and
-    counted twice, which is the reference's double counting (B17) at half the cost. C(U_i) depends
+    counted twice, which is the reference's double counting
+    (docs/reference-bugs.md#lav-regulariser-constant-pull) at half the cost. C(U_i) depends
     on video i only and is computed once per video.
 
     Padded frames (mask False) take no part and get zero gradient; masks must be prefixes (the

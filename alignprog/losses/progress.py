@@ -1,10 +1,12 @@
-"""Progress losses (spec ALGORITHMS 5; DOC steps 4-5): pure tensor functions, no config import.
+"""Progress losses (docs/algorithms.md#progress-losses): pure tensor functions, no config import.
 
-* Learnable head: the document's weighted L1, ``sum_i w_i |pred_i - gt_i| / sum_i w_i`` with
-  ``w_i = min(1 / gt_i, weight_cap)`` (spec 5.1), or the plain mean; per-sample error L1 or MSE.
-* ``cumulative_l2`` (no head, spec 5.3): progress read off the embedding trajectory, the
-  cumulative distance since the action's start divided by a normaliser, against the action-level
-  ground truth ``(t - s + 1) / L`` on sampled foreground frames.
+* Learnable head: the pipeline description's weighted L1,
+  ``sum_i w_i |pred_i - gt_i| / sum_i w_i`` with ``w_i = min(1 / gt_i, weight_cap)``
+  (docs/algorithms.md#weighted-l1), or the plain mean; per-sample error L1 or MSE.
+* ``cumulative_l2`` (no head, docs/algorithms.md#cumulative-l2): progress read off the
+  embedding trajectory, the cumulative distance since the action's start divided by a
+  normaliser, against the action-level ground truth ``(t - s + 1) / L`` on sampled foreground
+  frames.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ import torch
 
 
 def progress_weights(gt: torch.Tensor, weight_cap: float = 10.0) -> torch.Tensor:
-    """min(1 / gt, weight_cap) (spec 5.1: 0.1 -> 10, 0.2 -> 5, 0.5 -> 2, 1 -> 1); constants."""
+    """min(1 / gt, weight_cap) (0.1 -> 10, 0.2 -> 5, 0.5 -> 2, 1 -> 1); constants
+    (docs/algorithms.md#weighted-l1)."""
     return (1.0 / gt.clamp_min(1.0 / weight_cap)).clamp(max=weight_cap).detach()
 
 
 def progress_loss(pred: torch.Tensor, gt: torch.Tensor, *, weighted: bool = True,
                   weight_cap: float = 10.0, kind: Literal["l1", "mse"] = "l1",
                   valid: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The loss over all samples of a batch, or None when there are none (spec 5: the progress
-    term is then omitted, with no gradient). ``valid`` (Q,) bool: only these samples count (the
-    trainer pads its samples to a fixed count for its CUDA graphs); at least one must be."""
+    """The loss over all samples of a batch, or None when there are none (the progress term is
+    then omitted, with no gradient; docs/algorithms.md#progress-losses). ``valid`` (Q,) bool:
+    only these samples count (the trainer pads its samples to a fixed count for its CUDA
+    graphs); at least one must be."""
     if kind not in ("l1", "mse"):
         raise ValueError(f"kind must be 'l1' or 'mse', got {kind!r}")
     if pred.numel() == 0:
@@ -49,7 +53,8 @@ def _frame_segments(mask: torch.Tensor, seg_start: torch.Tensor, seg_mask: torch
 def cumulative_distance(embeddings: torch.Tensor, mask: torch.Tensor, seg_start: torch.Tensor,
                         seg_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Path length since the start of each frame's segment, c_t (B, T), and the segment of each
-    frame (B, T). c_s = 0 at a segment's first frame, c_t = c_{t-1} + ||u_t - u_{t-1}|| (spec 5.3).
+    frame (B, T). c_s = 0 at a segment's first frame, c_t = c_{t-1} + ||u_t - u_{t-1}||
+    (docs/algorithms.md#cumulative-l2).
     """
     seg = _frame_segments(mask, seg_start, seg_mask)                       # (B, T)
     sq = (embeddings[:, 1:] - embeddings[:, :-1]).square().sum(-1)          # (B, T-1)
@@ -75,13 +80,15 @@ def cumulative_progress(embeddings: torch.Tensor, mask: torch.Tensor, seg_start:
                         seg_end: torch.Tensor, seg_foreground: torch.Tensor,
                         seg_mask: torch.Tensor, *, normaliser: torch.Tensor | None = None
                         ) -> torch.Tensor:
-    """Predicted progress pi (B, T) of the ``cumulative_l2`` method (spec 5.3 step 2).
+    """Predicted progress pi (B, T) of the ``cumulative_l2`` method
+    (docs/algorithms.md#cumulative-l2).
 
     ``normaliser`` None: each action's own total path length c_e (the reference's, non-causal:
     it needs the action's end). Otherwise a (B, K) tensor of per-segment normalisers, e.g. the
     mean path length of the segment's action class over the training videos (causal; the same
-    in training and evaluation, B27). Background frames get 0, one-frame actions 0.5, and an
-    action with a zero normaliser a linear ramp (t - s) / (L - 1).
+    in training and evaluation, unlike the reference:
+    docs/reference-bugs.md#cumulative-l2-normaliser-mismatch). Background frames get 0,
+    one-frame actions 0.5, and an action with a zero normaliser a linear ramp (t - s) / (L - 1).
     """
     cum, seg = cumulative_distance(embeddings, mask, seg_start, seg_mask)   # (B, T)
     length = (seg_end - seg_start + 1).gather(1, seg)                       # (B, T)
@@ -114,7 +121,8 @@ def cumulative_l2_loss(embeddings: torch.Tensor, mask: torch.Tensor, seg_start: 
                        normaliser: torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor | None:
     """Mean |pi_t - gt_t| over min(frames_per_video, #foreground) foreground frames per video,
-    drawn without replacement (spec 5.3 steps 4-5; frames_per_video = samples x frames = 50).
+    drawn without replacement (docs/algorithms.md#cumulative-l2; frames_per_video =
+    samples x frames = 50).
     None when the batch has no foreground frame. Gradients reach the embeddings."""
     pi = cumulative_progress(embeddings, mask, seg_start, seg_end, seg_foreground, seg_mask,
                              normaliser=normaliser)                         # (B, T)

@@ -1,4 +1,5 @@
-"""Batched soft-DTW (Cuturi & Blondel 2017) with its exact gradient, for LAV (spec ALGORITHMS 6.4).
+"""Batched soft-DTW (Cuturi & Blondel 2017) with its exact gradient, for LAV
+(docs/algorithms.md#soft-dtw).
 
     R_{0,0} = 0,  R_{n,0} = R_{0,m} = +inf,
     R_{n,m} = C_{n,m} + softmin_g(R_{n-1,m-1}, R_{n-1,m}, R_{n,m-1}),
@@ -16,8 +17,10 @@ three multiply-adds per cell. Same numbers, but no cancellation: evaluating R[s]
 directly lost everything once R was large (float32 costs ~1e6 gave E = inf and NaN gradients),
 whereas the stored probabilities lie in [0, 1] and sum to 1 for each s, so 0 <= E <= 1.
 
-The reference runs this on the CPU with numba in float64, one pair at a time (B17, B34). Here
-every pair of a batch runs at once, on the inputs' device:
+The reference runs this on the CPU with numba in float64, one pair at a time
+(docs/reference-bugs.md#lav-regulariser-constant-pull,
+docs/reference-bugs.md#cpu-bound-reference-loops). Here every pair of a batch runs at once, on
+the inputs' device:
 
 * ``backend="torch"``: an anti-diagonal wavefront. Cells (n, m) with n + m = k depend only on the
   diagonals k - 1 and k - 2, so each of the N + M - 1 steps is a few vectorised ops over all pairs
@@ -61,7 +64,7 @@ def soft_dtw(cost: torch.Tensor, len_n: torch.Tensor | None = None,
     ``len_n``, ``len_m`` (P,): the real size of each pair's cost matrix (default N and M), each
     >= 1; ``cost[p, len_n[p]:, :]`` and ``cost[p, :, len_m[p]:]`` are ignored. ``gamma`` > 0 is
     the softmin temperature (LAV's ``min_temp``). ``dtype``: the dtype of the recursion, e.g.
-    ``torch.float64`` to run a float32 cost in double precision as the reference does (B17); by
+    ``torch.float64`` to run a float32 cost in double precision as the reference does; by
     default the cost's dtype (half precisions are raised to float32). The result and the gradient
     come back in the cost's dtype. Differentiable once (no double backward).
     """

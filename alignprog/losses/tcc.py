@@ -1,4 +1,4 @@
-"""TCC: temporal cycle-consistency loss, regression form with variance (spec ALGORITHMS 6.2).
+"""TCC: temporal cycle-consistency loss, regression form with variance (docs/algorithms.md#tcc).
 
 For a pair (primary U, N frames; secondary V, M frames) and every primary frame i:
 
@@ -6,16 +6,18 @@ For a pair (primary U, N frames; secondary V, M frames) and every primary frame 
 2. v~_i     = sum_k alpha_ik v_k
 3. beta_il  = softmax_l(-||v~_i - u_l|| / tau)           (cycle back to U)
 4. mu_i     = sum_l beta_il l
-5. sigma2_i = sum_l beta_il (l - mu_i)^2                  (fixed; reference: see B11 below)
+5. sigma2_i = sum_l beta_il (l - mu_i)^2                  (fixed; reference: see ``compat`` below)
 6. l_i      = (i - mu_i)^2 / sigma2_i + lambda_v * log(sqrt(sigma2_i) + 1e-20)
 
 pair loss = sum_i l_i over the primary's real frames.
 
-Distances are plain Euclidean (not squared) in BOTH modes, as in the reference (B11, last
-point): the TCC/LAV papers square them, but tau = 0.1 was tuned for the plain form. The log
-term is lambda_v * log(sigma) as in the TCC paper (= lambda_v/2 * log sigma^2).
+Distances are plain Euclidean (not squared) in BOTH modes, as in the reference
+(docs/reference-bugs.md#tcc-plain-euclidean-distances): the TCC/LAV papers square them, but
+tau = 0.1 was tuned for the plain form. The log term is lambda_v * log(sigma) as in the TCC
+paper (= lambda_v/2 * log sigma^2).
 
-``compat`` (spec 8, B11):
+``compat`` (docs/reference-bugs.md#tcc-variance-about-wrong-mean and
+docs/reference-bugs.md#tcc-self-pairs-nan):
 
 * ``"fixed"``: only the ordered pairs i != j (self-pairs are a trivial cycle and go 0/0);
   the intended variance about mu_i; sigma2 clamped >= ``variance_eps`` before dividing.
@@ -28,7 +30,8 @@ term is lambda_v * log(sigma) as in the TCC paper (= lambda_v/2 * log sigma^2).
 Both modes use a max-shifted (stable) softmax; the reference's TCC softmax is not listed as a
 bug, so the numbers agree wherever the reference does not underflow.
 
-``reduction`` (spec 6.1, B20):
+``reduction`` (docs/algorithms.md#pairs-and-reduction,
+docs/reference-bugs.md#inconsistent-loss-reductions):
 
 * ``"reference"``: the mean of the pair losses over the pairs used: B^2 in reference compat
   (the reference's mean), B(B - 1) in fixed compat (the same mean, self-pairs left out).
@@ -53,7 +56,7 @@ from alignprog.losses.common import (
     take_rows,
 )
 
-# The reference adds this inside the log of the standard deviation (spec 6.2 step 6).
+# The reference adds this inside the log of the standard deviation (step 6 above).
 LOG_STD_EPS = 1e-20
 
 
@@ -80,8 +83,9 @@ def tcc_pair_losses(x: torch.Tensor, mask: torch.Tensor, first: torch.Tensor,
     """The pair loss sum_i l_i of every pair (first[p] primary, second[p] secondary): (P,).
 
     ``x`` (B, T, D), ``mask`` (B, T) bool, ``first``/``second`` (P,) video indices. No
-    reduction over pairs; the per-pair values are what B20 asks to log. Every video needs at
-    least one real frame."""
+    reduction over pairs; the per-pair values are there to be logged, since the reductions
+    differ across methods (docs/reference-bugs.md#inconsistent-loss-reductions). Every video
+    needs at least one real frame."""
     t = x.shape[1]
     # Padded frames are zeroed so that garbage (even inf/NaN) there cannot reach the graph.
     x = torch.where(mask[:, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -110,12 +114,13 @@ def tcc_pair_losses(x: torch.Tensor, mask: torch.Tensor, first: torch.Tensor,
 
     # Step 5: variance of the cycled-back index.
     if compat == "reference":
-        # B11: (l - mu_l)^2 in the sum over l, the reference's broadcast of mu over beta's
-        # columns. Padded l have beta_il = 0; zeroing their offsets keeps 0 * x clean.
+        # (l - mu_l)^2 in the sum over l, the reference's broadcast of mu over beta's columns
+        # (docs/reference-bugs.md#tcc-variance-about-wrong-mean). Padded l have beta_il = 0;
+        # zeroing their offsets keeps 0 * x clean.
         offset = torch.where(u_mask, idx - mu, 0.0)                            # (P, N) index l
         var = (beta * offset[:, None, :].square()).sum(-1)                     # (P, N)
-        # No epsilon (B11). Padded rows i are dropped below; giving them 1 stops a 0/0 there
-        # from sending NaN back through the where's zero gradient.
+        # No epsilon, as in the reference. Padded rows i are dropped below; giving them 1 stops
+        # a 0/0 there from sending NaN back through the where's zero gradient.
         var = torch.where(u_mask, var, 1.0)
     else:
         offset = idx[None, None, :] - mu[:, :, None]                           # (P, N, N)
@@ -131,9 +136,10 @@ def tcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, softmax_temp: float =
                    compat: Compat = "fixed", reduction: Reduction = "reference") -> torch.Tensor:
     """TCC loss of a padded batch: x (B, T, D), mask (B, T) bool -> scalar.
 
-    Keywords: ``softmax_temp`` tau and ``alignment_variance`` lambda_v (the config defaults of
-    spec 9, 0.1 / 0.001; the reference function's own defaults 1 / 0.1 are never used);
-    ``variance_eps`` the clamp of sigma2 in fixed compat (B11; unused in reference compat).
+    Keywords: ``softmax_temp`` tau and ``alignment_variance`` lambda_v (the config defaults
+    0.1 / 0.001 of docs/algorithms.md#defaults; the reference function's own defaults 1 / 0.1 are
+    never used); ``variance_eps`` the clamp of sigma2 in fixed compat (the reference has none,
+    docs/reference-bugs.md#tcc-variance-about-wrong-mean; unused in reference compat).
     ``compat`` and ``reduction``: see the module docstring. All pairs are computed at once as
     (P, T, T) tensors. A batch of fewer than 2 videos gives a zero still attached to the graph.
     """
@@ -146,7 +152,7 @@ def tcc_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, softmax_temp: float =
         raise ValueError(f"need x (B, T, D) and a bool mask (B, T), got {tuple(x.shape)} and "
                          f"{tuple(mask.shape)} {mask.dtype}")
     if x.shape[0] < 2:
-        # Spec 6.1: no alignment loss for a single video.
+        # No alignment loss for a single video (docs/algorithms.md#pairs-and-reduction).
         return torch.where(mask[:, :, None], x, 0.0).sum() * 0.0
     first, second = ordered_pairs(x.shape[0], include_self=compat == "reference",
                                   device=x.device)                             # (P,), (P,)

@@ -1,4 +1,6 @@
-"""VAVA: optimal transport with virtual frames, priors and a contrastive part (spec ALGORITHMS 6.5).
+"""VAVA: optimal transport with virtual frames, priors and a contrastive part.
+
+See docs/algorithms.md#vava and the vava-* entries of docs/reference-bugs.md.
 
 For an ordered pair (U: N frames, V: M frames), N' = N + 1, M' = M + 1, rows i = 0..N, columns
 j = 0..M, index 0 on each side the virtual "drop / background" frame:
@@ -9,63 +11,72 @@ j = 0..M, index 0 on each side the virtual "drop / background" frame:
    distance l_o (to the plan's row/column argmaxes r_i = argmax_j T_ij, c_j = argmax_i T_ij):
    P^x = exp(-l_x^2 / (2 delta^2)) / (delta sqrt(2 pi)), P = phi P^c + (1 - phi) P^o.
 4. I(T) = phi sum T*I^c + (1 - phi) sum T*I^o (inverse-difference-moment reward),
-   KL = sum T log((T + 1e-8) / (P + 1e-8))  (F's form, both modes).
+   KL = sum T log((T + 1e-8) / (P + 1e-8))  (the fork's form, both modes).
 5. L = dist - lambda1 (N + M) I(T) + lambda2 (N M / 4) KL
-   pair loss = L + gamma (C(U) + C(V) + C_XY), C the regulariser of spec 6.4 (``intra_contrast``)
+   pair loss = L + gamma (C(U) + C(V) + C_XY), C the regulariser ``intra_contrast``
+   (docs/algorithms.md#intra-video-regulariser)
    and C_XY the cross-video term on the augmented D (mutual argmax A, mutual argmin Abar).
 
-phi = clip(0.999^floor(sqrt(t + 1)), 0.001, 0.999) with ``phi_schedule="sqrt"`` (F3, the default)
-or clip(0.999^(t + 1), 0.001, 0.999) with ``"exp"`` (G), t = ``global_step``. The reference
-passes the *epoch* as t (spec 6.5); the fix of B19 is "phi per optimiser step": with
+phi = clip(0.999^floor(sqrt(t + 1)), 0.001, 0.999) with ``phi_schedule="sqrt"`` (the fork's
+form, the default) or clip(0.999^(t + 1), 0.001, 0.999) with ``"exp"`` (the original release's),
+t = ``global_step``. The reference passes the *epoch* as t, so phi barely decays
+(docs/reference-bugs.md#vava-phi-indexed-by-epoch); the fix is "phi per optimiser step": with
 ``compat="fixed"`` the training loop passes the optimiser step count as ``global_step``, so the
-same formula actually decays (F3 form: 0.999^86 = 0.92 after 7500 steps instead of 0.993 after 50
-epochs). The loss cannot tell the two apart; the caller decides which counter it passes.
+same formula actually decays (sqrt form: 0.999^86 = 0.92 after 7500 steps instead of 0.993 after
+50 epochs). The loss cannot tell the two apart; the caller decides which counter it passes.
 
-``compat="reference"`` reproduces F3 (spec 6.5, bugs included); ``compat="fixed"`` (default)
-applies the corrections of B19:
+``compat="reference"`` reproduces the fork's early snapshot (bugs included); ``compat="fixed"``
+(default) applies these corrections (the vava-* entries of docs/reference-bugs.md):
 
-* dist: reference 1e6 * sum(T) / (N'M'), a constant 1e6/(N'M') since sum(T) = 1 (B19); fixed
+* dist: reference 1e6 * sum(T) / (N'M'), a constant 1e6/(N'M') since sum(T) = 1
+  (docs/reference-bugs.md#vava-transport-cost-constant); fixed
   sum(T * D), the transport cost over the augmented D (virtual entries cost zeta).
-* eps: reference eps = N, the first video's length, which makes T almost uniform (B19); fixed
+* eps: reference eps = N, the first video's length, which makes T almost uniform
+  (docs/reference-bugs.md#vava-sinkhorn-epsilon-too-large); fixed
   eps = 0.1 * mean of the pair's N*M real distances ||u_n - v_m|| (not the zeta entries), kept in
   the graph (eps is a function of the embeddings, so the gradient is the true one).
   ``epsilon=<float>`` overrides both.
 * Sinkhorn: both modes run all ``max_iter`` iterations (the reference's early-stop test never
-  fires, spec 6.5 step 2) in the log domain. That is an exact reparametrisation of the
+  fires; docs/algorithms.md#sinkhorn) in the log domain. That is an exact reparametrisation of the
   reference's u/v iteration (same iterates), so reference values match wherever the reference is
   finite, and stay finite where its exp(-D/eps) underflows (far-apart embeddings, small eps).
 * optimality prior l_o and reward I^o: reference
   l_o = (|j - c_j| / N' + |i - r_i| / N') / (2 sqrt(1/N'^2 + 1/M'^2)),
   I^o = 1 / (1/2 ((j - c_j)/N')^2 + 1/2 ((i - r_i)/N')^2 + 1),
-  which subtract row from column indices and divide the column offset by N' (B19). Fixed: the
+  which subtract row from column indices and divide the column offset by N'
+  (docs/reference-bugs.md#vava-optimality-offsets-mixed). Fixed: the
   offset of (i, j) from its row's optimum (i, r_i) is the column offset |j - r_i| / M', from its
   column's optimum (c_j, j) the row offset |i - c_j| / N':
   l_o = (|j - r_i| / M' + |i - c_j| / N') / (2 sqrt(1/N'^2 + 1/M'^2)),
   I^o = 1 / (1/2 ((j - r_i)/M')^2 + 1/2 ((i - c_j)/N')^2 + 1).
-* P: reference unnormalised (B19); fixed P / sum(P) over the pair's real entries, so that it is a
-  distribution like T and the KL is >= 0 (up to the 1e-8 floors).
-* C_XY: reference sum (A - Abar) * D, whose push -Abar*D is unbounded below (B19): moving a
-  mutual-argmin pair apart lowers the loss without limit. Fixed: sum A * D + sum Abar *
-  max(0, margin - D), a hinge with the regulariser's margin (spec 6.4). Below the margin it has the
-  reference's gradient (-1 per Abar entry); beyond it the pair is "apart enough" and the term is 0,
-  so C_XY >= 0 and cannot dominate the objective.
-* C(U), C(V): ``intra_contrast(compat=...)``: reference the constant in-window term (B17), fixed
-  the LAV paper's pull.
+* P: reference unnormalised (docs/reference-bugs.md#vava-prior-not-normalised); fixed
+  P / sum(P) over the pair's real entries, so that it is a distribution like T and the KL is
+  >= 0 (up to the 1e-8 floors).
+* C_XY: reference sum (A - Abar) * D, whose push -Abar*D is unbounded below
+  (docs/reference-bugs.md#vava-contrastive-push-unbounded): moving a mutual-argmin pair apart
+  lowers the loss without limit. Fixed: sum A * D + sum Abar * max(0, margin - D), a hinge with
+  the regulariser's margin. Below the margin it has the reference's gradient (-1 per Abar
+  entry); beyond it the pair is "apart enough" and the term is 0, so C_XY >= 0 and cannot
+  dominate the objective.
+* C(U), C(V): ``intra_contrast(compat=...)``: reference the constant in-window term
+  (docs/reference-bugs.md#lav-regulariser-constant-pull), fixed the LAV paper's pull.
 
-Both modes keep the F3 forms that B18's refactors had broken (sums not means, the regulariser with
-gradient, Sinkhorn eps = N not lambda2, C_XY present, no division by NM), F's Gaussian
-normalisation and lambdas applied once per pair (G's B19 slips are not reproduced), and run on any
-device (B34).
+Both modes keep the early-snapshot forms that the fork's later memory refactors had broken
+(docs/reference-bugs.md#memory-refactors-changed-losses: sums not means, the regulariser with
+gradient, Sinkhorn eps = N not lambda2, C_XY present, no division by NM), the fork's Gaussian
+normalisation and lambdas applied once per pair (the original release's slips are not
+reproduced, docs/reference-bugs.md#vava-original-release-slips), and run on any device
+(docs/reference-bugs.md#cpu-bound-reference-loops).
 
 A (mutual argmax: T_ij is the largest entry of its row and of its column, first index on ties as
 torch.argmax) and Abar (mutual argmin, likewise) and r_i, c_j are non-differentiable constants, as
 in the reference; the gradient flows through T, D and (fixed mode) eps.
 
-Reductions (spec 6.1, B20): ``"reference"`` sums the pair loss over the B(B-1) ordered pairs;
-``"mean"`` is the mean over ordered pairs of pair_loss / (N + M), N + M the number of real frames
-of the pair's two videos. Even so the terms keep different scales (the KL part ~ NM/(N+M), C(U)
-up to ~N^4), so "mean" is for logging and comparisons across lengths, not a calibrated O(1)
-objective.
+Reductions (docs/algorithms.md#pairs-and-reduction): ``"reference"`` sums the pair loss over the
+B(B-1) ordered pairs; ``"mean"`` is the mean over ordered pairs of pair_loss / (N + M), N + M
+the number of real frames of the pair's two videos. Even so the terms keep different scales (the
+KL part ~ NM/(N+M), C(U) up to ~N^4), so "mean" is for logging and comparisons across lengths,
+not a calibrated O(1) objective.
 
 Masks must be left-aligned (real frames first, as ``pad_sequences`` makes them): frame positions
 enter the priors.
@@ -84,11 +95,12 @@ from alignprog.losses.common import (Compat, Reduction, check_compat, intra_cont
 
 PhiSchedule = Literal["sqrt", "exp"]
 
-# Spec 6.5 step 7: F's KL floors T and P at 1e-8.
+# The fork's KL floors T and P at 1e-8 (docs/algorithms.md#vava, step 8).
 KL_FLOOR = 1e-8
-# Spec 6.5 step 2: F3 scales the (constant) "dist" by 1e6.
+# The reference scales the (constant) "dist" by 1e6 (docs/algorithms.md#vava, step 3).
 REFERENCE_DIST_SCALE = 1e6
-# B19 fix: eps = 0.1 * mean real distance of the pair (spec 8, "e.g. 0.1 * mean D").
+# Fixed eps = 0.1 * mean real distance of the pair, instead of the reference's eps = N
+# (docs/reference-bugs.md#vava-sinkhorn-epsilon-too-large).
 FIXED_EPS_SCALE = 0.1
 FIXED_EPS_FLOOR = 1e-4  # smallest eps, in distance units (the virtual cost zeta is 0.5)
 
@@ -117,9 +129,10 @@ class VavaTerms:
 
 def vava_phi(global_step: int | torch.Tensor, schedule: PhiSchedule = "sqrt"
              ) -> float | torch.Tensor:
-    """phi of spec 6.5: F3 clip(0.999^floor(sqrt(t+1))) or G clip(0.999^(t+1)), in
-    [0.001, 0.999]. A 0-dim tensor step gives a 0-dim float64 tensor on its device (the
-    trainer's CUDA graphs read the step from the device rather than baking it in)."""
+    """phi (docs/algorithms.md#vava): the fork's clip(0.999^floor(sqrt(t+1))) or the original
+    release's clip(0.999^(t+1)), in [0.001, 0.999]. A 0-dim tensor step gives a 0-dim float64
+    tensor on its device (the trainer's CUDA graphs read the step from the device rather than
+    baking it in)."""
     if schedule not in ("sqrt", "exp"):
         raise ValueError(f"phi_schedule must be 'sqrt' or 'exp', got {schedule!r}")
     if isinstance(global_step, torch.Tensor):
@@ -136,9 +149,10 @@ def vava_phi(global_step: int | torch.Tensor, schedule: PhiSchedule = "sqrt"
 def _log_sinkhorn(cost: torch.Tensor, eps: torch.Tensor, log_a: torch.Tensor,
                   log_b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                   iters: int) -> torch.Tensor:
-    """Spec 6.5 step 2 in the log domain: u = 1/N' then ``iters`` x (v <- b/(K^T u),
-    u <- a/(K v)), T = diag(u) K diag(v), K = exp(-D/eps). Same iterates as the plain form, no
-    underflow. cost (P, R, C), eps (P,), log_a (P,), log_b (P,), rows (P, R), cols (P, C) bool.
+    """Sinkhorn (docs/algorithms.md#sinkhorn) in the log domain: u = 1/N' then ``iters`` x
+    (v <- b/(K^T u), u <- a/(K v)), T = diag(u) K diag(v), K = exp(-D/eps). Same iterates as the
+    plain form, no underflow. cost (P, R, C), eps (P,), log_a (P,), log_b (P,), rows (P, R),
+    cols (P, C) bool.
 
     Padding: log K is a huge negative finite number outside the pair's block (exp gives exactly 0,
     unlike -inf it keeps fully padded lines finite, so no NaN reaches the gradient), and log u,
@@ -176,10 +190,12 @@ def _mutual_extreme(plan: torch.Tensor, valid: torch.Tensor, largest: bool) -> t
 def optimality_offsets(i: torch.Tensor, j: torch.Tensor, r_i: torch.Tensor, c_j: torch.Tensor,
                        n1: torch.Tensor, m1: torch.Tensor,
                        compat: Compat) -> tuple[torch.Tensor, torch.Tensor]:
-    """The signed (column, row) offsets of entry (i, j) that l_o and I^o use (spec 6.5 steps 4, 6).
+    """The signed (column, row) offsets of entry (i, j) that l_o and I^o use
+    (docs/algorithms.md#vava, steps 5 and 7).
 
     r_i = argmax_j T_ij (a column), c_j = argmax_i T_ij (a row); all arguments broadcast.
-    Reference: ((j - c_j) / N', (i - r_i) / N'), row and column indices mixed, N' for both (B19).
+    Reference: ((j - c_j) / N', (i - r_i) / N'), row and column indices mixed, N' for both
+    (docs/reference-bugs.md#vava-optimality-offsets-mixed).
     Fixed: ((j - r_i) / M', (i - c_j) / N'), the offset from the row's optimum (i, r_i) along the
     columns and from the column's optimum (c_j, j) along the rows."""
     if compat == "reference":
@@ -216,6 +232,7 @@ def vava_terms(x: torch.Tensor, mask: torch.Tensor, *, global_step: int | torch.
     n, m = lengths[first], lengths[second]                                   # (P,), (P,)
     n1, m1 = (n + 1).to(dt), (m + 1).to(dt)                                  # (P,) N', M'
 
+    # Step numbers: those of docs/algorithms.md#vava.
     # Step 1: virtual row and column (index 0) filled with zeta.
     cost = torch.nn.functional.pad(d_real, (1, 0, 1, 0), value=zeta)         # (P, T+1, T+1)
     idx = torch.arange(t + 1, device=dev)                                    # (T+1,)
@@ -228,7 +245,7 @@ def vava_terms(x: torch.Tensor, mask: torch.Tensor, *, global_step: int | torch.
     if epsilon is not None:
         eps = torch.full_like(n1, float(epsilon))                            # (P,)
     elif compat == "reference":
-        eps = n.to(dt)                                                       # (P,) eps = N (B19)
+        eps = n.to(dt)                                     # (P,) eps = N, the reference's bug
     else:
         real = valid.clone()
         real[:, 0, :] = False
@@ -239,12 +256,13 @@ def vava_terms(x: torch.Tensor, mask: torch.Tensor, *, global_step: int | torch.
         eps = eps.clamp_min(FIXED_EPS_FLOOR)
     plan = _log_sinkhorn(cost, eps, -n1.log(), -m1.log(), rows, cols, max_iter)  # (P, T+1, T+1)
 
+    # Step 3: the transport term.
     if compat == "reference":
-        dist = REFERENCE_DIST_SCALE * plan.sum((1, 2)) / (n1 * m1)           # constant (B19)
+        dist = REFERENCE_DIST_SCALE * plan.sum((1, 2)) / (n1 * m1)      # constant (reference bug)
     else:
         dist = (plan * cost).sum((1, 2))
 
-    # Steps 3-6: priors and rewards. The argmaxes are constants (no gradient), as in the reference.
+    # Steps 4-7: priors and rewards. The argmaxes are constants (no gradient), as in the reference.
     with torch.no_grad():
         t_arg = torch.where(valid, plan, float("-inf"))
         r = t_arg.argmax(2).to(dt)                                           # (P, T+1) r_i
@@ -258,30 +276,30 @@ def vava_terms(x: torch.Tensor, mask: torch.Tensor, *, global_step: int | torch.
     l_c = diag_gap.abs() / norm
     off_col, off_row = optimality_offsets(ii, jj, r_i, c_j, n1_, m1_, compat)  # (P, T+1, T+1)
     l_o = (off_col.abs() + off_row.abs()) / (2.0 * norm)                     # (P, T+1, T+1)
-    gauss = 1.0 / (delta * math.sqrt(2.0 * math.pi))  # F's normalisation (G's is B19)
+    gauss = 1.0 / (delta * math.sqrt(2.0 * math.pi))  # the fork's normalisation, not the original's
     p_c = gauss * torch.exp(-l_c.square() / (2.0 * delta ** 2))
     p_o = gauss * torch.exp(-l_o.square() / (2.0 * delta ** 2))
     prior = torch.where(valid, phi * p_c + (1.0 - phi) * p_o, 0.0)           # (P, T+1, T+1)
     if compat == "fixed":
-        prior = prior / prior.sum((1, 2), keepdim=True)                      # normalised P (B19)
+        prior = prior / prior.sum((1, 2), keepdim=True)          # normalised P (reference: not)
     i_c = 1.0 / (diag_gap.square() + 1.0)
     i_o = 1.0 / (0.5 * off_col.square() + 0.5 * off_row.square() + 1.0)
     reward = (plan * (phi * i_c + (1.0 - phi) * i_o)).sum((1, 2))           # (P,) I(T)
 
-    # Step 7: F's KL with the 1e-8 floors; entries outside the block have T = 0 and add 0.
+    # Step 8: the fork's KL with the 1e-8 floors; entries outside the block have T = 0 and add 0.
     kl = (plan * torch.log((plan + KL_FLOOR) / (prior + KL_FLOOR))).sum((1, 2))  # (P,)
 
-    # Step 8.
+    # Step 9: the core objective L.
     nf, mf = n.to(dt), m.to(dt)
     core = dist - lambda1 * (nf + mf) * reward + lambda2 * (nf * mf / 4.0) * kl
 
-    # Step 9: contrastive part.
+    # Steps 10-11: contrastive part and pair loss.
     with torch.no_grad():
         a_max = _mutual_extreme(plan, valid, largest=True)                   # (P, T+1, T+1) A
         a_min = _mutual_extreme(plan, valid, largest=False)                  # (P, T+1, T+1) Abar
     pull = torch.where(a_max, cost, 0.0).sum((1, 2))
     if compat == "reference":
-        push = -torch.where(a_min, cost, 0.0).sum((1, 2))                   # unbounded (B19)
+        push = -torch.where(a_min, cost, 0.0).sum((1, 2))          # unbounded (reference bug)
     else:
         push = torch.where(a_min, torch.relu(margin - cost), 0.0).sum((1, 2))  # hinge
     contrast_xy = pull + push                                                # (P,)
@@ -301,13 +319,14 @@ def vava_loss_batch(x: torch.Tensor, mask: torch.Tensor, *, global_step: int | t
                     reduction: Reduction = "reference") -> torch.Tensor:
     """VAVA over all ordered pairs of a left-aligned padded batch x (B, T, D), mask (B, T) bool.
 
-    ``global_step``: the epoch with ``compat="reference"`` (F3), the optimiser step with
-    ``compat="fixed"`` (B19), fed to ``vava_phi(global_step, phi_schedule)``; an int or a
-    0-dim tensor on x's device.
+    ``global_step``: the epoch with ``compat="reference"`` (as the reference), the optimiser step
+    with ``compat="fixed"`` (docs/reference-bugs.md#vava-phi-indexed-by-epoch), fed to
+    ``vava_phi(global_step, phi_schedule)``; an int or a 0-dim tensor on x's device.
     ``epsilon``: Sinkhorn entropy; None = N (reference) or 0.1 * mean real distance (fixed).
-    ``reduction``: "reference" = sum over ordered pairs (spec 6.1); "mean" = mean over ordered
-    pairs of pair_loss / (N + M). Fewer than 2 videos: a zero attached to the graph (spec 6.1).
-    See the module docstring for the objective and every compat difference (B17, B19)."""
+    ``reduction``: "reference" = sum over ordered pairs; "mean" = mean over ordered pairs of
+    pair_loss / (N + M). Fewer than 2 videos: a zero attached to the graph
+    (docs/algorithms.md#pairs-and-reduction). See the module docstring for the objective and
+    every compat difference."""
     check_compat(compat, reduction)
     if x.shape[0] < 2:
         return torch.where(mask[:, :, None], x, 0.0).sum() * 0.0  # padding garbage may be NaN

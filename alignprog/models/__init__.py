@@ -7,21 +7,20 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from alignprog.config import ModelConfig, ProgressConfig
+from alignprog.config import ENCODER_LAYOUT, ModelConfig, ProgressConfig
 from alignprog.models.encoders import BaseEncoder, build_encoder
 from alignprog.models.mcn import EncoderOutput, MultiHeadEncoder, SingleHeadEncoder
 from alignprog.models.progress_heads import ProgressHead, build_progress_head
 
-__all__ = ["AlignmentModel", "BaseEncoder", "EncoderOutput", "MultiHeadEncoder", "ProgressHead",
-           "SingleHeadEncoder", "build_encoder", "build_model", "build_progress_head"]
-
-# Which data layout each base encoder reads (spec DATA_AND_EVAL 1.4).
-ENCODER_LAYOUT = {"stacking": "features", "temporal_stacking": "features", "naive": "features",
-                  "resnet50": "frames"}
+# ENCODER_LAYOUT lives in the config (which checks data.layout against it); it is re-exported
+# here for the code that builds models.
+__all__ = ["ENCODER_LAYOUT", "AlignmentModel", "BaseEncoder", "EncoderOutput", "MultiHeadEncoder",
+           "ProgressHead", "SingleHeadEncoder", "build_encoder", "build_model",
+           "build_progress_head"]
 
 
 class AlignmentModel(nn.Module):
-    """The encoder and the progress head, trained together (the document's architecture)."""
+    """The encoder and the progress head, trained together (the pipeline description's design)."""
 
     def __init__(self, encoder: MultiHeadEncoder | SingleHeadEncoder,
                  progress_head: ProgressHead | None) -> None:
@@ -79,7 +78,7 @@ def build_model(model: ModelConfig, progress: ProgressConfig | None = None, *,
     head = None
     if progress is not None and progress.enabled and progress.method == "learnable":
         lc = progress.learnable
-        head = build_progress_head(lc.head_arch, in_dim=model.output_dim,
+        head = build_progress_head(lc.arch, in_dim=model.output_dim,
                                    hidden_dim=lc.hidden_dim, position=lc.position,
                                    learnable_h0=lc.learnable_h0,
                                    frame_count_max=lc.frame_count_max)

@@ -1,4 +1,6 @@
-"""Base encoders: padded batch of per-frame inputs -> per-frame embeddings (spec ALGORITHMS §1.1-1.3).
+"""Base encoders: padded batch of per-frame inputs -> per-frame embeddings.
+
+See docs/algorithms.md#base-encoders (resnet50, stacking, naive).
 
 Every encoder takes a zero-padded batch ``x`` of shape (B, T, *F) and a boolean ``mask`` of shape
 (B, T) (True = real frame, padding at the end of each row, as `alignprog.data.batching.Batch` builds
@@ -6,9 +8,10 @@ it) and returns (B, T, out_dim) with exact zeros on padded frames. A video must 
 whether it is alone or padded inside a longer batch, and whatever sits in its padded positions:
 padded inputs are never read into a real frame's output.
 
-The reference code takes a list of per-video tensors and loops over frames (spec §1.1, B34); here
-everything is batched tensor code. The modules are pure: no config import, no device choice; new
-tensors take their device and dtype from the inputs (STYLE habit 7).
+The reference code takes a list of per-video tensors and loops over frames
+(docs/reference-bugs.md#cpu-bound-reference-loops); here everything is batched tensor code. The
+modules are pure: no config import, no device choice; new tensors take their device and dtype
+from the inputs, so the modules run on any device and in any dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class BaseEncoder(nn.Module):
     frame_ndim: int = 1
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, *F) float, mask: (B, T) bool (True = real frame). Returns (B, T, out_dim); padded frames are 0."""
+        """x: (B, T, *F) float, mask: (B, T) bool (True = real frame). Returns (B, T, out_dim);
+        padded frames are 0."""
         raise NotImplementedError
 
     def _check(self, x: torch.Tensor, mask: torch.Tensor) -> None:
@@ -37,38 +41,42 @@ class BaseEncoder(nn.Module):
             raise ValueError(f"{type(self).__name__} expects x of rank {2 + self.frame_ndim} "
                              f"(B, T, *F), got shape {tuple(x.shape)}")
         if mask.shape != x.shape[:2]:
-            raise ValueError(f"mask must have shape (B, T) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+            raise ValueError(f"mask must have shape (B, T) = {tuple(x.shape[:2])}, got "
+                             f"{tuple(mask.shape)}")
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool, got {mask.dtype}")
 
 
 def _scatter_frames(values: torch.Tensor, b_idx: torch.Tensor, t_idx: torch.Tensor,
                     batch: int, frames: int) -> torch.Tensor:
-    """Place per-real-frame rows (N, D) into a zero (B, T, D) tensor (out-of-place, differentiable)."""
+    """Place per-real-frame rows (N, D) into a zero (B, T, D) tensor (out-of-place,
+    differentiable)."""
     out = values.new_zeros((batch, frames, values.shape[-1]))  # (B, T, D)
     return out.index_put((b_idx, t_idx), values)               # (B, T, D), zeros on padding
 
 
 # ---------------------------------------------------------------------------------------------
-# §1.1 resnet50
+# resnet50 (docs/algorithms.md#resnet50)
 # ---------------------------------------------------------------------------------------------
 
 class ResNet50Encoder(BaseEncoder):
-    """Spec §1.1 "resnet50": 3-D convs over a k-frame stack of ResNet-50 layer3 maps, max-pool, MLP.
+    """The "resnet50" encoder: 3-D convs over a k-frame stack of layer3 maps, max-pool, MLP.
 
-    Input (B, T, C, H, W) with C = `in_channels` (1024, 14x14 maps in the DOC pipeline). For output
-    frame r the stack holds frames r-k+1 .. r (the intended window; fix of B5). With
+    Input (B, T, C, H, W) with C = `in_channels` (1024, 14x14 maps in the pipeline description).
+    For output frame r the stack holds frames r-k+1 .. r (the intended window; the reference is
+    off by one: docs/reference-bugs.md#resnet50-window-off-by-one). With
     `reference_window=True` it holds r-k .. r-1 as the reference does, which never reads frame r
     and makes frame 0 independent of the input; use it only to reproduce published numbers.
     Frames before 0 (and, defensively, any frame whose mask is False) enter the stack as zero maps.
 
-    `conv_channels` and `mlp_dim` default to the spec's fixed widths (1024, 512) and 512; they exist
-    so tests can build a small model. `out_dim` is honoured (fix of B10; the reference always emits
-    128). The last Linear is followed by ReLU as in the reference, so embeddings are non-negative.
+    `conv_channels` and `mlp_dim` default to the documented fixed widths (1024, 512) and 512; they
+    exist so tests can build a small model. `out_dim` is honoured (the reference always emits
+    128: docs/reference-bugs.md#one-embedding-width-everywhere). The last Linear is followed by
+    ReLU as in the reference, so embeddings are non-negative.
 
-    The parameters are the spec's two `nn.Conv3d` (so checkpoints keep their keys), but the forward
-    never runs a 3-D convolution or builds the (n, C, k, H, W) stacks; it computes the same sums
-    with 2-D convolutions, exactly up to float rounding (tests/test_resnet50_fast.py):
+    The parameters are the documented two `nn.Conv3d` (so checkpoints keep their keys), but the
+    forward never runs a 3-D convolution or builds the (n, C, k, H, W) stacks; it computes the same
+    sums with 2-D convolutions, exactly up to float rounding (tests/test_resnet50_fast.py):
 
     * conv1, per frame once: with "same" padding in depth, stack slot s feeds output depth d
       through the kernel's temporal tap j = s - d + 1 (taps outside 0..2 fall on the padding). So
@@ -89,13 +97,13 @@ class ResNet50Encoder(BaseEncoder):
     balanced chunks of at most `chunk_frames` (by default as many as fit `CHUNK_BYTES` of
     temporaries); a chunk recomputes conv1 on the `halo` rows before it. During training the
     activations kept for backward are conv1's input and the stacks, (C + k*c1) * H * W values per
-    frame: ~2.4 MB in fp32, ~1.2 MB in bf16 at the spec's sizes, 33 GB in bf16 (52 GB in fp32)
+    frame: ~2.4 MB in fp32, ~1.2 MB in bf16 at the default sizes, 33 GB in bf16 (52 GB in fp32)
     peak for two videos of 8192 frames on an H200, the 12 GB input included.
     """
 
     frame_ndim = 3
     # Temporaries of one chunk (gathered input, Y, the stacks, conv2's output; the same again in
-    # backward): 534 frames per chunk at the spec's sizes in fp32, 1069 in bf16, a few GB next
+    # backward): 534 frames per chunk at the default sizes in fp32, 1069 in bf16, a few GB next
     # to an 80 GB card. Measured on an H200 (2 videos, 450 + 380 frames): bigger chunks are not
     # slower, and some chunk sizes (256-300 frames) made cuDNN pick a 2.6x slower bf16 kernel
     # for conv2, so the budget is large enough to run such a batch in one chunk.
@@ -114,7 +122,8 @@ class ResNet50Encoder(BaseEncoder):
             raise ValueError(f"chunk_frames must be >= 1 (or None: from a memory budget), "
                              f"got {chunk_frames}")
         if len(conv_channels) != 2 or min(conv_channels) < 1:
-            raise ValueError(f"conv_channels must be two positive widths, got {tuple(conv_channels)}")
+            raise ValueError(f"conv_channels must be two positive widths, got "
+                             f"{tuple(conv_channels)}")
         c1, c2 = (int(c) for c in conv_channels)
         self.in_channels = in_channels
         self.temporal_depth = temporal_depth
@@ -125,14 +134,14 @@ class ResNet50Encoder(BaseEncoder):
         # each video's frames only: the same values with no host sync and shapes fixed by
         # (B, T), for CUDA graphs, at the cost of the padding's FLOPs. Not a parameter.
         self.dense = False
-        # §1.1 step 2: two 3x3x3 convs with "same" padding (padding 1 for kernel 3) and bias.
-        # Kept as the spec's modules (parameters and state_dict keys); forward uses their weights
-        # through 2-D convolutions (class docstring).
+        # Two 3x3x3 convs with "same" padding (padding 1 for kernel 3) and bias.
+        # Kept as the documented modules (parameters and state_dict keys); forward uses their
+        # weights through 2-D convolutions (class docstring).
         self.conv = nn.Sequential(
             nn.Conv3d(in_channels, c1, kernel_size=3, padding=1), nn.ReLU(),
             nn.Conv3d(c1, c2, kernel_size=3, padding=1), nn.ReLU(),
         )
-        # §1.1 step 4: 512 -> 512 -> 512 -> D, ReLU after every layer (non-negative embeddings).
+        # 512 -> 512 -> 512 -> D, ReLU after every layer (non-negative embeddings).
         self.mlp = nn.Sequential(
             nn.Linear(c2, mlp_dim), nn.ReLU(),
             nn.Linear(mlp_dim, mlp_dim), nn.ReLU(),
@@ -142,7 +151,7 @@ class ResNet50Encoder(BaseEncoder):
     def window_offsets(self, device: torch.device | None = None) -> torch.Tensor:
         """Frame offsets of the stack relative to the output frame, oldest first: (k,) int64."""
         k = self.temporal_depth
-        last = -1 if self.reference_window else 0  # B5: reference ends at r-1, intended at r
+        last = -1 if self.reference_window else 0  # reference ends at r-1, intended at r
         return torch.arange(last - k + 1, last + 1, device=device)  # (k,)
 
     def conv1_taps(self) -> tuple[int, int]:
@@ -216,8 +225,8 @@ class ResNet50Encoder(BaseEncoder):
         batch, frames, _, height, width = x.shape
         k = self.temporal_depth
         halo = -min(self.window_offsets().tolist())                       # frames read before r
-        # Rows to run through conv1: for each video, `halo` zero frames (§1.1 step 1: frames
-        # before 0 are zero maps), then every frame up to its last real one. A video's frames
+        # Rows to run through conv1: for each video, `halo` zero frames (frames before 0
+        # are zero maps), then every frame up to its last real one. A video's frames
         # are then consecutive rows and the frame at offset o of row i is row i + o, always: the
         # stacks are plain row shifts, with no test for the start of a video. Hole frames (mask
         # False inside a video; never made by the batcher) run as zero maps and their outputs
@@ -252,7 +261,7 @@ class ResNet50Encoder(BaseEncoder):
             y = F.conv2d(xs.permute(0, 3, 1, 2), w1, padding=1)           # (n+halo, J*c1, H, W)
             h = _StackSum.apply(y, b1, terms, stop - start)               # (n, k*c1, H, W)
             z = F.conv2d(h, w2, padding=1)                                 # (n, k*c2, H, W)
-            # §1.1 step 3: global max over (depth, H, W); channels-last puts depth next to c2
+            # Global max over (depth, H, W); channels-last puts depth next to c2
             z = z.permute(0, 2, 3, 1).reshape(stop - start, -1, w2.shape[0] // k)  # (n, HWk, c2)
             # conv2's bias after the max (exact: rounding is monotonic), added in its own dtype
             feat = torch.relu(z.max(dim=1).values + self.conv[2].bias)    # (n, c2)
@@ -311,29 +320,29 @@ class _StackSum(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------
-# §1.2 temporal_stacking
+# temporal_stacking (docs/algorithms.md#stacking)
 # ---------------------------------------------------------------------------------------------
 
 def stacking_schedule(in_dim: int, channels: int, out_dim: int, temporal_depth: int,
                       num_layers: int) -> list[tuple[int, int, int]]:
-    """(in, out, kernel) of each Conv1d of spec §1.2; defaults give 2048->256 (k=2), 256->128, 5 x 128->128.
+    """(in, out, kernel) of each stacking Conv1d; defaults: 2048->256 (k=2), 256->128, 5 x 128->128.
 
     Widths: channels, channels/2, ... while >= out_dim, then out_dim repeated until `num_layers`
-    convs. `num_layers` is a minimum (spec §9 "min layers"): a long halving chain is kept whole.
+    convs. `num_layers` is a minimum: a long halving chain is kept whole.
     """
     if in_dim < 1 or temporal_depth < 1 or num_layers < 1:
         raise ValueError(f"in_dim, temporal_depth and num_layers must be >= 1, got "
                          f"{in_dim}, {temporal_depth}, {num_layers}")
     if not 1 <= out_dim < channels:
-        raise ValueError(f"temporal_stacking needs 1 <= out_dim < channels (spec 1.2), got "
+        raise ValueError(f"temporal_stacking needs 1 <= out_dim < channels, got "
                          f"out_dim={out_dim}, channels={channels}")
     widths = [channels]
     while widths[-1] % 2 == 0 and widths[-1] // 2 >= out_dim:
         widths.append(widths[-1] // 2)
     if widths[-1] != out_dim:
-        # The spec's halving list only ends at out_dim when channels = out_dim * 2^j.
+        # The halving list only ends at out_dim when channels = out_dim * 2^j.
         raise ValueError(f"temporal_stacking: halving channels={channels} never reaches "
-                         f"out_dim={out_dim}; channels must be out_dim times a power of two (spec 1.2)")
+                         f"out_dim={out_dim}; channels must be out_dim times a power of two")
     widths += [out_dim] * max(0, num_layers - len(widths))
     ins = [in_dim] + widths[:-1]
     kernels = [temporal_depth] + [3] * (len(widths) - 1)
@@ -341,7 +350,7 @@ def stacking_schedule(in_dim: int, channels: int, out_dim: int, temporal_depth: 
 
 
 class StackingEncoder(BaseEncoder):
-    """Spec §1.2 "temporal_stacking": a stack of bias-free Conv1d over time on (B, T, in_dim) features.
+    """The "temporal_stacking" encoder: bias-free Conv1d layers over time on (B, T, in_dim).
 
     "Same" padding exactly as PyTorch's ``padding="same"`` (left (k-1)//2 zeros, the rest on the
     right): with the even kernel k=2 of layer 0 the one padding frame goes on the right, so output t
@@ -360,7 +369,7 @@ class StackingEncoder(BaseEncoder):
         self.out_dim = out_dim
         self.temporal_depth = temporal_depth
         self.convs = nn.ModuleList(
-            nn.Conv1d(ci, co, kernel_size=k, stride=1, padding=0, bias=False)  # §1.2: no bias
+            nn.Conv1d(ci, co, kernel_size=k, stride=1, padding=0, bias=False)  # no bias
             for ci, co, k in self.schedule)
         # PyTorch's "same" split: (k-1)//2 frames on the left, the remainder on the right.
         self.pads = [((k - 1) // 2, k - 1 - (k - 1) // 2) for _, _, k in self.schedule]
@@ -376,18 +385,21 @@ class StackingEncoder(BaseEncoder):
             h = torch.where(keep, h, 0.0)                    # padded frames read as "same" zeros
             h = F.pad(h, pad)                                # (B, C, T + k - 1) "same" padding
             h = conv(h)                                      # (B, C_i, T)
-            if i < len(self.convs) - 1:                      # §1.2: no ReLU after the last conv
+            if i < len(self.convs) - 1:                      # no ReLU after the last conv
                 h = torch.relu(h)
         h = torch.where(keep, h, 0.0)                        # (B, D, T) padded outputs are 0
         return h.transpose(1, 2)                             # (B, T, D)
 
 
 # ---------------------------------------------------------------------------------------------
-# §1.3 naive
+# naive (docs/algorithms.md#naive)
 # ---------------------------------------------------------------------------------------------
 
 class NaiveEncoder(BaseEncoder):
-    """Spec §1.3 "naive", the intended per-frame MLP built from `layers` (fix of B7).
+    """The "naive" encoder, the intended per-frame MLP built from `layers`.
+
+    The reference builds it from the drop-branch widths and crashes
+    (docs/reference-bugs.md#naive-encoder-built-from-drop-layers).
 
     Defaults: 2048 -> 1024 -> ReLU -> 512 -> ReLU -> 512 -> ReLU -> 256 -> ReLU -> 128 (no final
     activation). Only real frames are run through it, so padded garbage reaches neither the output
@@ -429,13 +441,12 @@ class NaiveEncoder(BaseEncoder):
 
 
 # ---------------------------------------------------------------------------------------------
-# Variants by name (STYLE habit 3)
+# Variants by name
 # ---------------------------------------------------------------------------------------------
 
 ENCODERS: dict[str, type[BaseEncoder]] = {
     "resnet50": ResNet50Encoder,
-    "stacking": StackingEncoder,
-    "temporal_stacking": StackingEncoder,  # the reference's name (spec §1.2)
+    "stacking": StackingEncoder,   # the config reads the reference's temporal_stacking as this
     "naive": NaiveEncoder,
 }
 
@@ -445,5 +456,6 @@ def build_encoder(name: str, **kwargs) -> BaseEncoder:
     try:
         cls = ENCODERS[name]
     except KeyError:
-        raise ValueError(f"unknown encoder {name!r}; valid names: {', '.join(sorted(ENCODERS))}") from None
+        raise ValueError(f"unknown encoder {name!r}; valid names: "
+                         f"{', '.join(sorted(ENCODERS))}") from None
     return cls(**kwargs)

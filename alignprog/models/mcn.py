@@ -1,8 +1,9 @@
 """The multi-head attention-fusion encoder (MCN) and its single-head variant.
 
-Spec ALGORITHMS 2: base encoder -> H per-frame head MLPs -> an attention network that weighs the
-heads per frame (softmax over heads) -> the weighted sum, the aligned embeddings (B, T, D); plus
-the optional GTCC drop branch, a per-frame MLP averaged over each video's frames.
+Base encoder -> H per-frame head MLPs -> an attention network that weighs the heads per frame
+(softmax over heads) -> the weighted sum, the aligned embeddings (B, T, D); plus the optional
+GTCC drop branch, a per-frame MLP averaged over each video's frames
+(docs/algorithms.md#mcn-attention-fusion).
 All heads run as one grouped batched matmul per layer, on real (unpadded) frames only.
 """
 
@@ -41,7 +42,7 @@ class GroupedMLP(nn.Module):
     """H independent MLPs with the same widths, evaluated together with batched matmuls.
 
     Input (N, in) shared by all groups; output (N, H, out). ReLU between layers, none after the
-    last (spec 2 step 1: D -> 512 -> ReLU -> 128 -> ReLU -> 256 -> ReLU -> D). Initialised like
+    last (each MCN head: D -> 512 -> ReLU -> 128 -> ReLU -> 256 -> ReLU -> D). Initialised like
     ``nn.Linear`` per group, so it equals H separate ``nn.Sequential`` MLPs (tested).
     """
 
@@ -69,7 +70,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class MultiHeadEncoder(nn.Module):
-    """MCN (spec 2): aligned embeddings from H heads fused by per-frame attention."""
+    """MCN: aligned embeddings from H heads fused by per-frame attention."""
 
     def __init__(self, base: BaseEncoder, num_heads: int, *, out_dim: int = 128,
                  head_layers: Sequence[int] = (512, 128, 256),
@@ -78,14 +79,14 @@ class MultiHeadEncoder(nn.Module):
         super().__init__()
         if base.out_dim != out_dim:
             raise ValueError(f"the base encoder emits {base.out_dim} features but the heads "
-                             f"expect {out_dim} (one D everywhere, spec bug B10)")
+                             f"expect {out_dim} (one embedding width D everywhere)")
         self.base = base
         self.num_heads = num_heads
         self.out_dim = out_dim
         self.heads = GroupedMLP(num_heads, [out_dim, *head_layers, out_dim])
         self.attention = mlp([num_heads * out_dim, *attn_layers, num_heads], nn.Tanh,
                              last_activation=False)
-        # Spec 2 step 3: Tanh after every hidden layer, none before the softmax.
+        # The attention MLP: Tanh after every hidden layer, none before the softmax.
         self.drop = mlp([out_dim, *drop_layers, out_dim + 1], nn.ReLU) if drop_layers else None
         # Heads over every padded position (True) or the real frames only (False, default);
         # the trainer sets it on CUDA. Not a parameter: checkpoints do not see it.
@@ -100,7 +101,8 @@ class MultiHeadEncoder(nn.Module):
         z_real = z.reshape(b * t, d) if self.dense else z[mask]         # (N, D)
         heads = self.heads(z_real)                                       # (N, H, D)
         # Frame t's attention input is its own H embeddings, head-major: (N, H*D). The
-        # reference flattens the (H, N, D) stack without permuting it (bug B4).
+        # reference flattens the (H, N, D) stack without permuting it
+        # (docs/reference-bugs.md#mcn-attention-input-mixes-frames).
         logits = self.attention(heads.reshape(len(heads), self.num_heads * d))  # (N, H)
         weights = torch.softmax(logits, dim=-1)                          # (N, H)
         fused = (weights.unsqueeze(-1) * heads).sum(1)                   # (N, D)
@@ -120,8 +122,8 @@ class MultiHeadEncoder(nn.Module):
 
 
 class SingleHeadEncoder(nn.Module):
-    """No MCN: the base encoder's output is the embedding (spec 2, settings), with the optional
-    drop branch of spec 1.4 (GTCC without MCN)."""
+    """No MCN: the base encoder's output is the embedding (`model.mcn=false`), with the optional
+    drop branch (GTCC without MCN, docs/algorithms.md#drop-branch)."""
 
     def __init__(self, base: BaseEncoder, *, drop_layers: Sequence[int] | None = None) -> None:
         super().__init__()

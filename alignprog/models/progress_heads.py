@@ -1,4 +1,6 @@
-"""Learnable progress heads (spec ALGORITHMS 3): aligned segment embeddings -> progress in [0, 1].
+"""Learnable progress heads: aligned segment embeddings -> progress in [0, 1].
+
+See docs/algorithms.md#progress-heads.
 
 Every head takes MANY segments at once as one left-aligned, zero-padded tensor
 ``x (N, L, D)`` with ``lengths (N,)`` (segment i is ``x[i, :lengths[i]]``) and returns the
@@ -6,25 +8,29 @@ progress at each segment's last real frame ``(N,)``, or with ``dense=True`` the 
 position ``(N, L)`` (0 beyond the length). Padding content never reaches an output: it is zeroed
 before use and every mixing op is causal or masked.
 
-Position feature (``position``), appended to every frame as [s_tau; feature] (spec 3.1 order):
-  * ``"relative"``: the document's p_tau = tau / T, T the segment length (spec 3.1 step 1, DOC
-    default). It depends on the whole prefix, so online use must re-run the prefix (spec 3.5,
-    B26) and the dense output differs from the per-prefix outputs.
+Position feature (``position``), appended to every frame as [s_tau; feature]
+(docs/algorithms.md#position-features):
+  * ``"relative"``: the pipeline description's default p_tau = tau / T, T the segment length.
+    It depends on the whole prefix, so online use must re-run the prefix and the dense output
+    differs from the per-prefix outputs
+    (docs/reference-bugs.md#dense-output-differs-from-prefix-output).
   * ``"count"``: a causal frame count log(2 + tau) / log(1 + frame_count_max). At the last frame
-    of a prefix of length T = tau + 1 it equals F's frame-count feature log(1+T)/log(1+max)
-    (spec 3.1, "use_frame_count"), but it depends only on tau, so one dense pass gives every
-    prefix's output and the heads stream frame by frame.
+    of a prefix of length T = tau + 1 it equals the fork's frame-count feature
+    log(1+T)/log(1+max) (its "use_frame_count"), but it depends only on tau, so one dense pass
+    gives every prefix's output and the heads stream frame by frame.
   * ``"none"``: no extra feature.
 
 Online use: ``state = head.init_state(n)``, then ``p, state = head.step(x_t, state)`` per frame.
 ``head.streamable`` is True when step() is incremental (O(1) per frame in the prefix length, or an
 attention over the KV cache for the transformer); otherwise step() re-runs forward() on the stored
-prefix (O(T) per frame). In eval mode both give forward()'s per-prefix values (spec 3.5).
+prefix (O(T) per frame). In eval mode both give forward()'s per-prefix values
+(docs/algorithms.md#online-protocol).
 
 The GRU runs all N segments through one nn.GRU call over the padded batch (causal, so padding
 after a segment never reaches it); see GRUProgressHead for why that beats packing here.
 `hidden_dim` is every head's width (GRU hidden, mean first layer, transformer d_model, conv
-channels). No config import here (STYLE): `build_progress_head` takes plain keyword arguments.
+channels). No config import here (the models do not depend on the config layer):
+`build_progress_head` takes plain keyword arguments.
 """
 
 from __future__ import annotations
@@ -70,15 +76,16 @@ def _feature_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _count_feature(tau: torch.Tensor, frame_count_max: int) -> torch.Tensor:
-    """log(2 + tau) / log(1 + max): F's frame count log(1+T)/log(1+max) with T = tau + 1."""
+    """log(2 + tau) / log(1 + max): the fork's frame count log(1+T)/log(1+max), T = tau + 1."""
     return torch.log(tau + 2.0) / math.log(1.0 + frame_count_max)
 
 
 def _readout(width: int, bias_init: float | None) -> nn.Sequential:
-    """MLP width -> 32 -> ReLU -> 1 (spec 3.1 step 4, 3.3 step 3); sigmoid applied by the caller."""
+    """Readout MLP width -> 32 -> ReLU -> 1 of every head; sigmoid applied by the caller."""
     mlp = nn.Sequential(nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 1))
     if bias_init is not None:
-        # F starts the last bias at -2 so the initial output is sigmoid(-2) ~ 0.12 (spec 3.1, B23).
+        # The fork starts the last bias at -2 so the initial output is sigmoid(-2) ~ 0.12
+        # (docs/reference-bugs.md#weighted-l1-favours-low-predictions).
         nn.init.constant_(mlp[-1].bias, bias_init)
     return mlp
 
@@ -97,7 +104,7 @@ class PrefixState:
 class ProgressHead(nn.Module):
     """Base class: input validation, masking, the position feature and the prefix fallback."""
 
-    has_dense = True  # False for heads without a per-position output (the mean head, spec 3.2)
+    has_dense = True  # False for heads without a per-position output (the mean head)
 
     def __init__(self, in_dim: int, position: str, frame_count_max: int) -> None:
         super().__init__()
@@ -126,13 +133,14 @@ class ProgressHead(nn.Module):
 
     # -- public API -----------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, *, dense: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, *, dense: bool = False
+                ) -> torch.Tensor:
         """x (N, L, D) left-aligned zero-padded segments, lengths (N,) int in [1, L].
 
         Returns (N,) progress at each last real frame, or (N, L) with dense=True (0 beyond length).
         """
         if dense and not self.has_dense:
-            raise ValueError(f"the {type(self).__name__} has no dense output (spec 3.2); "
+            raise ValueError(f"the {type(self).__name__} has no dense output; "
                              "use arch 'gru', 'transformer' or 'dilated_conv'")
         _check_inputs(x, lengths, self.in_dim)
         lengths = lengths.to(device=x.device, dtype=torch.long)
@@ -150,9 +158,11 @@ class ProgressHead(nn.Module):
         """x_t (n, D), the next frame of n running segments -> (progress (n,), new state).
 
         This fallback re-runs forward() on the whole stored prefix (O(T) per frame): the only exact
-        option when the position feature depends on T (spec 3.5). Streamable heads override it.
+        option when the position feature depends on T (docs/algorithms.md#online-protocol).
+        Streamable heads override it.
         """
-        frames = x_t[:, None] if state.frames is None else torch.cat([state.frames, x_t[:, None]], 1)
+        frames = (x_t[:, None] if state.frames is None
+                  else torch.cat([state.frames, x_t[:, None]], 1))
         n, t, _ = frames.shape                                                    # (n, t, D)
         lengths = torch.full((n,), t, dtype=torch.long, device=x_t.device)
         return self.forward(frames, lengths), PrefixState(frames=frames)
@@ -165,7 +175,7 @@ class ProgressHead(nn.Module):
                 p.dtype if dtype is None else dtype)
 
     def _inputs(self, x: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[s_tau; feature] per frame, exactly 0 on padding: (N, L, D') (spec 3.1 step 1)."""
+        """[s_tau; feature] per frame, exactly 0 on padding: (N, L, D')."""
         keep = mask[..., None]                                                    # (N, L, 1)
         # masked_fill, not multiplication: padding holding inf/NaN must not leak (0 * inf = NaN).
         x = x.masked_fill(~keep, 0)
@@ -187,7 +197,8 @@ class ProgressHead(nn.Module):
             return x_t
         if self.position == "relative":
             raise RuntimeError("position='relative' has no per-frame feature (it depends on T)")
-        tau = torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=_feature_dtype(x_t.dtype))
+        tau = torch.full((x_t.shape[0],), float(t), device=x_t.device,
+                         dtype=_feature_dtype(x_t.dtype))
         feat = _count_feature(tau, self.frame_count_max).to(x_t.dtype)           # (n,)
         return torch.cat([x_t, feat[:, None]], dim=-1)                            # (n, D+1)
 
@@ -199,7 +210,7 @@ def _last(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# 3.1 GRU head (DOC default)
+# GRU head, the default (docs/algorithms.md#gru-head)
 
 
 @dataclass
@@ -209,7 +220,7 @@ class GRUState:
 
 
 class GRUProgressHead(ProgressHead):
-    """Spec 3.1: GRU(D' -> hidden) with learnable h0 (1, 1, hidden) = 0, MLP hidden->32->1, sigmoid.
+    """GRU(D' -> hidden) with learnable h0 (1, 1, hidden) = 0, MLP hidden->32->1, sigmoid.
 
     All N segments go through ONE GRU call, never a Python loop over segments. By default that call
     runs over the zero-padded (N, L) batch and reads each segment's state at frame len-1: the GRU is
@@ -225,11 +236,12 @@ class GRUProgressHead(ProgressHead):
         super().__init__(in_dim, position, frame_count_max)
         self.hidden_dim = hidden_dim
         self.packed = packed
-        # Spec 3.1 step 2: one layer, unidirectional, PyTorch default init.
+        # One layer, unidirectional, PyTorch default init.
         self.gru = nn.GRU(in_dim + self.num_extra, hidden_dim, num_layers=1, batch_first=True)
-        # Spec 3.1 step 3 / DOC: h0 is a learnable (1, 1, 64) parameter initialised to zeros.
+        # As in the pipeline description, h0 is a learnable (1, 1, 64) parameter, zero-initialised.
         self.h0 = nn.Parameter(torch.zeros(1, 1, hidden_dim)) if learnable_h0 else None
-        # DOC/F3 keep PyTorch's default output bias (spec 9, "output bias init").
+        # The pipeline description and the fork's early snapshot keep PyTorch's default output
+        # bias (docs/algorithms.md#gru-head).
         self.mlp = _readout(hidden_dim, out_bias_init)
 
     def _h0(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -278,7 +290,7 @@ class GRUProgressHead(ProgressHead):
 
 
 # --------------------------------------------------------------------------------------------
-# 3.2 Mean-pool head (use_gru=False)
+# Mean-pool head, use_gru=False (docs/algorithms.md#mean-head)
 
 
 @dataclass
@@ -289,9 +301,9 @@ class MeanState:
 
 
 class MeanPoolProgressHead(ProgressHead):
-    """Spec 3.2: mean over real frames of [s; feature], MLP D'->hidden->ReLU->32->ReLU->1, sigmoid.
+    """Mean over real frames of [s; feature], MLP D'->hidden->ReLU->32->ReLU->1, sigmoid.
 
-    No dense output (spec 3.2). It streams for every position option: the mean of tau/T over a
+    No dense output. It streams for every position option: the mean of tau/T over a
     prefix of length T is (T-1)/(2T) in closed form, so running sums suffice.
     """
 
@@ -308,13 +320,14 @@ class MeanPoolProgressHead(ProgressHead):
     has_dense = False
 
     def _forward(self, x, lengths, mask, dense):
-        feats = self._inputs(x, lengths, mask)                                    # (N, L, D'), 0 on pad
+        feats = self._inputs(x, lengths, mask)                       # (N, L, D'), 0 on pad
         pooled = feats.sum(1) / lengths[:, None].to(feats.dtype)                  # (N, D')
         return torch.sigmoid(self.mlp(pooled)).squeeze(-1)                        # (N,)
 
     def init_state(self, n, *, device=None, dtype=None):
         device, dtype = self._state_like(device, dtype)
-        sum_feat = None if self.position != "count" else torch.zeros(n, 1, device=device, dtype=dtype)
+        sum_feat = (None if self.position != "count"
+                    else torch.zeros(n, 1, device=device, dtype=dtype))
         return MeanState(sum_x=torch.zeros(n, self.in_dim, device=device, dtype=dtype),
                          sum_feat=sum_feat, t=0)
 
@@ -327,7 +340,7 @@ class MeanPoolProgressHead(ProgressHead):
             sum_feat = sum_feat.to(x_t.dtype) + self._step_inputs(x_t, state.t)[:, -1:]  # (n, 1)
             parts.append(sum_feat / t)
         elif self.position == "relative":
-            # mean_{tau<T} tau/T = (T-1)/(2T), F3's pooled position (spec 3.2).
+            # mean_{tau<T} tau/T = (T-1)/(2T), the pooled position of the fork's early snapshot.
             parts.append(x_t.new_full((x_t.shape[0], 1), (t - 1) / (2 * t)))
         pooled = torch.cat(parts, dim=-1)                                         # (n, D')
         y = torch.sigmoid(self.mlp(pooled)).squeeze(-1)                           # (n,)
@@ -335,7 +348,7 @@ class MeanPoolProgressHead(ProgressHead):
 
 
 # --------------------------------------------------------------------------------------------
-# 3.3 Transformer head with ALiBi
+# Transformer head with ALiBi (docs/algorithms.md#transformer-head)
 
 
 @dataclass
@@ -345,13 +358,13 @@ class KVCacheState:
 
 
 class _AlibiBlock(nn.Module):
-    """One pre-norm block of spec 3.3 step 2 (attention with an additive ALiBi/causal bias)."""
+    """One pre-norm block of the transformer head (attention with an additive ALiBi/causal bias)."""
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.ln1 = nn.LayerNorm(d_model)
-        # Spec 3.3: Q, K, V and W_o are separate Linear(64, 64) with bias.
+        # Q, K, V and W_o are separate Linear(64, 64) with bias.
         self.q = nn.Linear(d_model, d_model)
         self.k = nn.Linear(d_model, d_model)
         self.v = nn.Linear(d_model, d_model)
@@ -373,10 +386,10 @@ class _AlibiBlock(nn.Module):
         a = self.ln1(x)
         q, k, v = self._heads(self.q(a)), self._heads(self.k(a)), self._heads(self.v(a))
         if past is not None:
-            k = torch.cat([past[0].to(k.dtype), k], dim=2)                        # (n, h, t_past+t, dh)
+            k = torch.cat([past[0].to(k.dtype), k], dim=2)           # (n, h, t_past+t, dh)
             v = torch.cat([past[1].to(v.dtype), v], dim=2)
-        # SDPA scales by 1/sqrt(dh) = 1/4 for dh = 16, the spec's q.k/4; the bias carries the
-        # ALiBi term and the causal -inf (spec 3.3). Cast: SDPA needs the mask in q's dtype.
+        # SDPA scales by 1/sqrt(dh) = 1/4 for dh = 16, the documented q.k/4; the bias carries
+        # the ALiBi term and the causal -inf. Cast: SDPA needs the mask in q's dtype.
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.to(q.dtype),
             dropout_p=self.attn_dropout if self.training else 0.0)                # (n, h, t, dh)
@@ -398,28 +411,31 @@ class _HiddenReadoutHead(ProgressHead):
 
 
 class TransformerProgressHead(_HiddenReadoutHead):
-    """Spec 3.3: Linear(D'->64)+LN, 2 pre-norm causal ALiBi blocks (4 heads, FFN 128 GELU,
+    """Linear(D'->64)+LN, 2 pre-norm causal ALiBi blocks (4 heads, FFN 128 GELU,
     dropout 0.1), no final LN, readout MLP 64->32->1 with bias init -2, sigmoid.
 
-    B32: F skips the blocks when T = 1, so its 1-frame output is a different function from the
-    dense output at position 0 and from what every longer prefix's first row goes through. Here
-    the blocks always run: with the causal mask a 1-frame segment attends only to itself (softmax
-    weight exactly 1), which is well defined, so per-prefix == dense holds for T = 1 too.
+    The fork skips the blocks when T = 1 (docs/reference-bugs.md#short-prefix-skips-blocks), so
+    its 1-frame output is a different function from the dense output at position 0 and from what
+    every longer prefix's first row goes through. Here the blocks always run: with the causal
+    mask a 1-frame segment attends only to itself (softmax weight exactly 1), which is well
+    defined, so per-prefix == dense holds for T = 1 too.
     Streaming keeps a per-block KV cache: each new frame costs one attention over the cache.
     """
 
     def __init__(self, in_dim: int = 128, d_model: int = 64, *, position: str = "relative",
                  frame_count_max: int = 300, num_heads: int = 4, num_layers: int = 2,
-                 ffn_dim: int = 128, dropout: float = 0.1, out_bias_init: float | None = -2.0) -> None:
+                 ffn_dim: int = 128, dropout: float = 0.1,
+                 out_bias_init: float | None = -2.0) -> None:
         super().__init__(in_dim, position, frame_count_max)
         if d_model % num_heads:
-            raise ValueError(f"transformer d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+            raise ValueError(f"transformer d_model ({d_model}) must be divisible by num_heads "
+                             f"({num_heads})")
         self.in_proj = nn.Linear(in_dim + self.num_extra, d_model)
         self.in_norm = nn.LayerNorm(d_model)
         self.blocks = nn.ModuleList(_AlibiBlock(d_model, num_heads, ffn_dim, dropout)
                                     for _ in range(num_layers))
         self.mlp = _readout(d_model, out_bias_init)
-        # Spec 3.3: slopes m_h = 2^-h, h = 0..heads-1 -> (1, .5, .25, .125); not the standard
+        # Slopes m_h = 2^-h, h = 0..heads-1 -> (1, .5, .25, .125); not the standard
         # ALiBi 2^(-8(h+1)/heads). Not persistent: a constant of the architecture, not a weight.
         slopes = torch.tensor([2.0 ** -h for h in range(num_heads)])
         self.register_buffer("alibi_slopes", slopes, persistent=False)
@@ -460,7 +476,7 @@ class TransformerProgressHead(_HiddenReadoutHead):
 
 
 # --------------------------------------------------------------------------------------------
-# 3.4 Dilated causal conv head
+# Dilated causal conv head (docs/algorithms.md#dilated-conv-head)
 
 
 @dataclass
@@ -470,7 +486,7 @@ class ConvState:
 
 
 class _DilatedBlock(nn.Module):
-    """y = x + Dropout(Conv1x1(ReLU(Norm(CausalConv_d(x))))) (spec 3.4 step 2), on (N, L, C)."""
+    """y = x + Dropout(Conv1x1(ReLU(Norm(CausalConv_d(x))))), on (N, L, C)."""
 
     def __init__(self, channels: int, dilation: int, kernel_size: int, dropout: float,
                  norm: str) -> None:
@@ -479,9 +495,10 @@ class _DilatedBlock(nn.Module):
         self.kernel_size = kernel_size
         self.span = (kernel_size - 1) * dilation  # left zero padding / ring-buffer length
         self.conv = nn.Conv1d(channels, channels, kernel_size, dilation=dilation)
-        # Per-frame LayerNorm over channels instead of F's BatchNorm1d (B32): BN's train-mode
+        # Per-frame LayerNorm over channels instead of the fork's BatchNorm1d: BN's train-mode
         # statistics pool over the whole sequence (future frames leak into dense training) and
-        # differ between train and eval. A per-frame norm is causal and identical in both modes.
+        # differ between train and eval. A per-frame norm is causal and identical in both modes
+        # (docs/reference-bugs.md#dilated-head-batchnorm-not-causal).
         self.norm = nn.LayerNorm(channels) if norm == "layer" else nn.Identity()
         self.proj = nn.Linear(channels, channels)  # the 1x1 conv, as a per-frame Linear
         self.drop = nn.Dropout(dropout)
@@ -491,12 +508,15 @@ class _DilatedBlock(nn.Module):
         c = self.conv(z).transpose(1, 2)                                          # (N, L, C)
         return x + self.drop(self.proj(torch.relu(self.norm(c))))
 
-    def step(self, x_t: torch.Tensor, buf: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t (n, C) the block input at frame t; buf holds inputs t-span .. t-1 at slot tau % span."""
+    def step(self, x_t: torch.Tensor, buf: torch.Tensor, t: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t (n, C) the block input at frame t; buf holds inputs t-span .. t-1 at slot
+        tau % span."""
         d, k, span = self.dilation, self.kernel_size, self.span
         # Tap i of the padded conv reads frame t - (k-1-i) d; slots not yet written are the zeros
         # that the left padding would supply.
-        slots = torch.tensor([(t - (k - 1 - i) * d) % span for i in range(k - 1)], device=buf.device)
+        slots = torch.tensor([(t - (k - 1 - i) * d) % span for i in range(k - 1)],
+                             device=buf.device)
         taps = torch.cat([buf.index_select(2, slots), x_t[:, :, None]], dim=2)   # (n, C, k)
         c = F.conv1d(taps, self.conv.weight, self.conv.bias)[:, :, 0]             # (n, C)
         y = x_t + self.drop(self.proj(torch.relu(self.norm(c))))
@@ -506,12 +526,12 @@ class _DilatedBlock(nn.Module):
 
 
 class DilatedConvProgressHead(_HiddenReadoutHead):
-    """Spec 3.4: Linear(D'->64)+ReLU, six causal residual blocks (kernel 3, dilations 1..32,
+    """Linear(D'->64)+ReLU, six causal residual blocks (kernel 3, dilations 1..32,
     receptive field 127 frames), readout MLP 64->32->1 with bias init -2, sigmoid.
 
-    Deviations (B32): LayerNorm per frame over channels replaces BatchNorm1d (``norm="none"``
-    drops it); the blocks also run for T = 1 instead of being skipped. Streaming keeps a ring
-    buffer of the last (k-1) d block inputs per block, so each frame costs O(1).
+    Deviations from the fork's head: LayerNorm per frame over channels replaces BatchNorm1d
+    (``norm="none"`` drops it); the blocks also run for T = 1 instead of being skipped. Streaming
+    keeps a ring buffer of the last (k-1) d block inputs per block, so each frame costs O(1).
     """
 
     def __init__(self, in_dim: int = 128, channels: int = 64, *, position: str = "relative",
@@ -521,7 +541,7 @@ class DilatedConvProgressHead(_HiddenReadoutHead):
         super().__init__(in_dim, position, frame_count_max)
         if norm not in ("layer", "none"):
             raise ValueError(f"dilated_conv norm must be 'layer' or 'none', got '{norm}' "
-                             "(BatchNorm is not causal, spec B32)")
+                             "(BatchNorm is not causal)")
         if kernel_size < 2 or not dilations or min(dilations) < 1:
             raise ValueError("dilated_conv needs kernel_size >= 2 and dilations >= 1")
         self.channels = channels
@@ -532,7 +552,7 @@ class DilatedConvProgressHead(_HiddenReadoutHead):
 
     @property
     def receptive_field(self) -> int:
-        """Frames that reach one output: 1 + (k-1) sum(d) = 127 for the defaults (spec 3.4)."""
+        """Frames that reach one output: 1 + (k-1) sum(d) = 127 for the defaults."""
         return 1 + sum(b.span for b in self.blocks)
 
     def _hidden(self, x, lengths, mask) -> torch.Tensor:
@@ -576,10 +596,11 @@ HEADS: dict[str, type[ProgressHead]] = {
 def build_progress_head(arch: str, *, in_dim: int = 128, hidden_dim: int = 64,
                         position: str = "relative", learnable_h0: bool = True,
                         frame_count_max: int = 300, **kw) -> ProgressHead:
-    """The head named `arch` (spec 9 "head architecture"; "mean" is use_gru=False).
+    """The head named `arch` ("mean" is the pipeline description's use_gru=False).
 
     `hidden_dim` is the width of every head: the GRU hidden size, the mean head's first layer
-    (spec 3.2), the transformer's d_model and the conv channels (all 64 by default, spec 9).
+    (docs/algorithms.md#mean-head), the transformer's d_model and the conv channels (all 64 by
+    default).
     `learnable_h0` applies to the GRU only. Extra keywords go to the head's constructor
     (dropout, num_heads, num_layers, ffn_dim, dilations, kernel_size, norm, out_bias_init).
     """

@@ -1,4 +1,4 @@
-"""Checkpoints as directories of safetensors and JSON files (STYLE habit 9); no pickle anywhere.
+"""Checkpoints as directories of safetensors and JSON files; no pickle anywhere.
 
 A checkpoint ``<run>/checkpoints/step-00001234/`` holds
 
@@ -70,7 +70,8 @@ class CheckpointError(AlignprogError):
 
 
 def checkpoint_name(step: int) -> str:
-    """``12 -> "step-00000012"`` (zero-padded; readers still sort numerically, pitfall P27)."""
+    """``12 -> "step-00000012"`` (zero-padded; readers still sort numerically, never by glob
+    order: docs/reference-bugs.md#checkpoint-chosen-by-glob-order)."""
     if step < 0:
         raise ValueError(f"checkpoint step must be >= 0, got {step}")
     return f"step-{int(step):08d}"

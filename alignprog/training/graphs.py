@@ -1,8 +1,8 @@
-"""The whole training step as CUDA graphs, one per shape bucket (issue 9).
+"""The whole training step as CUDA graphs, one per shape bucket.
 
-A step of the document's configuration launches ~700 small kernels (stacking, TCC or LAV; ~1700
-for VAVA) for ~5 ms of GPU work: launched one by one from Python, the step takes 2-4 times its GPU
-time. Captured once as a CUDA graph and replayed, the step costs one launch.
+A step of the pipeline description's configuration launches ~700 small kernels (stacking, TCC
+or LAV; ~1700 for VAVA) for ~5 ms of GPU work: launched one by one from Python, the step takes
+2-4 times its GPU time. Captured once as a CUDA graph and replayed, the step costs one launch.
 
 What is captured: forward (encoder and heads in the configured precision), alignment loss,
 gather of the progress samples, progress head and loss, backward, the head-gradient rescale,
@@ -29,17 +29,15 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from alignprog.data import Batch
-from alignprog.losses.progress import progress_loss
-from alignprog.runtime import autocast, trusted_inputs
-from alignprog.sampling import SegmentSamples, gather_frames, sample_segments
+from alignprog.sampling import SegmentSamples
 
 if TYPE_CHECKING:  # pragma: no cover
-    from alignprog.training.loop import Trainer
+    from alignprog.config import Config
 
 GRAPH_METHODS = ("tcc", "lav", "vava")
 LAUNCH_BOUND_ENCODERS = ("stacking", "naive")
@@ -48,16 +46,17 @@ METRICS = ("alignment", "progress", "total", "bad", "grad_encoder", "grad_head",
            "grad_encoder_clipped", "grad_head_clipped")
 
 
-def unsupported(trainer: Trainer, mode: str) -> str | None:
+def unsupported(cfg: Config, device: torch.device, *, several_processes: bool,
+                mode: str) -> str | None:
     """Why the step cannot (or, in auto mode, should not) be a CUDA graph; None if it can."""
-    cfg, tc = trainer.cfg, trainer.cfg.train
-    if trainer.device.type != "cuda":
+    tc = cfg.train
+    if device.type != "cuda":
         return "the device is not CUDA"
-    if trainer.dist.active:
+    if several_processes:
         return "several processes agree on each step on the host"
     if tc.method not in GRAPH_METHODS:
         return f"{tc.method}'s GMM fits decide on the host how many iterations run"
-    if cfg.progress.enabled and not trainer.learnable:
+    if cfg.progress.enabled and cfg.progress.method != "learnable":
         return "the cumulative_l2 progress loss is not captured"
     if mode == "auto" and cfg.model.encoder not in LAUNCH_BOUND_ENCODERS:
         return f"the {cfg.model.encoder} encoder is compute-bound (no gain from a graph)"
@@ -73,8 +72,8 @@ def next_power_of_two(n: int) -> int:
 
 
 @dataclass
-class Graph:
-    """One captured step and its static buffers (inputs, metrics out)."""
+class GraphInputs:
+    """A captured step's static input buffers: the padded batch and progress samples."""
 
     features: torch.Tensor      # (B, Tb, *F)
     mask: torch.Tensor          # (B, Tb) bool
@@ -84,94 +83,97 @@ class Graph:
     gt: torch.Tensor            # (Qb,)
     valid: torch.Tensor         # (Qb,) bool: a real sample
     width: int                  # gathered segment width
-    metrics: torch.Tensor       # (len(METRICS),) float32
+    step: torch.Tensor          # () long: the optimizer step (VAVA's phi)
+
+
+@dataclass
+class Graph:
+    """One captured step: its inputs and its metrics out (len(METRICS),) float32."""
+
+    inputs: GraphInputs
+    metrics: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
 
 
 class StepGraphs:
-    """The CUDA graphs of a trainer's step; `step(batch)` replays (capturing first if needed)
-    and returns the step's record, or None where the trainer must run the step eagerly."""
+    """CUDA graphs of a training step, one per shape bucket. It knows the model and optimizer
+    (to warm up and zero the gradients around a capture) and two callables on `GraphInputs`:
+    `loss` (the total, for the warm-up's backward) and `step` (the whole step, captured: its
+    device values by METRICS name). `replay(batch, samples, step)` captures if needed, replays
+    and returns the values, or None where the caller must run the step eagerly."""
 
     @classmethod
-    def create(cls, trainer: Trainer) -> StepGraphs | None:
-        mode = trainer.cfg.train.cuda_graphs
+    def create(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               loss: Callable[[GraphInputs], torch.Tensor],
+               step: Callable[[GraphInputs], dict[str, torch.Tensor]], cfg: Config,
+               device: torch.device, *, several_processes: bool = False
+               ) -> StepGraphs | None:
+        mode = cfg.train.cuda_graphs
         if mode == "off":
             return None
-        reason = unsupported(trainer, mode)
+        reason = unsupported(cfg, device, several_processes=several_processes, mode=mode)
         if reason is not None:
             if mode == "on":
                 warnings.warn(f"train.cuda_graphs=on, but {reason}: the step runs eagerly",
                               stacklevel=2)
             return None
-        return cls(trainer)
+        return cls(model, optimizer, loss, step, device, frame_bucket=cfg.train.graph_frame_bucket,
+                   max_graphs=cfg.train.max_graphs)
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 loss: Callable[[GraphInputs], torch.Tensor],
+                 step: Callable[[GraphInputs], dict[str, torch.Tensor]], device: torch.device,
+                 *, frame_bucket: int, max_graphs: int) -> None:
+        self.model, self.optimizer, self.loss, self.step_fn = model, optimizer, loss, step
+        self.device = device
+        self.frame_bucket, self.max_graphs = frame_bucket, max_graphs
         self.graphs: OrderedDict[tuple, Graph] = OrderedDict()
-        self.step_count = torch.zeros((), dtype=torch.long, device=trainer.device)
+        self.step_count = torch.zeros((), dtype=torch.long, device=device)
         self.failed: str | None = None
         self.replays = 0
 
-    def step(self, host: Batch) -> dict | None:
-        tr = self.trainer
-        if tr.step == 0 or self.failed is not None or host.size < 2:
+    def replay(self, host: Batch, samples: SegmentSamples | None, step: int
+               ) -> dict[str, torch.Tensor] | None:
+        """The step on this batch (and progress samples) as a replay: its device values by
+        METRICS name (clones), or None after a failed capture (the caller runs it eagerly,
+        and every later step too)."""
+        if self.failed is not None:
             return None
-        gen = tr.generators["sampling"]
-        state = gen.get_state()
-        samples, n = None, 0
-        if tr.learnable:
-            lc = tr.cfg.progress.learnable
-            samples = sample_segments(host.seg_start, host.seg_end, host.seg_foreground,
-                                      host.seg_mask, samples_per_video=lc.samples_per_video,
-                                      frames_per_segment=lc.frames_per_segment,
-                                      min_segment_len=lc.min_segment_len,
-                                      stratified=lc.stratified_sampling, generator=gen)
-            n = len(samples)
-            if n == 0:   # no progress term this step: the eager step draws again
-                gen.set_state(state)
-                return None
-        tc = tr.cfg.train
-        frames = round_up(host.features.shape[1], tc.graph_frame_bucket)
+        n = len(samples) if samples is not None else 0
+        frames = round_up(host.features.shape[1], self.frame_bucket)
         width = next_power_of_two(int(samples.segment_length.max())) if n else 1
         key = (host.size, frames, round_up(max(n, 1), SAMPLE_BUCKET), min(width, frames))
         graph = self.graphs.get(key)
         if graph is None:
-            while len(self.graphs) >= tc.max_graphs:
+            while len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
             try:
-                graph = self.capture(key, host, samples)
+                graph = self.capture(key, host, samples, step)
             except RuntimeError as exc:   # e.g. an op that syncs: run eagerly from now on
                 self.failed = str(exc).splitlines()[0]
                 warnings.warn(f"CUDA graph capture failed ({self.failed}); the training step "
                               "runs eagerly", stacklevel=2)
-                tr.optimizer.zero_grad(set_to_none=True)
-                gen.set_state(state)
+                self.optimizer.zero_grad(set_to_none=True)
                 return None
             self.graphs[key] = graph          # captured with this batch in its buffers
         else:
-            self.fill(graph, host, samples)
+            self.fill(graph.inputs, host, samples, step)
         self.graphs.move_to_end(key)
         graph.graph.replay()
         self.replays += 1
-        m = graph.metrics.clone()
-        out = dict(zip(METRICS, m))
-        return {"step": tr.step + 1, "epoch": tr.epoch, "alignment": out["alignment"],
-                "progress": out["progress"] if tr.learnable else None,
-                "total": out["total"], "bad": out["bad"] > 0, "lambda": tr.lam,
-                "samples": n, "videos": host.size, "frames": int(host.lengths.sum()),
-                **{k: out[k] for k in METRICS[4:]}}
+        return dict(zip(METRICS, graph.metrics.clone()))
 
-    def fill(self, graph: Graph, host: Batch, samples: SegmentSamples | None) -> None:
+    def fill(self, inputs: GraphInputs, host: Batch, samples: SegmentSamples | None,
+             step: int) -> None:
         """Copy the batch (and the samples) into the graph's buffers, asynchronously."""
-        tr = self.trainer
         b, t = host.mask.shape
-        graph.features[:, :t].copy_(_pinned(host.features), non_blocking=True)
-        mask = torch.zeros(graph.mask.shape, dtype=torch.bool)
+        inputs.features[:, :t].copy_(_pinned(host.features), non_blocking=True)
+        mask = torch.zeros(inputs.mask.shape, dtype=torch.bool)
         mask[:, :t] = host.mask
-        graph.mask.copy_(_pinned(mask), non_blocking=True)
+        inputs.mask.copy_(_pinned(mask), non_blocking=True)
         if samples is not None:
             q = len(samples)
-            cols = torch.zeros((5, graph.video.shape[0]), dtype=torch.float64)
+            cols = torch.zeros((5, inputs.video.shape[0]), dtype=torch.float64)
             cols[2] = 1.0   # padding samples: frame 0 of video 0, length 1, gt 1, invalid
             cols[3] = 1.0
             cols[0, :q] = samples.video.double()
@@ -179,85 +181,46 @@ class StepGraphs:
             cols[2, :q] = samples.segment_length.double()
             cols[3, :q] = samples.gt.double()
             cols[4, :q] = 1.0
-            dev = _pinned(cols).to(tr.device, non_blocking=True)
-            graph.video.copy_(dev[0])
-            graph.start.copy_(dev[1])
-            graph.length.copy_(dev[2])
-            graph.gt.copy_(dev[3])
-            graph.valid.copy_(dev[4] > 0)
-        self.step_count.fill_(tr.step)
+            dev = _pinned(cols).to(self.device, non_blocking=True)
+            inputs.video.copy_(dev[0])
+            inputs.start.copy_(dev[1])
+            inputs.length.copy_(dev[2])
+            inputs.gt.copy_(dev[3])
+            inputs.valid.copy_(dev[4] > 0)
+        inputs.step.fill_(step)
 
-    def capture(self, key: tuple, host: Batch, samples: SegmentSamples | None) -> Graph:
-        tr = self.trainer
+    def capture(self, key: tuple, host: Batch, samples: SegmentSamples | None,
+                step: int) -> Graph:
         b, frames, q, width = key
-        dev = tr.device
+        dev = self.device
         zeros = lambda dtype: torch.zeros(q, dtype=dtype, device=dev)  # noqa: E731
-        graph = Graph(
+        inputs = GraphInputs(
             features=torch.zeros((b, frames, *host.features.shape[2:]),
                                  dtype=host.features.dtype, device=dev),
             mask=torch.zeros((b, frames), dtype=torch.bool, device=dev),
             video=zeros(torch.long), start=zeros(torch.long), length=zeros(torch.long) + 1,
             gt=zeros(torch.float32) + 1, valid=zeros(torch.bool), width=width,
-            metrics=torch.zeros(len(METRICS), device=dev))
-        self.fill(graph, host, samples)
-        tr.model.train()
+            step=self.step_count)
+        graph = Graph(inputs=inputs, metrics=torch.zeros(len(METRICS), device=dev))
+        self.fill(inputs, host, samples, step)
+        self.model.train()
         # Warm-up on a side stream (the lazy set-up of cuDNN, cuBLAS and autograd must not
         # happen during capture): forward and backward only, so the parameters do not move.
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):
-                tr.optimizer.zero_grad(set_to_none=True)
-                self.losses(graph)[0].backward()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.loss(inputs).backward()
         torch.cuda.current_stream(dev).wait_stream(side)
-        tr.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         graph.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph.graph):
-            self.body(graph)
+            values = self.step_fn(inputs)
+            # detached: an in-place copy of graph tensors would keep the autograd graph alive
+            graph.metrics.copy_(torch.stack([values[k].detach().float().reshape(())
+                                             for k in METRICS]))
         return graph
-
-    def losses(self, graph: Graph) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(total, alignment, progress) of the graph's buffers."""
-        tr = self.trainer
-        lc = tr.cfg.progress.learnable
-        with trusted_inputs():
-            with autocast(tr.device, tr.cfg.train.precision):
-                out = tr.model(graph.features, graph.mask)
-            emb = out.embeddings.float()
-            drop = None if out.drop_logits is None else out.drop_logits.float()
-            alignment = tr.alignment_loss(emb, drop, graph.mask, step=self.step_count)
-            progress = None
-            if tr.learnable:
-                seg = gather_frames(emb, graph.video, graph.start, graph.length, graph.width)
-                with autocast(tr.device, tr.cfg.train.precision):
-                    pred = tr.model.progress_head(seg, graph.length).float()   # (Qb,)
-                progress = progress_loss(pred, graph.gt, weighted=lc.weighted_loss,
-                                         weight_cap=lc.weight_cap, kind=lc.loss,
-                                         valid=graph.valid)
-        total = alignment if progress is None else alignment + tr.lam * progress
-        return total, alignment, progress
-
-    def body(self, graph: Graph) -> None:
-        """The captured step: losses, backward, rescale, clip, Adam, counters, metrics."""
-        tr = self.trainer
-        total, alignment, progress = self.losses(graph)
-        total.backward()
-        tr.rescale_head(False)
-        record: dict = {}
-        tr.clip(record)
-        bad = ~(torch.isfinite(total) & torch.isfinite(record["grad_encoder"])
-                & torch.isfinite(record["grad_head"]))
-        tr.optimizer.found_inf = bad.float()
-        try:
-            tr.optimizer.step()
-        finally:
-            del tr.optimizer.found_inf
-        tr.count_bad(bad)
-        zero = torch.zeros((), device=tr.device)
-        values = {"alignment": alignment, "progress": zero if progress is None else progress,
-                  "total": total, "bad": bad} | {k: record[k] for k in METRICS[4:]}
-        # detached: an in-place copy of graph tensors would keep this step's autograd graph alive
-        graph.metrics.copy_(torch.stack([values[k].detach().float().reshape(()) for k in METRICS]))
 
 
 def _pinned(tensor: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from alignprog.config import Config
+import torch
+
+from alignprog.config import Config, DataConfig
 from alignprog.errors import AlignprogError
 from alignprog.models import AlignmentModel, build_model
 from alignprog.training.checkpoint import load_checkpoint, read_checkpoint_meta
 from alignprog.training.rundir import RunDir
+
+if TYPE_CHECKING:
+    from alignprog.data.dataset import Dataset
 
 
 def resolve_checkpoint(run_dir: Path, checkpoint: str = "best") -> Path:
@@ -43,3 +51,59 @@ def load_trained_model(checkpoint: Path, *, device: str = "cpu"
                         num_tasks=meta["num_tasks"], method=cfg.train.method)
     state = load_checkpoint(checkpoint, model=model, restore_rng=False)
     return cfg, model.to(device).eval(), state
+
+
+@dataclass(frozen=True)
+class OpenedRun:
+    """A trained run ready to evaluate: its checkpoint's model and config, and its data.
+
+    ``data_config`` is the checkpoint's data config with the run's own split.json (the split
+    the model was trained with) and, when asked, another dataset root. The dataset is read on
+    first access of ``dataset``, so a caller can say what it is about to read first.
+    """
+
+    run: RunDir
+    checkpoint: Path              # the resolved checkpoint directory
+    device: torch.device          # where ``model`` lives
+    config: Config                # the checkpoint's config
+    model: AlignmentModel         # trained weights, eval mode, on ``device``
+    state: dict[str, Any]         # the checkpoint's state (step, epoch, ...)
+    data_config: DataConfig
+
+    @cached_property
+    def dataset(self) -> "Dataset":
+        """The run's dataset, loaded from ``data_config`` once."""
+        from alignprog.data.dataset import load_dataset
+
+        return load_dataset(self.data_config)
+
+
+def open_run(run_dir: Path, *, checkpoint: str = "best", dataset: Path | None = None,
+             device: str | torch.device = "cpu") -> OpenedRun:
+    """Open a run directory for evaluation: its checkpoint (`resolve_checkpoint`), the model
+    with checked weights on ``device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``) and the data
+    config of the checkpoint, reading ``dataset`` instead of the configured root if given.
+
+    Every failure (no run, no checkpoint, a bad device, a damaged checkpoint or corrupted
+    weights) is one AlignprogError line, raised before any dataset is read.
+    """
+    from alignprog.checks import load_checked_model
+    from alignprog.runtime import resolve_device
+
+    run = RunDir.open(Path(run_dir))
+    ckpt = resolve_checkpoint(run.path, checkpoint)
+    dev = resolve_device(str(device))
+    # One line for a damaged checkpoint; NaN/Inf or absurd weights are refused (they would
+    # "evaluate" to head None and a bogus cumulative_l2 MAE).
+    cfg, model, state = load_checked_model(ckpt, device=str(dev))
+
+    data_cfg = cfg.data
+    updates: dict[str, Any] = {}
+    if dataset is not None:
+        updates["root"] = dataset
+    if run.split_path.is_file():
+        # The split the model was trained with, whatever the config would draw today.
+        updates["split"] = data_cfg.split.model_dump() | {"file": run.split_path}
+    if updates:
+        data_cfg = type(data_cfg).model_validate(data_cfg.model_dump() | updates)
+    return OpenedRun(run, ckpt, dev, cfg, model, state, data_cfg)

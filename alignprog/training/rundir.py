@@ -1,4 +1,4 @@
-"""Run directories (STYLE habit 8).
+"""Run directories.
 
 ::
 
@@ -389,8 +389,8 @@ class RunDir:
         return self.checkpoints_dir / BEST_NAME
 
     def checkpoints(self) -> list[tuple[int, Path]]:
-        """Complete ``step-N`` checkpoints, ascending by N as a number (pitfall P27: never glob
-        order)."""
+        """Complete ``step-N`` checkpoints, ascending by N as a number, never in glob order
+        (docs/reference-bugs.md#checkpoint-chosen-by-glob-order)."""
         if not self.checkpoints_dir.is_dir():
             return []
         found = [(checkpoint_step(p.name), p) for p in self.checkpoints_dir.iterdir()]
@@ -406,7 +406,8 @@ class RunDir:
         return self.best_path if is_checkpoint(self.best_path) else None
 
     def default_checkpoint(self) -> Path | None:
-        """The checkpoint to evaluate when none is named (pitfall P27): best, else latest."""
+        """The checkpoint to evaluate when none is named: best, else the latest by step number
+        (docs/reference-bugs.md#checkpoint-chosen-by-glob-order)."""
         return self.best_checkpoint() or self.latest_checkpoint()
 
     # -- writers ----------------------------------------------------------------------------

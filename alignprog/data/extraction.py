@@ -1,21 +1,13 @@
-"""Video files -> the feature layouts the encoders read (DATA_AND_EVAL 1.4).
+"""Video files -> the feature layouts the encoders read (docs/data.md#feature-extraction).
 
-One torchvision ResNet-50 pass per batch of sampled frames gives both arrays:
+The data layer's extraction side (`alignprog extract-features`): `alignprog.data.video` decodes
+and samples the frames, one torchvision ResNet-50 pass per batch of them gives both arrays, which
+`alignprog.data.dataset` reads back:
 
-* ``frames/<handle>.npy``   (T, 1024, 14, 14): the ``layer3`` (conv4) maps, what [F]'s
-  ``extract_features.py`` stores for the ``resnet50`` conv encoder;
+* ``frames/<handle>.npy``   (T, 1024, 14, 14): the ``layer3`` (conv4) maps, what the
+  reference fork's ``extract_features.py`` stores for the ``resnet50`` conv encoder;
 * ``features/<handle>.npy`` (T, 2048): the global average pool of ``layer4``, the conventional
   pooled ResNet-50 vector (torchvision's ``avgpool``; ``fc`` is never run).
-
-Frame sampling (DATA_AND_EVAL 1.4, [F]): frames are decoded in order and numbered c = 0, 1, ...;
-frame c is kept when ``floor(c mod h) == 0`` with ``h = native_fps / target_fps``, computed in
-exact rational arithmetic (``fractions.Fraction``), so that e.g. 30000/1001 fps is not subject to
-float rounding at period boundaries ([F] uses floats; the two agree except where ``c mod h`` is
-within rounding of an integer). ``native_fps`` is the stream's average frame rate from the
-container, else FFmpeg's guessed rate, else 30 (the spec's fallback). The rule counts decoded
-frames, not timestamps: a variable-frame-rate video is sampled as if its rate were constant.
-With ``h >= 1`` exactly one frame is kept per period of h frames, the first being frame 0;
-with ``h < 1`` (target above the native rate) every frame is kept, none is repeated.
 
 Preprocessing (ImageNet, as torchvision's weights expect): the frame is converted to RGB by
 FFmpeg (swscale, ``rgb24``), scaled to [0, 1], resized to 224x224 without keeping the aspect
@@ -23,7 +15,7 @@ ratio (bilinear with antialiasing, ``torch.nn.functional.interpolate``: what
 ``torchvision.transforms.v2.functional.resize(antialias=True)`` does on a float tensor), then
 normalised with the ImageNet mean and std. The network runs in float32 (on CUDA, cuDNN may use
 TF32, PyTorch's default for convolutions); arrays are cast to the storage dtype (float16 by
-default, as [F] stores them) only when written.
+default, as the fork stores them) only when written.
 
 The library never prints: progress goes through callbacks; the CLI draws the bar.
 """
@@ -40,13 +32,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignprog.data.video import SampledFrames, VideoError
 from alignprog.errors import AlignprogError, ConfigError, DataError
 from alignprog.fileio import atomic_save_npy, atomic_write_json, read_user_text
 
@@ -54,115 +47,12 @@ Layout = Literal["features", "frames"]
 LAYOUTS: tuple[Layout, ...] = ("features", "frames")
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
-VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg",
-                            ".wmv", ".flv", ".ts", ".3gp"})
-DEFAULT_NATIVE_FPS = Fraction(30)     # DATA_AND_EVAL 1.4: "30 if unknown"
 INPUT_SIZE = 224                      # ResNet-50's ImageNet input; layer3 is then 14x14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_SEED = 0                       # --weights random: the same network every time
 DOWNLOAD_TIMEOUT_S = 30               # a machine without network fails fast instead of hanging
 STORAGE_DTYPES = {"fp16": np.float16, "fp32": np.float32}
-
-
-class VideoError(DataError):
-    """A video cannot be opened or decoded; extraction reports it and goes on."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Frame sampling and decoding
-
-
-def sampling_period(native_fps: float | Fraction, target_fps: float | Fraction) -> Fraction:
-    """h = native_fps / target_fps as an exact fraction (floats via their decimal form)."""
-    native = _fraction(native_fps)
-    target = _fraction(target_fps)
-    if target <= 0:
-        raise ConfigError(f"--fps must be > 0, got {target_fps}")
-    return native / target
-
-
-def keep_frame(c: int, h: Fraction) -> bool:
-    """DATA_AND_EVAL 1.4: decoded frame c is kept when floor(c mod h) == 0."""
-    return c % h < 1
-
-
-def sampled_indices(num_decoded: int, h: Fraction) -> list[int]:
-    """The decoded-frame indices kept out of `num_decoded` (the rule of `keep_frame`)."""
-    return [c for c in range(num_decoded) if keep_frame(c, h)]
-
-
-def _fraction(x: float | Fraction | int) -> Fraction:
-    if isinstance(x, (Fraction, int)):
-        return Fraction(x)
-    return Fraction(repr(float(x)))   # 29.97 -> 2997/100, not the binary float's expansion
-
-
-class SampledFrames:
-    """Decode a video with PyAV and yield the sampled frames as RGB uint8 arrays (H, W, 3).
-
-    Attributes filled as decoding goes: ``native_fps`` (known after opening), ``decoded``
-    (frames decoded so far) and ``decode_s`` (seconds spent decoding and converting). Every
-    FFmpeg error is raised as `VideoError` naming the file.
-    """
-
-    def __init__(self, path: Path, target_fps: float, *, threads: bool = True) -> None:
-        import av
-
-        self.path = Path(path)
-        self.decoded = 0
-        self.decode_s = 0.0
-        start = time.perf_counter()
-        try:
-            self._container = av.open(str(path))
-        except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
-            raise VideoError(f"cannot open the video ({_av_message(exc)})",
-                             file=str(path)) from None
-        if not self._container.streams.video:
-            self._container.close()
-            raise VideoError("the file holds no video stream", file=str(path))
-        self._stream = self._container.streams.video[0]
-        if threads:
-            # FFmpeg's frame and slice threads: the same frames, decoded faster.
-            self._stream.codec_context.thread_type = "AUTO"
-        rate = self._stream.average_rate or self._stream.guessed_rate
-        self.native_fps = Fraction(rate) if rate else DEFAULT_NATIVE_FPS
-        self.period = sampling_period(self.native_fps, target_fps)
-        self.decode_s += time.perf_counter() - start
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        import av
-
-        frames = self._container.decode(self._stream)
-        while True:
-            start = time.perf_counter()
-            try:
-                frame = next(frames)
-                keep = keep_frame(self.decoded, self.period)
-                rgb = frame.to_ndarray(format="rgb24") if keep else None     # (H, W, 3) uint8
-            except StopIteration:
-                self.decode_s += time.perf_counter() - start
-                return
-            except (av.error.FFmpegError, OSError, ValueError) as exc:
-                raise VideoError(f"decoding failed after {self.decoded} frames "
-                                 f"({_av_message(exc)})", file=str(self.path)) from None
-            self.decoded += 1
-            self.decode_s += time.perf_counter() - start
-            if rgb is not None:
-                yield rgb
-
-    def close(self) -> None:
-        self._container.close()
-
-    def __enter__(self) -> "SampledFrames":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _av_message(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,26 +345,6 @@ class ExtractSummary:
         }
 
 
-def find_videos(video_dir: Path, *, recursive: bool = False) -> list[Path]:
-    """Video files (by suffix) in `video_dir`, sorted; a single file is accepted as is. Handles
-    are file stems, so two videos with the same stem are an error."""
-    video_dir = Path(video_dir)
-    if video_dir.is_file():
-        return [video_dir]
-    if not video_dir.is_dir():
-        raise DataError("no such file or folder", file=str(video_dir))
-    pattern = video_dir.rglob("*") if recursive else video_dir.iterdir()
-    paths = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
-                   and not p.name.startswith("."))
-    seen: dict[str, Path] = {}
-    for p in paths:
-        if p.stem in seen:
-            raise DataError(f"two videos have the handle '{p.stem}' ({seen[p.stem]} and {p}); "
-                            "rename one", file=str(video_dir))
-        seen[p.stem] = p
-    return paths
-
-
 def read_manifest(out_root: Path) -> dict | None:
     path = Path(out_root) / MANIFEST
     if not path.is_file():
@@ -565,8 +435,7 @@ def extract_videos(videos: list[Path], out_root: Path, settings: ExtractSettings
             "schema_version": MANIFEST_SCHEMA,
             "settings": settings_record,
             "weights_description": summary.weights,
-            "sampling": "decoded frame c kept when floor(c mod h) == 0, h = native_fps / fps "
-                        "(DATA_AND_EVAL 1.4)",
+            "sampling": "decoded frame c kept when floor(c mod h) == 0, h = native_fps / fps",
             "preprocessing": "RGB, resize to 224x224 (bilinear, antialiased, aspect not kept), "
                              "ImageNet mean/std",
             "arrays": {"features": "(T, 2048) global average pool of ResNet-50 layer4",

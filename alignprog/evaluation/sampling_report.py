@@ -1,6 +1,6 @@
 """What the progress head's segment sampler feeds training, for one epoch (``sample-inspect``).
 
-The samples are drawn exactly as training draws them (spec ALGORITHMS 4, DOC steps 1-2): one
+The samples are drawn exactly as training draws them (docs/algorithms.md#segment-sampling): one
 epoch of ``make_loader(dataset, split, batch_size, shuffle=True, drop_last=True, seed)`` and, per
 batch, `sample_segments` with one ``torch.Generator().manual_seed(seed)`` for the whole epoch.
 The same epoch is drawn a second time with stratification off (a fresh generator, same seed) to
@@ -8,13 +8,14 @@ compare the two modes. Only the batches' segment tensors are built: the loader's
 gives the index lists and the loader's own `Collator` turns them into tensors from zero-width
 feature arrays, so no feature file is read and the report is fast on a large dataset.
 
-Weights are those of the weighted L1 loss (spec 5.1): w = min(1 / gt, weight_cap), or 1 when
-``progress.learnable.weighted_loss`` is off. The result is plain JSON-serialisable data.
+Weights are those of the weighted L1 loss (docs/algorithms.md#weighted-l1): w = min(1 / gt,
+weight_cap), or 1 when
+``progress.learnable.weighted_loss`` is off. The result is plain JSON-serialisable data;
+`alignprog.plots.sampling_figure` draws it.
 """
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from typing import Any, Iterator
 
@@ -25,7 +26,7 @@ from alignprog.config import Config
 from alignprog.data import Dataset, load_dataset, make_loader
 from alignprog.data.batching import Batch, Collator, TaskBatchSampler
 from alignprog.data.splits import SPLIT_NAMES
-from alignprog.errors import AlignprogError, ConfigError, DataError
+from alignprog.errors import ConfigError, DataError
 from alignprog.sampling import BIN_EDGES, BIN_NAMES, SegmentSamples, sample_segments
 
 HIST_BINS = 10  # histogram of ground-truth progress over [0, 1]
@@ -60,7 +61,8 @@ def _draw(batches: list[Batch], cfg: Config, *, stratified: bool, seed: int
 
 
 def _weights(gt: np.ndarray, cfg: Config) -> np.ndarray:
-    """Spec 5.1: min(1/gt, cap) (gt > 0 always: gt >= min_segment_len / L); 1 if unweighted."""
+    """Weighted-L1 weights min(1/gt, cap) (gt > 0 always: gt >= min_segment_len / L); 1 if
+    unweighted."""
     lp = cfg.progress.learnable
     if not lp.weighted_loss:
         return np.ones_like(gt)
@@ -89,7 +91,7 @@ def _run(batches: list[Batch], dataset: Dataset, cfg: Config, *, stratified: boo
         per_label.update(batch.seg_label[samples.video, samples.action].tolist())
         stats.update({k: int(samples.stats.get(k, 0)) for k in STAT_KEYS})
         # Targets per draw against frames_per_segment: short actions give fewer; stratified
-        # mode with frames_per_segment < 3 gives one per non-empty bin, i.e. more (spec 4.5).
+        # mode with frames_per_segment < 3 gives one per non-empty bin, i.e. more.
         per_draw = torch.bincount(samples.video * spv + samples.draw,
                                   minlength=batch.size * spv)                     # (B*S,)
         per_draw = per_draw[per_draw > 0]                                           # (D',)
@@ -222,105 +224,3 @@ def sampling_report(cfg: Config, *, split: str = "train", seed: int = 0,
         "timeline": _timeline(ds, target_index, raw) if target_index is not None else None,
         "warnings": list(ds.warnings),
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Figure
-
-
-BIN_COLOURS = {"early": "#1b9e77", "mid": "#7570b3", "late": "#d95f02"}
-
-
-def require_matplotlib() -> None:
-    """Raise a one-line `AlignprogError` naming the install command if matplotlib is missing."""
-    try:
-        import matplotlib.figure  # noqa: F401
-    except ImportError:
-        raise AlignprogError("plotting needs matplotlib, which is not installed: "
-                             "pip install 'alignprog[plot]'") from None
-
-
-def plot_report(report: dict[str, Any]) -> bytes:
-    """A PNG of the report: progress histograms stratified vs uniform, weight share per bin, and
-    the timeline of its video. Needs matplotlib (``pip install 'alignprog[plot]'``)."""
-    require_matplotlib()
-    from matplotlib.figure import Figure
-    st, un, tl = report["stratified"], report["uniform"], report["timeline"]
-    fig = Figure(figsize=(12, 8.5), layout="constrained")
-    grid = fig.add_gridspec(2, 2, height_ratios=(1, 1.2), width_ratios=(1.6, 1))
-    ax = fig.add_subplot(grid[0, 0])
-    edges = np.asarray(st["histogram"]["edges"])
-    width = (edges[1] - edges[0]) * 0.4
-    centres = (edges[:-1] + edges[1:]) / 2
-    ax.bar(centres - width / 2, st["histogram"]["counts"], width,
-           label=f"stratified ({st['samples']} samples)", color="#1f77b4")
-    ax.bar(centres + width / 2, un["histogram"]["counts"], width,
-           label=f"uniform ({un['samples']} samples)", color="#aaaaaa")
-    for x in BIN_EDGES:
-        ax.axvline(x, color="k", ls=":", lw=1)
-    ax.set(xlim=(0, 1), xlabel="ground-truth progress", ylabel="samples",
-           title=f"ground-truth progress of one epoch: {report['dataset']}, "
-                 f"{report['settings']['split']} split, seed {report['settings']['seed']}")
-    ax.legend()
-
-    ax = fig.add_subplot(grid[0, 1])
-    x = np.arange(len(BIN_NAMES))
-    bars = [(st, "share", "stratified: samples"), (st, "weight_share", "stratified: loss weight"),
-            (un, "share", "uniform: samples"), (un, "weight_share", "uniform: loss weight")]
-    for j, (run, key, label) in enumerate(bars):
-        colour = "#1f77b4" if run["stratified"] else "#aaaaaa"
-        hatch = "//" if key == "weight_share" else None
-        ax.bar(x + (j - 1.5) * 0.2, [b[key] for b in run["bins"]], 0.2, label=label,
-               color="white" if hatch else colour, edgecolor=colour, hatch=hatch, lw=1.2)
-    ax.set_xticks(x, [f"{n}\n({b['low']:g}-{b['high']:g}]" for n, b in
-                      zip(BIN_NAMES, st["bins"])])
-    top = max(b[key] for run, key, _ in bars for b in run["bins"])
-    ax.set(ylabel="share of the epoch", ylim=(0, top * 1.4),
-           title="progress bins: share of samples and of loss weight")
-    ax.legend(fontsize=8, ncol=2, loc="upper center")
-
-    ax = fig.add_subplot(grid[1, :])
-    if tl is None:
-        ax.text(0.5, 0.5, "no video got samples", ha="center", va="center")
-        ax.set_axis_off()
-    else:
-        _plot_timeline(ax, tl)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
-
-
-def _plot_timeline(ax, tl: dict[str, Any]) -> None:
-    from matplotlib import colormaps
-
-    segs = tl["segments"]
-    names = sorted({s["name"] for s in segs if s["foreground"]})
-    colour = {n: colormaps["tab20"](i % 20) for i, n in enumerate(names)}
-    draws = sorted({s["draw"] for s in tl["samples"]})
-    top = len(draws) + 1  # the segment row; draws below it, first draw on top
-    for seg in segs:
-        ax.broken_barh([(seg["start"] - 0.5, seg["end"] - seg["start"] + 1)], (top - 0.4, 0.8),
-                       facecolors=colour[seg["name"]] if seg["foreground"] else "#e8e8e8",
-                       edgecolor="white", lw=0.5)
-        if seg["foreground"] and seg["end"] - seg["start"] + 1 >= tl["num_frames"] / 30:
-            ax.text((seg["start"] + seg["end"]) / 2, top, seg["name"], ha="center",
-                    va="center", fontsize=7, clip_on=True)
-    for row, d in enumerate(draws):
-        y = top - 1 - row
-        mine = [s for s in tl["samples"] if s["draw"] == d]
-        first, last = mine[0], max(s["target"] for s in mine)
-        # The whole action in grey, the longest sampled prefix in dark grey.
-        ax.plot([first["start"] - 0.5, first["end"] + 0.5], [y, y], color="#d0d0d0", lw=6,
-                solid_capstyle="butt")
-        ax.plot([first["start"] - 0.5, last + 0.5], [y, y], lw=2, solid_capstyle="butt",
-                color="#444444")
-        for s in mine:
-            ax.plot(s["target"], y, "|", ms=13, mew=2.2, color=BIN_COLOURS[s["bin"]])
-    for name, c in BIN_COLOURS.items():
-        ax.plot([], [], "|", ms=10, mew=2, color=c, label=f"target in the {name} bin")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    ax.set_yticks([top] + [top - 1 - r for r in range(len(draws))],
-                  ["segments"] + [f"draw {d}" for d in draws])
-    ax.set(xlim=(-0.5, tl["num_frames"] - 0.5), ylim=(0.4, top + 0.6), xlabel="frame",
-           title=f"{tl['handle']} ({tl['task']}, {tl['num_frames']} frames), stratified run: each "
-                 "draw is one action (grey), sampled prefixes end at the ticks")

@@ -1,5 +1,8 @@
 """FLOP counts of the encoders and the card's matmul rate: the compute floor of a training step.
 
+Used by `python -m benchmarks.train_step --flops` and tests/test_flops.py; the package itself
+never needs it, so it lives beside the benchmarks.
+
 A FLOP here is one multiply or one add of a matrix product or convolution (a multiply-add counts
 2), the convention of `torch.utils.flop_counter.FlopCounterMode`; elementwise work (bias, ReLU,
 max-pool, softmax) is left out: it is memory-bound and small next to the products. The counts
@@ -8,11 +11,11 @@ number (tests/test_flops.py):
 
 * resnet50 counts its 2-D reformulation (encoders.ResNet50Encoder): conv1 with the three temporal
   taps once per frame, conv2 as one (k*c2, k*c1, 3, 3) convolution per stack. For k = 2 that is
-  every product the math needs and none it does not (the spec's Conv3d over zero-padded depth
+  every product the math needs and none it does not (the documented Conv3d over zero-padded depth
   runs 27 taps where 18 touch data: `conv3d_flops` gives that count, for comparison). The forward
   also runs conv1 on k-1 zero frames per video and per chunk (frames "before 0"), 0.1-0.3 % more
   on real batches, left out here. Its spatial size is not a module property: `spatial` defaults
-  to the spec's 14 x 14 layer3 maps.
+  to the 14 x 14 layer3 maps of docs/algorithms.md#resnet50.
 * stacking runs over the padded batch, naive and the MCN heads over the real frames; pass the
   frame count the forward runs on (B * T_max for stacking if the batch is padded).
 
@@ -68,7 +71,7 @@ def _resnet_parts(encoder: ResNet50Encoder, frames: int, spatial: tuple[int, int
 
 def conv3d_flops(encoder: ResNet50Encoder, frames: int, spatial: tuple[int, int] = (14, 14)
                  ) -> int:
-    """Forward FLOPs of the spec's formulation: the two Conv3d over (C, k, H, W) stacks with
+    """Forward FLOPs of the documented formulation: the two Conv3d over (C, k, H, W) stacks with
     zero-padded depth (27 taps per output), plus the MLP. For comparison only."""
     hw = spatial[0] * spatial[1]
     k = encoder.temporal_depth

@@ -1,4 +1,4 @@
-"""Several training processes under torchrun (issue 10): the process group and the few
+"""Several training processes under torchrun: the process group and the few
 collectives the training loop needs.
 
 torchrun starts one process per GPU (or per CPU worker) and sets RANK, WORLD_SIZE, LOCAL_RANK,
@@ -14,8 +14,8 @@ and `find_unused_parameters` to survive that. The explicit reduction is the exac
 (a missing gradient counts as zero), runs on every rank on every step whatever its batch held,
 and carries the step's loss statistics in the same message, so that the ranks also agree on
 skipping a step with a non-finite loss. It does not overlap communication with backward as DDP
-does; for the document's model (7 M parameters, 28 MB of fp32 gradients per step, against a
-step of ~20 ms) one flat reduction after backward is a small share of the step.
+does; for the pipeline description's model (7 M parameters, 28 MB of fp32 gradients per step,
+against a step of ~20 ms) one flat reduction after backward is a small share of the step.
 """
 
 from __future__ import annotations

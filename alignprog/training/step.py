@@ -1,0 +1,252 @@
+"""One optimizer step, written once for every way a step runs.
+
+    total = alignment + lambda * progress          (`objective`; the head-only stage: progress)
+    total.backward()
+    several processes: gradients and losses averaged over the ranks, one all_reduce
+    head gradients divided by lambda                (the head learns at the natural scale)
+    clipping (global, separate or none)
+    Adam, skipped on the device when the loss or a gradient is not finite
+    skip counters
+
+`take_step` does all of it from the two losses. The eager step calls it after the forward pass,
+a CUDA graph captures it (`graphs.py`; no host sync then), and each rank of a multi-process run
+calls it on its own batch. It returns a `StepMetrics` of device scalars, read at the steps that
+log (`StepMetrics.read`: one host sync). How the two objectives are balanced is `objective`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+from alignprog.config import TrainConfig
+from alignprog.training.distributed import Dist
+
+Scalar = torch.Tensor | float
+
+
+class StepOwner(Protocol):
+    """What a step needs from the trainer."""
+
+    cfg: object                   # .train: TrainConfig
+    device: torch.device
+    dist: Dist
+    optimizer: torch.optim.Optimizer
+    encoder_params: list[nn.Parameter]
+    head_params: list[nn.Parameter]
+    lam: float
+    learnable: bool
+    skipped_steps: torch.Tensor   # () long, on the device
+    bad_run: torch.Tensor         # () long: consecutive bad steps
+
+
+@dataclass
+class StepMetrics:
+    """One step's numbers: losses and gradient norms as device scalars (floats after a
+    multi-process step, whose ranks agree on the host), the batch's counts as ints."""
+
+    step: int
+    epoch: int
+    lam: float
+    samples: int
+    videos: int
+    frames: int
+    alignment: Scalar
+    progress: Scalar | None = None
+    total: Scalar | None = None            # None: nothing to learn from (see `no_loss`)
+    bad: Scalar | None = None              # a non-finite loss or gradient: no update
+    grad_encoder: Scalar | None = None     # before clipping
+    grad_head: Scalar | None = None
+    grad_encoder_clipped: Scalar | None = None
+    grad_head_clipped: Scalar | None = None
+    no_loss: bool = False                  # skipped without a loss (no progress sample, ...)
+    ranks: int | None = None               # several processes: how many
+    bad_terms: list[str] = field(default_factory=list)   # the ranks' non-finite terms
+    extra: dict = field(default_factory=dict)            # host values: lr, seconds, ...
+
+    TENSORS = ("alignment", "progress", "total", "bad", "grad_encoder", "grad_head",
+               "grad_encoder_clipped", "grad_head_clipped")
+
+    def values(self) -> dict[str, Scalar | None]:
+        return {k: getattr(self, k) for k in self.TENSORS}
+
+    def read(self, counters: dict[str, torch.Tensor] | None = None) -> dict:
+        """The record of this step (and `counters`) with every device value read, in one host
+        sync: the dict that logs, displays and metrics.jsonl show."""
+        values = self.values() | dict(counters or {})
+        keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+        if keys:
+            # Scalars may sit on the CPU (counters of a CPU run, a multi-process record) and
+            # on the GPU: stack them on one device.
+            device = next((values[k].device for k in keys if values[k].device.type != "cpu"),
+                          values[keys[0]].device)
+            read = torch.stack([values[k].detach().to(device, torch.float64).reshape(())
+                                for k in keys]).tolist()
+            values |= dict(zip(keys, read))
+        out = {"step": self.step, "epoch": self.epoch, "alignment": values["alignment"],
+               "progress": values["progress"], "lambda": self.lam, "samples": self.samples,
+               "videos": self.videos, "frames": self.frames}
+        if self.ranks is not None:
+            out["ranks"] = self.ranks
+        if self.bad_terms:
+            out["bad_terms"] = list(self.bad_terms)
+        skipped = self.no_loss or bool(values["bad"])
+        out["total"] = None if skipped else values["total"]
+        if values["progress"] is not None:
+            out["weighted_progress"] = self.lam * values["progress"]
+        for k in ("grad_encoder", "grad_head", "grad_encoder_clipped", "grad_head_clipped"):
+            if values[k] is not None:
+                out[k] = values[k]
+        out["skipped"] = skipped
+        for k in counters or {}:
+            out[k] = int(values[k])
+        return out | self.extra
+
+    def with_values(self, **values) -> StepMetrics:
+        return replace(self, **values)
+
+
+def objective(alignment: torch.Tensor | None, progress: torch.Tensor | None, lam: float, *,
+              head_only: bool = False) -> torch.Tensor | None:
+    """The loss the step minimises: alignment + lambda * progress; the progress loss alone in
+    the head-only stage; None when there is nothing to learn from."""
+    if head_only:
+        return progress
+    if progress is None:
+        return alignment
+    return alignment + lam * progress
+
+
+def total_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients, a 0-dim float32 tensor on `device`
+    (0 when none has a gradient); no host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return get_total_norm(grads).float()
+
+
+def clip_to(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale the gradients of `params` (global norm `norm`) down to at most `max_norm`
+    (`clip_grads_with_norm_`: coefficient max_norm / (norm + 1e-6), at most 1); the norm after."""
+    if any(p.grad is not None for p in params):
+        clip_grads_with_norm_(params, max_norm, norm)
+    return norm * (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+def clip_gradients(owner: StepOwner, *, head_only: bool = False
+                   ) -> tuple[torch.Tensor, ...]:
+    """Clipping in the configured mode: (encoder norm, head norm) before and after, device
+    scalars. Global: one norm over all parameters; separate: each part its own threshold (the
+    head-only stage clips the head alone); none. A run without a head has a head norm of 0."""
+    tc: TrainConfig = owner.cfg.train
+    enc = total_norm(owner.encoder_params, owner.device)
+    head = total_norm(owner.head_params, owner.device)
+    enc_c, head_c = enc, head
+    if head_only or tc.clip_mode == "separate":
+        if not head_only:
+            enc_c = clip_to(owner.encoder_params, enc, tc.encoder_clip)
+        if owner.head_params:
+            head_c = clip_to(owner.head_params, head, tc.head_clip)
+    elif tc.clip_mode == "global":
+        both = torch.linalg.vector_norm(torch.stack([enc, head]))
+        coef = clip_to(owner.encoder_params + owner.head_params, both, tc.encoder_clip) / both
+        coef = torch.where(both > 0, coef, 1.0)
+        enc_c, head_c = enc * coef, head * coef
+    return enc, head, enc_c, head_c
+
+
+def rescale_head(owner: StepOwner, head_only: bool) -> None:
+    """The head received lambda * grad(progress); dividing by lambda lets it learn at the
+    natural scale while the encoder keeps the lambda-scaled signal."""
+    if owner.learnable and not head_only and owner.lam > 0 and owner.lam != 1:
+        grads = [p.grad for p in owner.head_params if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, owner.lam)
+
+
+def _optimizer_step(owner: StepOwner, bad: torch.Tensor, release_grads: bool) -> None:
+    """Adam unless `bad`. The fused optimizer (CUDA) skips on the device (found_inf, no host
+    sync, capturable); on the CPU the host decides, which costs nothing there."""
+    opt = owner.optimizer
+    if opt.defaults.get("fused"):
+        opt.found_inf = bad.float()
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+    elif not bool(bad):
+        opt.step()
+    if release_grads:   # not inside a CUDA graph, whose gradients are its own buffers
+        opt.zero_grad(set_to_none=True)
+    owner.skipped_steps += bad
+    owner.bad_run.copy_(torch.where(bad, owner.bad_run + 1, 0))
+
+
+def take_step(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor | None,
+              info: StepMetrics, *, head_only: bool = False, release_grads: bool = True
+              ) -> StepMetrics:
+    """The step from the two losses (device scalars with their autograd graphs); `info` holds
+    the host counts (step, epoch, samples, ...). Gradients must be zero (None) on entry."""
+    total = objective(alignment, progress, owner.lam, head_only=head_only)
+    metrics = info.with_values(alignment=alignment.detach(),
+                               progress=None if progress is None else progress.detach())
+    if owner.dist.active:
+        return _take_step_ranks(owner, metrics, total, head_only, release_grads)
+    if total is None:   # nothing to learn from (head only, no sample): skipped, not bad
+        owner.skipped_steps += 1
+        return metrics.with_values(no_loss=True, bad=torch.ones((), dtype=torch.bool))
+    total.backward()
+    total = total.detach()
+    return _update(owner, metrics.with_values(total=total), ~torch.isfinite(total), head_only,
+                   release_grads)
+
+
+def _update(owner: StepOwner, metrics: StepMetrics, bad: torch.Tensor, head_only: bool,
+            release_grads: bool) -> StepMetrics:
+    rescale_head(owner, head_only)
+    enc, head, enc_c, head_c = clip_gradients(owner, head_only=head_only)
+    bad = bad | ~torch.isfinite(enc) | ~torch.isfinite(head)
+    _optimizer_step(owner, bad, release_grads)
+    return metrics.with_values(bad=bad, grad_encoder=enc, grad_head=head,
+                               grad_encoder_clipped=enc_c, grad_head_clipped=head_c)
+
+
+def _take_step_ranks(owner: StepOwner, metrics: StepMetrics, total: torch.Tensor | None,
+                     head_only: bool, release_grads: bool) -> StepMetrics:
+    """One rank's step of several: the ranks agree on the host (an all_reduce of the losses
+    with the gradients, before the head rescale and the clipping), so a bad step is skipped
+    on every rank, and a step where no rank has a loss is skipped without counting as bad."""
+    alignment = float(metrics.alignment)
+    progress = None if metrics.progress is None else float(metrics.progress)
+    has_loss = total is not None
+    finite = has_loss and bool(torch.isfinite(total))
+    if finite:
+        total.backward()
+    terms = (("alignment", alignment), ("progress", progress))
+    bad_term = [v is not None and not torch.isfinite(torch.tensor(v)) for _, v in terms]
+    stats = torch.tensor([has_loss, has_loss and not finite, *bad_term, alignment,
+                          progress or 0.0, progress is not None,
+                          float(total.detach()) if has_loss else 0.0, metrics.videos,
+                          metrics.frames,
+                          metrics.samples], dtype=torch.float64)
+    params = [p for p in owner.encoder_params + owner.head_params if p.requires_grad]
+    (n_loss, n_bad, bad_align, bad_prog, align_sum, prog_sum, n_prog, total_sum, videos,
+     frames, samples) = owner.dist.average_gradients(params, stats)
+    ranks = owner.dist.world_size
+    metrics = metrics.with_values(
+        alignment=align_sum / ranks, progress=prog_sum / n_prog if n_prog else None,
+        videos=int(videos), frames=int(frames), samples=int(samples), ranks=ranks,
+        bad_terms=[n for (n, _), b in zip(terms, (bad_align, bad_prog)) if b])
+    if n_bad or not n_loss:
+        owner.optimizer.zero_grad(set_to_none=True)
+        owner.skipped_steps += 1
+        owner.bad_run += int(n_bad > 0)   # no rank with a loss is no bad step
+        return metrics.with_values(no_loss=True, bad=torch.ones((), dtype=torch.bool))
+    metrics = metrics.with_values(total=total_sum / n_loss)
+    return _update(owner, metrics, torch.zeros((), dtype=torch.bool, device=owner.device),
+                   head_only, release_grads)
