@@ -4,6 +4,7 @@ eager one without a host sync."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -194,6 +195,9 @@ def run_steps(method: str, graphs: str, n: int = 5, sync_check: bool = False,
         data = [b.pin_memory() for b in batches(trainer, n)]
         records = [trainer.step_batch(batch) for batch in data]
         if sync_check:
+            # Earlier tests' trainers (and their CUDA graphs) are freed now, not by a garbage
+            # collection inside the checked steps: freeing a graph's memory pool syncs.
+            gc.collect()
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
