@@ -1,5 +1,5 @@
-"""Checks shared by eval-progress, export and predict: trained weights must be finite and sane,
-and a damaged checkpoint is one clear line, never a traceback."""
+"""Checks shared by eval-progress, export and predict: trained weights must be finite and sane.
+(A checkpoint that cannot be loaded is one line too: `training.restore.load_checked_model`.)"""
 
 from __future__ import annotations
 
@@ -35,24 +35,3 @@ def check_weights(tensors: Mapping[str, torch.Tensor], where: str | Path) -> Non
         more = f" (and {len(huge) - 1} more)" if len(huge) > 1 else ""
         raise AlignprogError(f"{where}: absurd magnitudes (|w| > {MAX_ABS_WEIGHT:g}) in tensor "
                              f"{huge[0]}{more}; the weights are corrupted")
-
-
-def load_checked_model(checkpoint: Path, *, device: str = "cpu"):
-    """`training.restore.load_trained_model` with its failures as one-line AlignprogErrors and
-    the weights checked (`check_weights`): ``(cfg, model, state)``."""
-    from alignprog.training.restore import load_trained_model
-
-    try:
-        cfg, model, state = load_trained_model(checkpoint, device=str(device))
-    except AlignprogError:
-        raise
-    except (ValueError, KeyError, TypeError, OSError, RuntimeError, AttributeError,
-            IndexError) as exc:
-        # A meta that no longer validates, a damaged file: one line, not a traceback.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AlignprogError(f"{checkpoint}: cannot load the checkpoint ({first})") from None
-    if not isinstance(state, dict):
-        raise AlignprogError(f"{checkpoint}: cannot load the checkpoint (its state is a "
-                             f"{type(state).__name__}, not an object)")
-    check_weights(model.state_dict(), checkpoint)
-    return cfg, model, state

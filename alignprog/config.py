@@ -8,6 +8,8 @@ Validation also settles what spans sections or has two names: the encoder fixes 
 (`ENCODER_LAYOUT`), and the pipeline description's names (``temporal_stacking``, ``use_gru``)
 are read as the one name the rest of the code knows. Loading stays light (PyYAML and numpy are
 imported on use): `alignprog --help` reads the models' fields for its choices and defaults.
+One module on purpose (it is longer than most): the whole settings tree reads top to bottom in
+one place, and it is the file `--help` sends users to.
 """
 
 from __future__ import annotations

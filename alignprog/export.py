@@ -85,7 +85,7 @@ def export_run(run_dir: Path, *, checkpoint: str = "best", out_dir: Path, dtype:
                overwrite: bool = False) -> Path:
     """Export a run's checkpoint (``best`` falls back to the latest, ``last``, or a path) to
     `out_dir`; returns the path of model.safetensors. See the module docstring for the files."""
-    from alignprog.checks import load_checked_model
+    from alignprog.training.restore import load_checked_model
     from alignprog.training.checkpoint import read_checkpoint_meta
     from alignprog.training.restore import resolve_checkpoint
     from alignprog.training.rundir import RunDir

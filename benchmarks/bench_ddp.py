@@ -6,8 +6,8 @@
 The pipeline description's configuration, as in train_step.py (16 MCN heads, D = 128,
 `stacking` on (T, 2048) features, a batch of 2 videos of 450 and 380 frames, the GRU progress
 head with 10 x 5 samples per video, Adam), one batch per rank per step through the real
-`Trainer` (gradients averaged over the ranks every step). Reports videos/s over all ranks (wall time of the timed
-steps); the scaling efficiency is videos/s on N GPUs over N times videos/s on one.
+`Trainer` (gradients averaged over the ranks every step). Reports videos/s over all ranks (wall
+time of the timed steps); the scaling efficiency is videos/s on N GPUs over N times videos/s on one.
 """
 
 from __future__ import annotations

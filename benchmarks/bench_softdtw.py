@@ -10,7 +10,8 @@ and, on CUDA, the Triton kernel (``backend="triton"``), against a straightforwar
 loop (forward recursion + backward E recursion, float64, one pair at a time, on the CPU: the
 reference's numba code without numba), run only for N = 64 and 128. Nothing is extrapolated.
 ``--lav`` adds the whole LAV loss (``lav_loss_batch``, forward+backward, D = 128, T = 128) for
-B = 2 and 8 videos (P = B(B-1) ordered pairs; the kernel on CUDA). Prints a table, or JSON with ``--json``.
+B = 2 and 8 videos (P = B(B-1) ordered pairs; the kernel on CUDA). Prints a table, or JSON with
+``--json``.
 """
 
 from __future__ import annotations

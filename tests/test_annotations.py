@@ -12,7 +12,7 @@ from alignprog.data import annotations as A
 from alignprog.data.annotations import RawAnnotation, RepairLog, canonicalise, map_bounds
 from alignprog.errors import DataError
 
-from conftest import BG
+from helpers import BG
 
 
 def raw(labels, starts, ends):
@@ -36,7 +36,8 @@ def test_shared_boundary_goes_to_later_segment():
 def test_map_bounds_units():
     assert map_bounds([0, 23, 24, 239], unit="frames", feature_fps=1, source_fps=24) == [0, 0, 1, 9]
     assert map_bounds([0, 29, 30, 31], unit="frames", feature_fps=4, source_fps=30) == [0, 3, 4, 4]
-    assert map_bounds([0, 1.5, 4.0, 6.2], unit="seconds", feature_fps=2, source_fps=None) == [0, 3, 8, 12]
+    assert map_bounds([0, 1.5, 4.0, 6.2], unit="seconds", feature_fps=2,
+                      source_fps=None) == [0, 3, 8, 12]
     assert map_bounds([0, 7, 9], unit="frames", feature_fps=1, source_fps=None) == [0, 7, 9]
     # 0.1 s at 30 fps is exactly frame 3, despite 0.1 * 30 == 3.0000000000000004 in floats
     assert map_bounds([0.1], unit="seconds", feature_fps=30, source_fps=None) == [3]

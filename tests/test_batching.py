@@ -32,7 +32,8 @@ def test_padded_batch_matches_the_videos(tiny_root: Path):
             labels = [ds.labels[j] for j in batch.frame_labels[row, :n].tolist()]
             assert labels == ann.frame_labels()
             assert (batch.frame_labels[row, n:] == -1).all()
-            assert batch.foreground[row].tolist() == ann.foreground_mask().tolist() + [False] * (t - n)
+            assert (batch.foreground[row].tolist()
+                    == ann.foreground_mask().tolist() + [False] * (t - n))
             k = ann.num_segments
             assert batch.seg_start[row, :k].tolist() == list(ann.starts)
             assert batch.seg_end[row, :k].tolist() == list(ann.ends)
@@ -110,7 +111,7 @@ def test_nan_in_features_is_reported_at_load(tiny_root: Path):
 
 
 def test_float16_arrays_are_read_lazily_as_float32(tmp_path: Path):
-    from conftest import tiny_annotations, write_root
+    from helpers import tiny_annotations, write_root
     ann, lengths = tiny_annotations()
     root = write_root(tmp_path / "r", ann, lengths, dtype=np.float16)
     ds = load_dataset(DataConfig(root=root))

@@ -27,7 +27,7 @@ from alignprog.training.loop import fit
 from alignprog.training.step import clip_gradients
 from alignprog.training.trainer import Trainer, rank_seed, training_generators
 
-from conftest import TINY
+from helpers import TINY
 
 TINY_SET = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TINY.items()), [])
 STEPS = 3          # 4 training batches per epoch, 2 steps per epoch with 2 ranks: crosses one

@@ -16,7 +16,7 @@ from alignprog.data import load_dataset
 from alignprog.data import annotations as A
 from alignprog.data.dataset import DatasetErrors
 
-from conftest import TEST_DATA
+from helpers import TEST_DATA
 
 EGO_JSON = TEST_DATA / "egoprocel.json"
 CMU = ["Sandwich.cmu", "Salad.cmu", "Eggs.cmu", "Brownie.cmu", "Pizza.cmu"]

@@ -17,7 +17,7 @@ from alignprog.errors import AlignprogError
 from alignprog.training.restore import load_trained_model, open_run, resolve_checkpoint
 from alignprog.training.rundir import RunDir
 
-from conftest import TINY
+from helpers import TINY
 
 runner = CliRunner()
 

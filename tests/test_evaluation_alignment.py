@@ -19,7 +19,7 @@ from alignprog.evaluation.alignment import (alignment_partners, enclosed_area_er
                                             phase_progression)
 from alignprog.evaluation.video_level import video_progress_gt
 
-from conftest import annotation, tiny_model, tiny_synthetic
+from helpers import annotation, tiny_model, tiny_synthetic
 
 
 def line(values) -> np.ndarray:

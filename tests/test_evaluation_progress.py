@@ -20,7 +20,7 @@ from alignprog.evaluation.online import online_cost
 from alignprog.evaluation.video_level import cumulative_path, video_progress_gt
 from alignprog.models.progress_heads import build_progress_head
 
-from conftest import BG, annotation, tiny_model, tiny_synthetic
+from helpers import BG, annotation, tiny_model, tiny_synthetic
 
 
 def hand_dataset(videos: list[tuple[str, str, str, list[tuple[str, int]]]], dim: int = 4

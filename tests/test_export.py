@@ -19,7 +19,7 @@ from alignprog.errors import AlignprogError
 from alignprog.export import ExportError, export_run, load, load_with_config, read_export_info
 from alignprog.training import RunDir
 
-from conftest import tiny_run
+from helpers import tiny_run
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("no_torch_load")

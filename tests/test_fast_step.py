@@ -23,7 +23,7 @@ from alignprog.training.graphs import next_power_of_two, round_up, unsupported
 from alignprog.training.step import StepMetrics, clip_to, total_norm
 from alignprog.training.trainer import Trainer, TrainingError
 
-from conftest import TINY
+from helpers import TINY
 
 
 def batches(trainer: Trainer, n: int):

@@ -20,7 +20,7 @@ from alignprog.data import load_dataset
 from alignprog.data.dataset import training_problems
 from alignprog.errors import DataError
 
-from conftest import TINY, tiny_annotations, write_root
+from helpers import TINY, tiny_annotations, write_root
 
 VOCAB = {0: "background", 1: "a", 2: "b", 3: "c", 4: "d", 5: "e"}
 TRAIN = ["--steps", "1", "--device", "cpu",

@@ -18,7 +18,7 @@ from alignprog.cli import app
 from alignprog.export import export_run
 from alignprog.training import RunDir
 
-from conftest import tiny_run
+from helpers import tiny_run
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("no_torch_load")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 from typer.testing import CliRunner
 
 from alignprog.cli import app
@@ -182,7 +182,7 @@ TWO = {"train.epochs": 1, "train.two_stage": True, "train.head_epochs": 2}
 def test_two_stage_latest_checkpoint_is_the_trained_head(tmp_path: Path):
     run = RunDir.create(tmp_path, "r")
     res = fit(tiny(**TWO), run=run)
-    from conftest import tiny_model  # noqa: F401  (same widths)
+    from helpers import tiny_model  # noqa: F401  (same widths)
     state = load_checkpoint(run.latest_checkpoint(), restore_rng=False)
     assert state["stage"] == 2
     from alignprog.training.restore import load_trained_model

@@ -12,7 +12,7 @@ import torch
 from alignprog.losses.gmm import (GMMFit, fit_gmm, gmm_components, gmm_objective,
                                   gmm_value_and_grad, init_params, symmetric_kl)
 
-from conftest import reference_gmm_fit
+from helpers import reference_gmm_fit
 
 K = 15
 

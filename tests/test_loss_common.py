@@ -9,7 +9,7 @@ import torch
 from alignprog.losses.common import (intra_contrast, ordered_pairs, pad_sequences,
                                      pairwise_distances, pairwise_sq_distances)
 
-from conftest import loop_intra_contrast
+from helpers import loop_intra_contrast
 
 
 @pytest.mark.parametrize("compat", ["fixed", "reference"])

@@ -14,7 +14,7 @@ from alignprog.losses.gmm import GMMFit, gmm_components, init_params
 from alignprog.losses.gtcc import (draw_directions, draw_samples, gtcc_loss, gtcc_loss_batch,
                                    window_mask)
 
-from conftest import reference_gmm_fit
+from helpers import reference_gmm_fit
 
 F64 = torch.float64
 

@@ -12,7 +12,7 @@ import torch
 from alignprog.losses.common import pad_sequences
 from alignprog.losses.lav import lav_loss, lav_loss_batch
 
-from conftest import loop_intra_contrast
+from helpers import loop_intra_contrast
 
 LOG3 = math.log(3.0)
 

@@ -14,7 +14,7 @@ from alignprog.losses.common import pad_sequences
 from alignprog.losses.vava import (optimality_offsets, vava_loss, vava_loss_batch, vava_phi,
                                    vava_terms)
 
-from conftest import loop_intra_contrast
+from helpers import loop_intra_contrast
 
 COMPATS = ("fixed", "reference")
 
@@ -81,7 +81,8 @@ def loop_pair(u: np.ndarray, v: np.ndarray, *, compat: str, phi: float, eps: flo
                 cxy += cost[i, j]
             if rmin[i] == j and cmin[j] == i:
                 cxy += -cost[i, j] if compat == "reference" else max(0.0, margin - cost[i, j])
-    cx, cy = loop_intra_contrast(u, window, margin, compat), loop_intra_contrast(v, window, margin, compat)
+    cx = loop_intra_contrast(u, window, margin, compat)
+    cy = loop_intra_contrast(v, window, margin, compat)
     loss = core + gamma * (cx + cy + cxy)
     return dict(loss=loss, dist=dist, plan=plan, reward=reward, kl=kl, cxy=cxy, eps=eps,
                 prior=prior)

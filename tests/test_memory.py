@@ -19,7 +19,7 @@ from alignprog.training.memory import (PER_ELEMENT, PER_FRAME, estimate_step_byt
                                        largest_batch, longest_that_fits, memory_problem,
                                        pair_count)
 
-from conftest import TINY, tiny_annotations, write_root
+from helpers import TINY, tiny_annotations, write_root
 
 runner = CliRunner()
 SETS = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TINY.items()), [])

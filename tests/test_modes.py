@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from alignprog.cli import app
 from alignprog.training.step import StepMetrics
 
-from conftest import TINY
+from helpers import TINY
 
 TINY_SET = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
 METHODS = ["tcc", "gtcc", "lav", "vava"]

@@ -21,7 +21,7 @@ from alignprog.inference import embed, read_video_array
 from alignprog.training import RunDir
 from alignprog.training.loop import fit
 
-from conftest import TINY
+from helpers import TINY
 
 runner = CliRunner()
 # Trained a bit: 20 steps with a 10x head learning rate make the head's output rise through

@@ -26,7 +26,8 @@ DENSE = [(a, p) for a, p in ALL if a != "mean"]
 
 def make(arch: str, position: str, *, seed: int = 0, dtype=torch.float32, **kw):
     torch.manual_seed(seed)
-    return build_progress_head(arch, in_dim=D, hidden_dim=16, position=position, **kw).to(dtype).eval()
+    head = build_progress_head(arch, in_dim=D, hidden_dim=16, position=position, **kw)
+    return head.to(dtype).eval()
 
 
 def padded(lengths: list[int], *, seed: int = 1, fill: float = 0.0, dtype=torch.float32):
@@ -82,7 +83,8 @@ def test_batched_equals_loop_and_padding_is_ignored(arch, position):
 
 @pytest.mark.parametrize("position", POSITIONS)
 def test_gru_packed_path_equals_padded_path(position):
-    """packed=True (pack_padded_sequence) and the default padded call agree, values and gradients."""
+    """packed=True (pack_padded_sequence) and the default padded call agree, values and
+    gradients."""
     padded_head, packed_head = make("gru", position), make("gru", position, packed=True)
     x, lengths = padded(LENGTHS, fill=float("nan"))
     for dense in (False, True):
@@ -98,7 +100,8 @@ def test_gru_packed_path_equals_padded_path(position):
 
 
 def prefixes(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All prefixes of one (T, D) segment, batched: x (T, T, D) with row t = seg[:t+1], lengths 1..T."""
+    """All prefixes of one (T, D) segment, batched: x (T, T, D) with row t = seg[:t+1],
+    lengths 1..T."""
     t = seg.shape[0]
     keep = torch.arange(t)[None, :] <= torch.arange(t)[:, None]     # (T, T)
     return seg[None].expand(t, t, -1) * keep[..., None], torch.arange(1, t + 1)
@@ -176,7 +179,8 @@ def test_parameter_counts_of_default_heads():
     assert count(build_progress_head("gru", position="none")) == 39617 - 3 * 64
     # Mean: 129*64+64 + 64*32+32 + 33 (docs/algorithms.md#mean-head).
     assert count(build_progress_head("mean")) == 8320 + 2080 + 33 == 10433
-    # Transformer: in 129*64+64 + LN 128; block LN 128 + 4*(64*64+64) + LN 128 + 64*128+128 + 128*64+64.
+    # Transformer: in 129*64+64 + LN 128; block LN 128 + 4*(64*64+64) + LN 128 + 64*128+128
+    # + 128*64+64.
     assert count(build_progress_head("transformer")) == 8320 + 128 + 2 * 33472 + 2113 == 77505
     # Dilated: in 8320; block conv 64*64*3+64 + LN 128 + 1x1 64*64+64 = 16640, six of them.
     assert count(build_progress_head("dilated_conv")) == 8320 + 6 * 16640 + 2113 == 110273
@@ -236,9 +240,11 @@ def test_build_names_and_errors():
     for arch, cls in HEADS.items():
         assert type(build_progress_head(arch, in_dim=D)) is cls
     assert isinstance(build_progress_head("gru"), GRUProgressHead)
-    with pytest.raises(ValueError, match="unknown progress head arch 'lstm'; choose one of gru, mean"):
+    with pytest.raises(ValueError,
+                       match="unknown progress head arch 'lstm'; choose one of gru, mean"):
         build_progress_head("lstm")
-    with pytest.raises(ValueError, match="unknown progress position feature 'abs'; choose one of relative"):
+    with pytest.raises(ValueError,
+                       match="unknown progress position feature 'abs'; choose one of relative"):
         build_progress_head("gru", position="abs")
     with pytest.raises(ValueError, match="BatchNorm is not causal"):
         build_progress_head("dilated_conv", norm="batch")

@@ -13,7 +13,7 @@ from alignprog.data.splits import (SPLIT_NAMES, ordered_split, random_split, rea
                                    split_counts, write_splits)
 from alignprog.errors import DataError
 
-from conftest import TEST_DATA
+from helpers import TEST_DATA
 
 # The fork's data_splits.json per-task train/val/test counts (docs/data.md#splits).
 F_COUNTS = {16: (12, 2, 2), 31: (23, 3, 5), 29: (22, 3, 4), 19: (14, 2, 3), 15: (11, 2, 2),

@@ -17,7 +17,7 @@ from alignprog.training.loop import fit
 from alignprog.training.step import StepMetrics, take_step
 from alignprog.training.trainer import Trainer
 
-from conftest import TINY
+from helpers import TINY
 
 TINY_SET = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]
 

@@ -55,7 +55,8 @@ class Batch:
 
 
 class Collator:
-    """Turns ``[(index, float32 array), ...]`` of one task into a `Batch` (picklable for workers)."""
+    """Turns ``[(index, float32 array), ...]`` of one task into a `Batch` (picklable for
+    workers)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset

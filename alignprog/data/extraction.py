@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignprog.data.arrays import read_npy_header
 from alignprog.data.video import SampledFrames, VideoError
 from alignprog.errors import AlignprogError, ConfigError, DataError
 from alignprog.fileio import atomic_save_npy, atomic_write_json, read_user_text
@@ -377,11 +378,10 @@ def _array_intact(path: Path, frames: int | None) -> bool:
     """Whether an existing output array is a complete, readable .npy (of `frames` frames when
     known): a 0-byte or truncated file from an interrupted run is not done."""
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+        shape, _ = read_npy_header(path)   # the data layer's reader: regular, complete, float
+    except (OSError, DataError):
         return False
-    return (isinstance(array, np.ndarray) and array.ndim >= 1 and array.shape[0] > 0
-            and (frames is None or array.shape[0] == frames))
+    return len(shape) >= 1 and shape[0] > 0 and (frames is None or shape[0] == frames)
 
 
 def _check_resume(manifest: dict, settings: ExtractSettings, out_root: Path) -> None:
@@ -510,10 +510,15 @@ def _entry_from_arrays(handle: str, source: Path, out_root: Path,
     for layout in settings.layouts:
         path = out_root / layout / f"{handle}.npy"
         try:
-            lengths.add(np.load(path, mmap_mode="r").shape[0])
-        except (OSError, ValueError) as exc:
-            raise DataError(f"existing array unreadable ({exc}); pass --overwrite to redo it",
+            shape, _ = read_npy_header(path)
+        except (OSError, DataError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else exc.what
+            raise DataError(f"existing array unreadable ({reason}); pass --overwrite to redo it",
                             file=str(path), handle=handle) from None
+        if not shape:
+            raise DataError("existing array has no frames; pass --overwrite to redo it",
+                            file=str(path), handle=handle)
+        lengths.add(shape[0])
     if len(lengths) != 1:
         raise DataError(f"existing arrays disagree on the frame count ({sorted(lengths)}); pass "
                         "--overwrite to redo them", handle=handle, file=str(out_root))

@@ -1,6 +1,7 @@
 """Learnable progress heads: aligned segment embeddings -> progress in [0, 1].
 
-See docs/algorithms.md#progress-heads.
+See docs/algorithms.md#progress-heads. The four heads share one module (longer than most)
+because they share the input contract, the position features and the online protocol below.
 
 Every head takes MANY segments at once as one left-aligned, zero-padded tensor
 ``x (N, L, D)`` with ``lengths (N,)`` (segment i is ``x[i, :lengths[i]]``) and returns the

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from alignprog.checks import check_weights
 from alignprog.config import Config, DataConfig
 from alignprog.errors import AlignprogError
 from alignprog.models import AlignmentModel, build_model
@@ -87,7 +88,6 @@ def open_run(run_dir: Path, *, checkpoint: str = "best", dataset: Path | None = 
     Every failure (no run, no checkpoint, a bad device, a damaged checkpoint or corrupted
     weights) is one AlignprogError line, raised before any dataset is read.
     """
-    from alignprog.checks import load_checked_model
     from alignprog.runtime import resolve_device
 
     run = RunDir.open(Path(run_dir))
@@ -107,3 +107,22 @@ def open_run(run_dir: Path, *, checkpoint: str = "best", dataset: Path | None = 
     if updates:
         data_cfg = type(data_cfg).model_validate(data_cfg.model_dump() | updates)
     return OpenedRun(run, ckpt, dev, cfg, model, state, data_cfg)
+
+
+def load_checked_model(checkpoint: Path, *, device: str = "cpu"):
+    """`load_trained_model` with its failures as one-line AlignprogErrors and
+    the weights checked (`check_weights`): ``(cfg, model, state)``."""
+    try:
+        cfg, model, state = load_trained_model(checkpoint, device=str(device))
+    except AlignprogError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError, RuntimeError, AttributeError,
+            IndexError) as exc:
+        # A meta that no longer validates, a damaged file: one line, not a traceback.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AlignprogError(f"{checkpoint}: cannot load the checkpoint ({first})") from None
+    if not isinstance(state, dict):
+        raise AlignprogError(f"{checkpoint}: cannot load the checkpoint (its state is a "
+                             f"{type(state).__name__}, not an object)")
+    check_weights(model.state_dict(), checkpoint)
+    return cfg, model, state
