@@ -44,6 +44,7 @@ EGOPROCEL_SOURCE_FPS: dict[str, float] = {
 # Which data layout each base encoder reads: features/<handle>.npy (T, D) or frames/<handle>.npy
 # (T, C, H, W). `Config` refuses a data.layout the encoder cannot read.
 ENCODER_LAYOUT = {"stacking": "features", "naive": "features", "resnet50": "frames"}
+LAYOUT_ENCODER = {"features": "stacking", "frames": "resnet50"}   # the default reader of each
 
 # Names of the user's pipeline description that config files may use; validation turns each into the
 # one name the code knows.
@@ -366,11 +367,6 @@ class LearnableProgressConfig(StrictModel):
             data["arch"] = "mean"
         return data
 
-    @property
-    def head_arch(self) -> str:
-        """The head architecture: `arch` (kept as a name for the code that still reads it)."""
-        return self.arch
-
 
 # Default lambda per alignment method: total = alignment + lambda * progress. Chosen so that the
 # progress term's gradient on the encoder is about as large as the alignment's, or larger: at
@@ -526,12 +522,18 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _encoder_reads_layout(self) -> "Config":
-        """The encoder reads one data layout: a run whose data.layout differs cannot start."""
+        """The encoder reads one data layout. A data.layout chosen without an encoder picks the
+        encoder that reads it (frames: resnet50), so `data check --set data.layout=frames`
+        works; an encoder chosen at odds with the layout is an error."""
         wanted = ENCODER_LAYOUT[self.model.encoder]
-        if wanted != self.data.layout:
-            raise ValueError(f"model.encoder '{self.model.encoder}' reads the '{wanted}' layout "
-                             f"but data.layout is '{self.data.layout}'")
-        return self
+        if wanted == self.data.layout:
+            return self
+        if ("layout" in self.data.model_fields_set
+                and "encoder" not in self.model.model_fields_set):
+            self.model.encoder = LAYOUT_ENCODER[self.data.layout]
+            return self
+        raise ValueError(f"model.encoder '{self.model.encoder}' reads the '{wanted}' layout "
+                         f"but data.layout is '{self.data.layout}'")
 
 
 # ----------------------------------------------------------------------------------------------

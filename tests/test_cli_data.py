@@ -73,6 +73,18 @@ def test_synth_frames_layout(tmp_path: Path):
     assert ds.layouts == ["features", "frames"] and ds.load(0).shape[1:] == (4, 3, 3)
 
 
+def test_check_a_frames_only_root_with_its_layout(tmp_path: Path):
+    out = tmp_path / "frames"
+    result = runner.invoke(app, ["data", "synth", str(out), "--tasks", "1", "--videos-per-task",
+                                 "2", "--layout", "frames", "--frame-channels", "4",
+                                 "--frame-size", "2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["data", "check", str(out)])
+    assert result.exit_code != 0 and "no 'features/' folder" in result.output
+    result = runner.invoke(app, ["data", "check", str(out), "--set", "data.layout=frames"])
+    assert result.exit_code == 0, result.output
+
+
 def test_check_default_is_the_synthetic_dataset(tmp_path: Path):
     result = runner.invoke(app, ["data", "check", "--json", "--no-scan"])
     assert result.exit_code == 0, result.output

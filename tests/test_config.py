@@ -108,7 +108,7 @@ def test_pipeline_document_names_are_normalised(tmp_path: Path):
                  "    use_gru: false\n")
     cfg = load_config(f)
     assert cfg.model.encoder == "stacking"
-    assert cfg.progress.learnable.arch == "mean" and cfg.progress.learnable.head_arch == "mean"
+    assert cfg.progress.learnable.arch == "mean"
     text = dump_config(cfg)
     assert "temporal_stacking" not in text and "use_gru" not in text
     assert load_config(overrides={"progress.learnable.use_gru": True,
@@ -137,6 +137,15 @@ def test_encoder_must_read_the_data_layout():
         load_config(overrides={"model.encoder": "naive", "data.layout": "frames"})
     cfg = load_config(overrides={"model.encoder": "resnet50", "data.layout": "frames"})
     assert cfg.data.layout == "frames"
+
+
+def test_a_layout_chosen_alone_picks_its_encoder():
+    cfg = load_config(overrides={"data.layout": "frames"})
+    assert cfg.model.encoder == "resnet50" and cfg.data.layout == "frames"
+    assert load_config(overrides={"data.layout": "features"}).model.encoder == "stacking"
+    # a saved config (every field set) reloads unchanged
+    again = load_config(overrides={"data.layout": "frames"})
+    assert Config.model_validate(again.model_dump()).model.encoder == "resnet50"
 
 
 @pytest.mark.parametrize("overrides, message", [

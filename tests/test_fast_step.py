@@ -134,6 +134,11 @@ def test_step_metrics_read_device_scalars_once():
     none = StepMetrics(step=1, epoch=0, lam=1.0, samples=0, videos=2, frames=5,
                        alignment=torch.tensor(1.0), no_loss=True).read()
     assert none["skipped"] and none["total"] is None and none["progress"] is None
+    assert none["no_loss"] is True and none["weighted_progress"] is None
+    assert "no_loss" not in out and "bad_terms" not in out
+    # the product as the device makes it: float32 loss times lambda in float32
+    m3 = m.with_values(progress=torch.tensor(0.1), lam=3.0).read()
+    assert m3["weighted_progress"] == float(torch.tensor(0.1) * 3.0) != 0.1 * 3.0
 
 
 def test_trusted_inputs_switch_off_value_checks_on_gpus_only():

@@ -5,6 +5,7 @@ alignment-only GPU run at its first logged step)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -118,3 +119,23 @@ def test_two_stage_trains_on_cuda(tmp_path, method):
                         "--set", "train.head_epochs=1", "--device", "cuda")
     stages = {r.get("stage") for r in records if r["kind"] == "step"}
     assert stages == {None, "head"}
+
+
+def test_the_live_table_shows_runs_without_a_progress_term():
+    """The display reads every step record: none without progress may break it."""
+    from rich.console import Console
+
+    from alignprog.cli.train import Display
+    from alignprog.config import load_config
+    from alignprog.training.loop import fit
+
+    display = Display("live")
+    try:
+        res = fit(load_config(overrides=TINY | {"train.steps": 2, "progress.enabled": False}),
+                  callback=display)
+        Console(file=io.StringIO()).print(display.table())
+    finally:
+        display.stop()
+    steps = [r for r in res.history if r["kind"] == "step"]
+    assert steps and all(r["weighted_progress"] is None for r in steps)
+    assert len(display.rows) == len(steps)

@@ -268,7 +268,7 @@ def _trained_predictor(cfg) -> dict:
                 "the embeddings"}
     if pc.method == "learnable":
         return {"method": "learnable", "predictor": "head",
-                "description": f"learnable head ({pc.learnable.head_arch}): the 'head' row"}
+                "description": f"learnable head ({pc.learnable.arch}): the 'head' row"}
     return {"method": "cumulative_l2", "normaliser": pc.cumulative_normaliser,
             "predictor": "cumulative_l2" if pc.cumulative_normaliser == "class"
             else "cumulative_l2_offline",

@@ -148,7 +148,7 @@ def _check_cost(path: Path, head, ann, info, bound: float, whole_video: bool) ->
 
 def _head_name(info) -> str:
     lc = info.progress.learnable
-    return f"{lc.head_arch} (position {lc.position})"
+    return f"{lc.arch} (position {lc.position})"
 
 
 def _video_record(path: Path, ann, pred: np.ndarray) -> dict[str, Any]:

@@ -66,7 +66,7 @@ class Display:
             rate = r["videos"] / r["seconds"] if r.get("seconds") else None
             frate = r["frames"] / r["seconds"] if r.get("seconds") else None
             t.add_row(str(r["step"]), _fmt(r["alignment"]), _fmt(r["progress"]),
-                      _fmt(r["weighted_progress"]), _fmt(r.get("total")),
+                      _fmt(r.get("weighted_progress")), _fmt(r.get("total")),
                       _fmt(r.get("grad_encoder"), ".2e"),
                       _fmt(r.get("grad_encoder_clipped"), ".2e"),
                       _fmt(r.get("grad_head"), ".2e"), _fmt(r.get("grad_head_clipped"), ".2e"),

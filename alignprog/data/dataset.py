@@ -3,8 +3,9 @@
 See docs/data.md (dataset root, annotation JSON, vocabulary, frame units, length repairs,
 canonical segments, splits). A root holds ``dataset.json`` (or the file named by
 ``data.annotations``), optionally ``id2action.txt`` and ``splits.json``, and
-``features/<handle>.npy`` (T, D) and/or ``frames/<handle>.npy`` (T, C, H, W), float16 or float32. Arrays are opened lazily
-(memory-mapped), so a dataset larger than RAM works; only their headers are read at load time.
+``features/<handle>.npy`` (T, D) and/or ``frames/<handle>.npy`` (T, C, H, W), float16 or
+float32. Arrays are opened lazily (memory-mapped), so a dataset larger than RAM works; only
+their headers are read at load time.
 """
 
 from __future__ import annotations

@@ -512,7 +512,7 @@ def _entry_from_arrays(handle: str, source: Path, out_root: Path,
         try:
             shape, _ = read_npy_header(path)
         except (OSError, DataError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else exc.what
+            reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else exc.what
             raise DataError(f"existing array unreadable ({reason}); pass --overwrite to redo it",
                             file=str(path), handle=handle) from None
         if not shape:

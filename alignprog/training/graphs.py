@@ -35,6 +35,7 @@ import torch
 
 from alignprog.data import Batch
 from alignprog.sampling import SegmentSamples
+from alignprog.training.step import StepMetrics
 
 if TYPE_CHECKING:  # pragma: no cover
     from alignprog.config import Config
@@ -42,8 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 GRAPH_METHODS = ("tcc", "lav", "vava")
 LAUNCH_BOUND_ENCODERS = ("stacking", "naive")
 SAMPLE_BUCKET = 16
-METRICS = ("alignment", "progress", "total", "bad", "grad_encoder", "grad_head",
-           "grad_encoder_clipped", "grad_head_clipped")
+METRICS = StepMetrics.TENSORS   # the captured step's device values, in this order
 
 
 def unsupported(cfg: Config, device: torch.device, *, several_processes: bool,

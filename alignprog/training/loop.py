@@ -7,10 +7,10 @@ lambda -> clipping -> optimizer step -> zero grads.
 Reporting goes through a callback (the CLI renders it; tests collect it), so no rich here.
 
 Several processes (torchrun, `alignprog.training.distributed`): every rank holds the same model
-and takes its share of each epoch's single-task batches; one step is one batch per rank, so the effective
-batch is ranks x data.batch_size (the learning rate is not scaled). Rank 0 alone writes the run
-directory and evaluates (validation, test) while the others wait; `fit` calls the callback on
-every rank (the CLI passes a display to rank 0 only).
+and takes its share of each epoch's single-task batches; one step is one batch per rank, so the
+effective batch is ranks x data.batch_size (the learning rate is not scaled). Rank 0 alone
+writes the run directory and evaluates (validation, test) while the others wait; `fit` calls the
+callback on every rank (the CLI passes a display to rank 0 only).
 """
 
 from __future__ import annotations

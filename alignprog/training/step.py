@@ -16,6 +16,7 @@ log (`StepMetrics.read`: one host sync). How the two objectives are balanced is 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -46,8 +47,8 @@ class StepOwner(Protocol):
 
 @dataclass
 class StepMetrics:
-    """One step's numbers: losses and gradient norms as device scalars (floats after a
-    multi-process step, whose ranks agree on the host), the batch's counts as ints."""
+    """One step's numbers: losses and gradient norms as device scalars (the losses are floats
+    after a multi-process step, whose ranks agree on the host), the batch's counts as ints."""
 
     step: int
     epoch: int
@@ -92,12 +93,19 @@ class StepMetrics:
                "videos": self.videos, "frames": self.frames}
         if self.ranks is not None:
             out["ranks"] = self.ranks
-        if self.bad_terms:
-            out["bad_terms"] = list(self.bad_terms)
+        if self.no_loss:
+            out["no_loss"] = True
+            if self.ranks is not None:
+                out["bad_terms"] = list(self.bad_terms)
         skipped = self.no_loss or bool(values["bad"])
         out["total"] = None if skipped else values["total"]
-        if values["progress"] is not None:
-            out["weighted_progress"] = self.lam * values["progress"]
+        progress = values["progress"]
+        if progress is not None and self.ranks is None:
+            # as the device computes it: the float32 loss times lambda in float32
+            progress = float(torch.tensor(progress, dtype=torch.float32) * self.lam)
+        elif progress is not None:
+            progress = self.lam * progress
+        out["weighted_progress"] = progress
         for k in ("grad_encoder", "grad_head", "grad_encoder_clipped", "grad_head_clipped"):
             if values[k] is not None:
                 out[k] = values[k]
@@ -228,7 +236,7 @@ def _take_step_ranks(owner: StepOwner, metrics: StepMetrics, total: torch.Tensor
     if finite:
         total.backward()
     terms = (("alignment", alignment), ("progress", progress))
-    bad_term = [v is not None and not torch.isfinite(torch.tensor(v)) for _, v in terms]
+    bad_term = [v is not None and not math.isfinite(v) for _, v in terms]
     stats = torch.tensor([has_loss, has_loss and not finite, *bad_term, alignment,
                           progress or 0.0, progress is not None,
                           float(total.detach()) if has_loss else 0.0, metrics.videos,

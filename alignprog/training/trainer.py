@@ -118,7 +118,7 @@ class Trainer:
         self.graphs = StepGraphs.create(
             self.model, self.optimizer,
             lambda inputs: objective(*self.graph_losses(inputs), self.lam),
-            self.graph_step, cfg, device, several_processes=dist.active)
+            self.captured_step, cfg, device, several_processes=dist.active)
 
     def enter_head_stage(self) -> None:
         """Stage 2 of two-stage training (docs/algorithms.md#two-stage-training): freeze the
@@ -234,7 +234,8 @@ class Trainer:
         batch allows it (train.cuda_graphs)."""
         start = time.perf_counter()
         metrics = None
-        if self.graphs is not None and not head_only and self.step > 0 and batch.size >= 2:
+        if (self.graphs is not None and self.graphs.failed is None and not head_only
+                and self.step > 0 and batch.size >= 2):
             metrics = self._graph_step(batch)
         if metrics is None:
             # No gradient left over: a CUDA graph's replay leaves its own buffers in .grad
@@ -314,7 +315,7 @@ class Trainer:
                                          valid=inputs.valid)
         return alignment, progress
 
-    def graph_step(self, inputs: GraphInputs) -> dict[str, torch.Tensor]:
+    def captured_step(self, inputs: GraphInputs) -> dict[str, torch.Tensor]:
         """The captured step: the graph losses through `take_step`, its device values out."""
         alignment, progress = self.graph_losses(inputs)
         info = StepMetrics(step=0, epoch=0, lam=self.lam, samples=0, videos=0, frames=0,
