@@ -190,6 +190,12 @@ class SyntheticConfig(StrictModel):
     frame_size: int = Field(14, ge=1, le=1024,
                             description="Spatial size of the `frames` layout maps.")
     seed: int = Field(0, description="Seed of the generator; the same seed gives the same data.")
+    timelines: Literal["generated", "egoprocel"] = Field(
+        "generated", description="generated: drawn procedures (the quick demo); egoprocel: the "
+        "real EgoProceL timelines at 1 fps with features in which progress is hard to see "
+        "(docs/data.md#egoprocel-timeline-data; tasks and videos_per_task do not apply).")
+    cmu: bool = Field(False, description="egoprocel timelines: also the CMU tasks (their "
+                      "annotation lists are paired with the videos by position).")
 
 
 class DataConfig(StrictModel):

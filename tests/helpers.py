@@ -14,8 +14,9 @@ from alignprog.config import DataConfig, ModelConfig, ProgressConfig, SyntheticC
 from alignprog.data import Dataset, VideoAnnotation, load_dataset
 from alignprog.models import AlignmentModel, build_model
 
-# The real EgoProceL annotation file and its vocabulary (tests/data/README.md).
-TEST_DATA = Path(__file__).resolve().parent / "data"
+# The real EgoProceL annotation file and its vocabulary, shipped with the package
+# (alignprog/data/resources/README.md).
+TEST_DATA = Path(__file__).resolve().parents[1] / "alignprog" / "data" / "resources"
 
 
 # The tiny model and synthetic data of the training tests: a fit takes seconds on a CPU.
@@ -25,6 +26,10 @@ TINY = {
     "model.attn_layers": [16, 8], "model.drop_layers": [16, 8],
     "progress.learnable.hidden_dim": 8, "train.log_every": 1, "train.device": "cpu",
 }
+
+
+# TINY as CLI flags: --set KEY=VALUE for each
+SETS_TINY = [a for k, v in TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
 
 
 def tiny_section(section: str) -> dict:

@@ -27,8 +27,13 @@ class Dtype(str, Enum):
     float32 = "float32"
 
 
-@app.command(epilog="Example: alignprog data synth data/synth --tasks 3 --videos-per-task 10 "
-             "--dim 256")
+class Timelines(str, Enum):
+    generated = "generated"
+    egoprocel = "egoprocel"
+
+
+@app.command(epilog="Examples:\n\n  alignprog data synth data/synth --tasks 3 --videos-per-task 10 "
+             "--dim 256\n\n  alignprog data synth data/ego-like --timelines egoprocel --dim 256")
 @guarded
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (must be new or empty).",
@@ -56,6 +61,15 @@ def synth(
     dtype: Annotated[Optional[Dtype], typer.Option(
         help="Array dtype on disk.", show_default="float32 for features, float16 for frames")
     ] = None,
+    timelines: Annotated[Optional[Timelines], typer.Option(
+        help="generated: drawn procedures (the quick demo). egoprocel: the real EgoProceL "
+        "timelines (every non-CMU task at 1 fps: short actions, long background, repeats) with "
+        "features in which progress is hard to see; --tasks and --videos-per-task do not apply.",
+        show_default=default_of(Config, "data.synthetic.timelines"))] = None,
+    cmu: Annotated[Optional[bool], typer.Option(
+        "--cmu/--no-cmu", help="egoprocel timelines: also the CMU tasks (paired by position).",
+        show_default=default_of(Config, "data.synthetic.cmu",
+                                {True: "cmu", False: "no-cmu"}))] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it is not empty.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -71,6 +85,8 @@ def synth(
         "data.synthetic.tasks": tasks, "data.synthetic.videos_per_task": videos_per_task,
         "data.synthetic.dim": dim, "data.synthetic.frame_channels": frame_channels,
         "data.synthetic.frame_size": frame_size, "data.synthetic.seed": seed,
+        "data.synthetic.timelines": timelines.value if timelines else None,
+        "data.synthetic.cmu": cmu,
     })
     layouts = ["features", "frames"] if layout is Layout.both else [layout.value]
     array_dtype = dtype.value if dtype else ("float16" if layouts == ["frames"] else "float32")
@@ -82,7 +98,8 @@ def synth(
                                  progress=lambda done, total: bar.update(job, completed=done,
                                                                          total=total))
     s = cfg.data.synthetic
-    console.print(f"wrote {n} videos ({s.tasks} tasks, layout {'+'.join(layouts)}, "
+    ntasks = s.tasks if s.timelines == "generated" else "EgoProceL"
+    console.print(f"wrote {n} videos ({ntasks} tasks, layout {'+'.join(layouts)}, "
                   f"{array_dtype}, seed {s.seed}) to {escape(str(out_dir))}", highlight=False)
 
 

@@ -444,8 +444,11 @@ def _load_synthetic(cfg: DataConfig) -> Dataset:
     """The embedded procedural dataset, generated in memory (arrays computed on demand)."""
     from alignprog.data.synthetic import generate
 
-    synth = generate(cfg.synthetic)
     sc = cfg.synthetic
+    if sc.timelines == "egoprocel" and cfg.layout != "features":
+        raise DataError("the EgoProceL-timeline data has the features layout only "
+                        "(data.layout=features)")
+    synth = generate(sc)
     # Feature arrays are rendered once and kept (the default is ~130 MB at D = 2048): every
     # epoch reads them again. Frames arrays (~400 KB a frame) are rendered on each read.
     features = functools.lru_cache(maxsize=None)(synth.features)

@@ -243,6 +243,15 @@ def _draw_video(rng: np.random.Generator, order: list[int], optional: np.ndarray
 
 
 def generate(cfg: SyntheticConfig) -> SyntheticDataset:
+    """The dataset of `cfg`: drawn procedures, or the real EgoProceL timelines
+    (`cfg.timelines`, `alignprog.data.timelines`)."""
+    if cfg.timelines == "egoprocel":
+        from alignprog.data.timelines import generate as generate_timelines
+        return generate_timelines(cfg)
+    return _generate(cfg)
+
+
+def _generate(cfg: SyntheticConfig) -> SyntheticDataset:
     """Draw the annotations of every video; arrays are rendered later by the dataset's methods."""
     id2action: dict[int, str] = {0: "background"}
     shared_ids: dict[str, int] = {}
