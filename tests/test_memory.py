@@ -76,7 +76,8 @@ def test_the_largest_batch_is_the_longest_videos_of_one_task(tmp_path):
     cfg = load_config(overrides={"data.root": str(root), "data.split.train": 1.0,
                                  "data.split.val": 0.0, "data.split.test": 0.0})
     ds = load_dataset(cfg.data)
-    task, lengths = largest_batch(ds, cfg)
+    task, lengths, need = largest_batch(ds, cfg)
+    assert need == estimate_step_bytes(cfg, lengths, (8,))
     build = sorted((v.num_frames for v in ds.videos if v.task == "build"), reverse=True)
     assert task == "build" and lengths == build[:2] and lengths[0] == 400
 

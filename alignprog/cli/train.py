@@ -269,11 +269,10 @@ def train(
                quiet=quiet)
 
 
-def _create_run(cfg, dist, dataset, *, resume: bool, overwrite: bool):
+def _create_run(cfg, dist, dataset, device, *, resume: bool, overwrite: bool):
     """Rank 0 checks that the largest step fits, then creates (or reopens) the run directory and
     picks its name; the other ranks learn the name, or rank 0's error, so that none of them
     waits for a run that never starts."""
-    from alignprog.runtime import resolve_device
     from alignprog.training import RunDir
     from alignprog.training.trainer import TrainingError
     from alignprog.training.memory import memory_problem
@@ -285,7 +284,6 @@ def _create_run(cfg, dist, dataset, *, resume: bool, overwrite: bool):
             raise typer.Exit(1)
         return None, answer["name"]
     try:
-        device = dist.device if dist.active else resolve_device(cfg.train.device)
         problem = memory_problem(dataset, cfg, device) if cfg.train.memory_check else None
         if problem:
             raise TrainingError(problem)
@@ -306,7 +304,8 @@ def _train(cfg, dist, *, resume: bool, overwrite: bool, json_logs: bool, quiet: 
 
     from alignprog.data import load_dataset
 
-    resolve_device(cfg.train.device)  # a bad device fails before any run directory exists
+    # a bad device fails before any run directory exists
+    device = dist.device if dist.active else resolve_device(cfg.train.device)
     # The dataset is loaded before the run directory is created or replaced: a typo in
     # --dataset must not cost the old run of --overwrite.
     dataset = load_dataset(cfg.data)
@@ -316,7 +315,8 @@ def _train(cfg, dist, *, resume: bool, overwrite: bool, json_logs: bool, quiet: 
             report("warning", line)
     check_config(cfg)
 
-    run, run_name = _create_run(cfg, dist, dataset, resume=resume, overwrite=overwrite)
+    run, run_name = _create_run(cfg, dist, dataset, device, resume=resume,
+                                overwrite=overwrite)
     mode = ("json" if json_logs else "quiet" if quiet
             else "live" if sys.stdout.isatty() else "plain")
     display = Display(mode) if dist.is_main else None   # rank 0 alone shows the run

@@ -445,9 +445,9 @@ def _load_synthetic(cfg: DataConfig) -> Dataset:
     from alignprog.data.synthetic import generate
 
     sc = cfg.synthetic
-    if sc.timelines == "egoprocel" and cfg.layout != "features":
-        raise DataError("the EgoProceL-timeline data has the features layout only "
-                        "(data.layout=features)")
+    if sc.timelines == "egoprocel":
+        from alignprog.data.timelines import require_features
+        require_features([cfg.layout])
     synth = generate(sc)
     # Feature arrays are rendered once and kept (the default is ~130 MB at D = 2048): every
     # epoch reads them again. Frames arrays (~400 KB a frame) are rendered on each read.

@@ -24,15 +24,14 @@ carries nothing. Progress is thus visible only through a nonlinear, noisy, video
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass, field
-from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
 from alignprog.config import DataConfig, FpsConfig, SyntheticConfig
 from alignprog.data.annotations import RepairLog, canonicalise, parse_task_record
+from alignprog.data.dataset import read_annotation_json, read_vocabulary, source_fps_of
 from alignprog.errors import DataError
 
 LATENT_DIM = 32
@@ -52,17 +51,13 @@ ECHO, ECHO_FRAMES = 0.6, 4.0   # how much background echoes its neighbours, and 
 NOISE = 0.6                # per-frame latent noise
 FEATURE_NOISE = 0.3        # per-dimension noise before the ReLU
 GAIN_SIGMA = 0.25          # log-std of the per-video feature gain
+RESOURCES = Path(__file__).resolve().parent / "resources"   # package data
 RESOURCE = "egoprocel.json"
 VOCABULARY = "egoprocel-id2action.txt"
 
 
 def _rng(seed: int, video: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed % 2**64, 7, video, stream]))
-
-
-@functools.cache
-def _resource_text(name: str) -> str:
-    return resources.files("alignprog.data").joinpath("resources", name).read_text("utf-8")
 
 
 @dataclass(frozen=True)
@@ -79,10 +74,8 @@ class _Video:
 def real_timelines(cmu: bool = False) -> dict[str, list[tuple[str, list[str], np.ndarray]]]:
     """Task -> [(handle, labels, lengths)]: the canonical 1 fps segments of every EgoProceL
     video (labels as the file's id strings, "0" background)."""
-    data = json.loads(_resource_text(RESOURCE))
+    data = read_annotation_json(RESOURCES / RESOURCE)
     cfg = DataConfig(fps=FpsConfig(preset="egoprocel"))
-    from alignprog.data.dataset import source_fps_of
-
     out: dict[str, list[tuple[str, list[str], np.ndarray]]] = {}
     background = frozenset(cfg.background_labels)
     for task in sorted(data):
@@ -90,9 +83,9 @@ def real_timelines(cmu: bool = False) -> dict[str, list[tuple[str, list[str], np
         if is_cmu and not cmu:
             continue
         videos = []
+        fps = source_fps_of(task, cfg)
         for raw in parse_task_record(task, data[task], file=RESOURCE, strict=not is_cmu,
                                      warnings=[]):
-            fps = source_fps_of(task, cfg)
             n = int(np.floor(raw.ends[-1] * cfg.fps.feature / fps + 1e-9)) + 1
             ann = canonicalise(raw, n, background=background, feature_fps=cfg.fps.feature,
                                source_fps=fps, log=RepairLog())
@@ -177,18 +170,23 @@ class TimelineDataset:
         return (rng.lognormal(0.0, GAIN_SIGMA) * np.maximum(h, 0.0)).astype(np.float32)
 
     def frames(self, handle: str) -> np.ndarray:
-        raise DataError("the EgoProceL-timeline data has the features layout only "
-                        "(data.layout=features)", handle=handle)
+        raise DataError(FEATURES_ONLY, handle=handle)
+
+
+FEATURES_ONLY = ("the EgoProceL-timeline data has the features layout only "
+                 "(data.layout=features, --layout features)")
+
+
+def require_features(layouts) -> None:
+    """Refuse, before anything is generated, a layout other than features."""
+    if any(layout != "features" for layout in layouts):
+        raise DataError(FEATURES_ONLY)
 
 
 def generate(cfg: SyntheticConfig) -> TimelineDataset:
     """The real EgoProceL timelines with this seed's appearance (`tasks`, `videos_per_task` do
     not apply: every video of every task is used)."""
-    vocab = {}
-    for line in _resource_text(VOCABULARY).splitlines():
-        if line.strip():
-            k, name = line.split(maxsplit=1)
-            vocab[int(k)] = name
+    vocab = {int(k): name for k, name in read_vocabulary(RESOURCES / VOCABULARY).items()}
     timelines = real_timelines(cmu=cfg.cmu)
     num_labels = max(vocab) + 1
     look_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed % 2**64, 7, 2**32 - 1]))

@@ -45,9 +45,9 @@ def write_synthetic_root(cfg: DataConfig, out_dir: Path, *, layouts: Iterable[st
             raise DataError(f"refusing to overwrite {out_dir}: not written by alignprog (no "
                             f"{DATASET_MARKER}); delete it yourself or choose another OUT_DIR",
                             file=str(out_dir))
-    if cfg.synthetic.timelines == "egoprocel" and "frames" in layouts:
-        raise DataError("the EgoProceL-timeline data has the features layout only "
-                        "(--layout features)", file=str(out_dir))
+    if cfg.synthetic.timelines == "egoprocel":
+        from alignprog.data.timelines import require_features
+        require_features(layouts)
     synth = generate(cfg.synthetic)
     handles = [(task, h) for task, rec in synth.annotations.items() for h in rec["handles"]]
     out_dir.parent.mkdir(parents=True, exist_ok=True)

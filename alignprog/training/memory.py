@@ -85,9 +85,9 @@ def estimate_step_bytes(cfg: Config, lengths: Sequence[int],
 
 
 def largest_batch(dataset: Dataset, cfg: Config, device_type: str = "cuda"
-                  ) -> tuple[str, list[int]]:
-    """The task and lengths of the training split's most expensive batch: the `batch_size`
-    longest videos of one task (a batch holds one task), the task whose batch costs most."""
+                  ) -> tuple[str, list[int], int]:
+    """The task, lengths and estimated bytes of the training split's most expensive batch: the
+    `batch_size` longest videos of one task (a batch holds one task), the costliest task's."""
     shape = _frame_shape(dataset, cfg)
     best: tuple[int, str, list[int]] | None = None
     for task in dataset.tasks:
@@ -99,7 +99,7 @@ def largest_batch(dataset: Dataset, cfg: Config, device_type: str = "cuda"
         cost = estimate_step_bytes(cfg, lengths, shape, device_type)
         if best is None or cost > best[0]:
             best = (cost, task, lengths)
-    return (best[1], best[2]) if best else ("", [])
+    return (best[1], best[2], best[0]) if best else ("", [], 0)
 
 
 def _frame_shape(dataset: Dataset, cfg: Config) -> tuple[int, ...]:
@@ -129,19 +129,17 @@ def memory_problem(dataset: Dataset, cfg: Config, device: torch.device,
                    available: int | None = None) -> str | None:
     """Why the largest training step will not fit on the device, with the ways out; None when
     it fits (or the free memory cannot be read). `available`: free bytes (default: asked)."""
-    task, lengths = largest_batch(dataset, cfg, device.type)
+    task, lengths, need = largest_batch(dataset, cfg, device.type)
     if not lengths:
         return None
     available = free_bytes(device) if available is None else available
     if available is None:
         return None
-    shape = _frame_shape(dataset, cfg)
-    need = estimate_step_bytes(cfg, lengths, shape, device.type)
     budget = USABLE_SHARE * available
     if need <= budget:
         return None
     b, t = len(lengths), max(lengths)
-    fits = longest_that_fits(cfg, b, budget, shape, device.type)
+    fits = longest_that_fits(cfg, b, budget, _frame_shape(dataset, cfg), device.type)
     name = str(device)
     return (f"the largest training batch (task {task}: {b} videos of up to {t} frames) needs "
             f"about {gib(need)} for one {cfg.train.method.upper()} step on {name}, which has "
