@@ -374,14 +374,19 @@ class LearnableProgressConfig(StrictModel):
         return data
 
 
-# Default lambda per alignment method: total = alignment + lambda * progress. Chosen so that the
-# progress term's gradient on the encoder is about as large as the alignment's, or larger: at
-# initialisation on the synthetic data (default model, fixed-mode losses, reference reduction)
-# the ratio |grad alignment| / |grad progress| is TCC 237, GTCC 6.4e5, LAV 3.8e5, VAVA 1.9e7.
+# balance=fixed: lambda per alignment method, total = alignment + lambda * progress. Chosen so
+# that the progress term's gradient on the encoder is about as large as the alignment's, or
+# larger, at initialisation on the synthetic data (default model, fixed-mode losses, reference
+# reduction), where |grad alignment| / |grad progress| is TCC 237, GTCC 6.4e5, LAV 3.8e5, VAVA
+# 1.9e7.
 # The pipeline description's table (GTCC 1e5-1e6, LAV 1e6, VAVA 1e4-1e5, TCC 1e4-1e5) assumes
 # the reference losses, whose VAVA is far smaller: its transport cost is a constant
 # (docs/reference-bugs.md#vava-transport-cost-constant).
 DEFAULT_LAMBDA = {"tcc": 1e3, "gtcc": 1e6, "lav": 1e6, "vava": 1e7}
+
+# balance=gradient: the progress gradient's norm on the embeddings over the alignment's
+# (measured: docs/algorithms.md#balancing-the-objectives).
+BALANCE_RATIO = 2.0
 
 
 class ProgressConfig(StrictModel):
@@ -394,9 +399,20 @@ class ProgressConfig(StrictModel):
     method: Literal["learnable", "cumulative_l2"] = Field(
         "learnable", description="learnable: the progress head; cumulative_l2: cumulative "
         "embedding distance, normalised per action (no head).")
+    balance: Literal["gradient", "fixed"] = Field(
+        "gradient", description="How the two objectives share the encoder. gradient: every "
+        "step weighs them by their gradients on the embeddings, the progress gradient "
+        "balance_ratio times as long as the alignment's, whatever the alignment loss's scale "
+        "(docs/algorithms.md#balancing-the-objectives); fixed: total = alignment + lambda * "
+        "progress with lambda_fixed or the per-method default (the pipeline description's "
+        "recipe). Setting lambda_fixed alone chooses fixed.")
+    balance_ratio: float = Field(
+        BALANCE_RATIO, gt=0, le=1e6, description="balance=gradient: the norm of the progress "
+        "gradient on the embeddings over the alignment gradient's.")
     lambda_fixed: float | None = Field(
-        None, ge=0, description="Weight of the progress loss in total = alignment + lambda * "
-        "progress. Unset: the per-method default, tcc 1e3, gtcc 1e6, lav 1e6, vava 1e7.")
+        None, ge=0, description="balance=fixed: the weight of the progress loss in total = "
+        "alignment + lambda * progress. Unset: the per-method default, tcc 1e3, gtcc 1e6, "
+        "lav 1e6, vava 1e7.")
     cumulative_normaliser: Literal["self", "class"] = Field(
         "class", description="cumulative_l2: divide the cumulative distance within an action by "
         "the mean path length of its action class (causal; the same normaliser in training and "
@@ -404,7 +420,22 @@ class ProgressConfig(StrictModel):
     learnable: LearnableProgressConfig = Field(
         default_factory=LearnableProgressConfig, description="The learnable head.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lambda_means_fixed(cls, data: Any) -> Any:
+        """A lambda_fixed given without a balance chooses balance=fixed; with balance=gradient
+        it would be ignored, so that is an error."""
+        if not isinstance(data, dict) or data.get("lambda_fixed") is None:
+            return data
+        if "balance" not in data:
+            return dict(data, balance="fixed")
+        if data["balance"] == "gradient":
+            raise ValueError("progress.lambda_fixed applies to progress.balance=fixed; "
+                             "balance=gradient sets lambda itself every step (drop one)")
+        return data
+
     def lambda_for(self, method: str) -> float:
+        """The fixed lambda of balance=fixed (the per-method default unless lambda_fixed)."""
         return self.lambda_fixed if self.lambda_fixed is not None else DEFAULT_LAMBDA[method]
 
 

@@ -24,7 +24,7 @@ from alignprog.data.batching import TaskBatchSampler
 from alignprog.runtime import deterministic
 from alignprog.training import RunDir
 from alignprog.training.loop import fit
-from alignprog.training.step import clip_gradients
+from alignprog.training.step import backward, clip_gradients
 from alignprog.training.trainer import Trainer, rank_seed, training_generators
 
 from helpers import TINY
@@ -72,12 +72,13 @@ def without_foreground(batch):
 
 
 def _steps_worker(rank: int, world: int, port: int, out: str, device: str,
-                  no_foreground_rank: int | None) -> None:
+                  no_foreground_rank: int | None, balance: str = "gradient") -> None:
     torchrun_env(rank, world, port)
     from alignprog.training import distributed
     with (distributed.process_group(device, timeout=timedelta(seconds=60)) as dist,
           deterministic()):  # as fit runs
-        cfg = load_config(overrides=TINY | {"train.device": device})
+        cfg = load_config(overrides=TINY | {"train.device": device,
+                                            "progress.balance": balance})
         ds = load_dataset(cfg.data)
         trainer = Trainer(cfg, ds, dist.device, dist)
         trainer.sync()
@@ -144,11 +145,29 @@ def _cli_refused_worker(rank: int, world: int, port: int, runs: str) -> None:
 # the single process that the ranks must equal
 
 
-def reference_run(device: str, no_foreground_rank: int | None = None):
+def rank_gradients(ref: Trainer, out: dict, params: list) -> list:
+    """One rank's gradients of `params`: balance=fixed written out (alignment + lambda *
+    progress; the caller divides the head's by lambda after the averaging); balance=gradient
+    from `step.backward` itself, whose weights tests/test_balance.py checks against a float64
+    formula (here: the averaging)."""
+    alignment, progress = out["alignment"], out["progress"]
+    if progress is None:
+        return torch.autograd.grad(alignment, params, allow_unused=True)
+    if ref.balance == "gradient":
+        ref.optimizer.zero_grad(set_to_none=True)
+        backward(ref, alignment, progress, out["embeddings"])
+        grads = [p.grad for p in params]
+        ref.optimizer.zero_grad(set_to_none=True)
+        return grads
+    return torch.autograd.grad(alignment + ref.lam * progress, params, allow_unused=True)
+
+
+def reference_run(device: str, no_foreground_rank: int | None = None,
+                  balance: str = "gradient"):
     """Per step, the parameters of one process that computes the ranks' two single-task
-    batches' losses separately (each with that rank's random streams), averages their
-    gradients, divides the head gradients by lambda, clips and steps; and the batches."""
-    cfg = load_config(overrides=TINY | {"train.device": device})
+    batches' losses and gradients separately (each with that rank's random streams,
+    `rank_gradients`), averages the gradients, clips and steps; and the batches."""
+    cfg = load_config(overrides=TINY | {"train.device": device, "progress.balance": balance})
     ds = load_dataset(cfg.data)
     ref = Trainer(cfg, ds, torch.device(device))
     gens = {r: training_generators(rank_seed(cfg.train.seed, r)) for r in range(WORLD)}
@@ -173,17 +192,14 @@ def reference_run(device: str, no_foreground_rank: int | None = None):
                 out = ref.losses(batch.to(device), epoch=ref.epoch, step=ref.step,
                                  generators=gens[r])
                 samples.append(out["samples"])
-                total = out["alignment"]
-                if out["progress"] is not None:
-                    total = total + ref.lam * out["progress"]
-                for k, g in enumerate(torch.autograd.grad(total, params, allow_unused=True)):
+                for k, g in enumerate(rank_gradients(ref, out, params)):
                     if g is not None:
                         grads[k] = g if grads[k] is None else grads[k] + g
             for k, p in enumerate(params):
                 # contiguous, as .backward() leaves them (fused Adam wants the params' layout;
                 # autograd.grad may return, e.g., an einsum's gradient transposed)
                 p.grad = None if grads[k] is None else (grads[k] / WORLD).contiguous()
-                if p.grad is not None and id(p) in head:
+                if p.grad is not None and id(p) in head and ref.balance == "fixed":
                     p.grad = p.grad / ref.lam
             clip_gradients(ref)
             ref.optimizer.step()
@@ -197,12 +213,12 @@ def reference_run(device: str, no_foreground_rank: int | None = None):
 
 
 def check_against_reference(out: Path, device: str, no_foreground_rank: int | None,
-                            **tolerance) -> list[int]:
+                            balance: str = "gradient", **tolerance) -> list[int]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: the same summation order in the CPU kernels
     try:
         with deterministic():
-            snapshots, shares, samples = reference_run(device, no_foreground_rank)
+            snapshots, shares, samples = reference_run(device, no_foreground_rank, balance)
     finally:
         torch.set_num_threads(threads)
     assert len(snapshots) == STEPS
@@ -254,10 +270,11 @@ def test_sampler_shares_are_disjoint_single_task_and_even():
         TaskBatchSampler(groups, 2, shuffle=True, drop_last=True, num_replicas=2, rank=2)
 
 
-def test_two_ranks_equal_one_process_averaging_by_hand(tmp_path: Path):
-    spawn(_steps_worker, str(tmp_path), "cpu", None)
+@pytest.mark.parametrize("balance", ["gradient", "fixed"])
+def test_two_ranks_equal_one_process_averaging_by_hand(tmp_path: Path, balance: str):
+    spawn(_steps_worker, str(tmp_path), "cpu", None, balance)
     # bitwise: the same kernels on one thread, and the sum of two ranks is a + b == b + a
-    samples = check_against_reference(tmp_path, "cpu", None, rtol=0, atol=0)
+    samples = check_against_reference(tmp_path, "cpu", None, balance, rtol=0, atol=0)
     assert all(samples)
 
 

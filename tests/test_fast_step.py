@@ -215,17 +215,19 @@ def run_steps(method: str, graphs: str, n: int = 5, sync_check: bool = False,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("balance", ["gradient", "fixed"])
 @pytest.mark.parametrize("method", ["tcc", "lav", "vava"])
-def test_graph_step_equals_the_eager_step(method):
+def test_graph_step_equals_the_eager_step(method, balance):
     # reduction "mean": O(1) losses, so float32 rounding (the graph pads the frames to a bucket
     # and its kernels sum in another order) stays small next to the values compared
-    eager, rec_e = run_steps(method, "off", extra={"loss.reduction": "mean"})
-    graph, rec_g = run_steps(method, "on", extra={"loss.reduction": "mean"})
+    extra = {"loss.reduction": "mean", "progress.balance": balance}
+    eager, rec_e = run_steps(method, "off", extra=extra)
+    graph, rec_g = run_steps(method, "on", extra=extra)
     # the first step runs eagerly (it creates Adam's state), every later one is a replay
     assert graph.graphs is not None and graph.graphs.failed is None
     assert len(rec_g) >= 3 and graph.graphs.replays == len(rec_g) - 1
     for a, b in zip(rec_e, rec_g):
-        for key in ("alignment", "progress", "total", "grad_encoder", "grad_head"):
+        for key in ("alignment", "progress", "lambda", "total", "grad_encoder", "grad_head"):
             assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-6), (key, a, b)
     # Adam moves each weight by about lr = 3e-4 per step whatever its gradient's size, so a
     # weight whose gradient is rounding noise may differ by up to ~lr per step
@@ -237,6 +239,7 @@ def test_graph_step_equals_the_eager_step(method):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method,graphs,extra", [
     ("lav", "on", {}), ("vava", "on", {}), ("tcc", "off", {}), ("lav", "off", {}),
+    ("lav", "on", {"progress.balance": "fixed"}), ("tcc", "off", {"progress.balance": "fixed"}),
     ("gtcc", "auto", {}), ("lav", "auto", {"model.encoder": "naive"}),
     ("tcc", "auto", {"model.encoder": "resnet50", "data.layout": "frames",
                      "data.synthetic.frame_channels": 8, "data.synthetic.frame_size": 3})])

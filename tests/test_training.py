@@ -38,7 +38,8 @@ def step_keeping_gradients(trainer: Trainer, batch):
     info = StepMetrics(step=1, epoch=0, lam=trainer.lam, samples=out["samples"],
                        videos=batch.size, frames=int(batch.lengths.sum()),
                        alignment=out["alignment"])
-    return take_step(trainer, out["alignment"], out["progress"], info, release_grads=False)
+    return take_step(trainer, out["alignment"], out["progress"], info,
+                     embeddings=out["embeddings"], release_grads=False)
 
 
 @pytest.mark.parametrize("method", ["lav", "tcc"])

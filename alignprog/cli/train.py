@@ -27,6 +27,7 @@ Method = config_choices("Method", TrainConfig, "method")
 ProgressMethod = config_choices("ProgressMethod", ProgressConfig, "method", extra=("none",))
 Head = config_choices("Head", LearnableProgressConfig, "arch")
 ClipMode = config_choices("ClipMode", TrainConfig, "clip_mode")
+Balance = config_choices("Balance", ProgressConfig, "balance")
 Encoder = config_choices("Encoder", ModelConfig, "encoder")
 Precision = config_choices("Precision", TrainConfig, "precision")
 
@@ -42,6 +43,15 @@ def _fmt(value, spec: str = ".4g") -> str:
     if isinstance(value, float):
         return format(value, spec)
     return str(value)
+
+
+def _balance(record: dict) -> str:
+    """How the start record's run balances its objectives, in a few words."""
+    if record.get("balance") == "gradient":
+        return f"gradient balance, ratio {show_number(record['balance_ratio'])}"
+    if record.get("balance") == "fixed":
+        return f"lambda {record['lambda']:g}"
+    return "alignment only"
 
 
 class Display:
@@ -96,7 +106,7 @@ class Display:
                     f"training {record['method']} on {record['device']}"
                     + (f" x {record['ranks']} ranks" if record.get("ranks", 1) > 1 else "")
                     + f": {record['steps']} steps "
-                    f"({record['steps_per_epoch']} per epoch), lambda {record['lambda']:g}",
+                    f"({record['steps_per_epoch']} per epoch), " + _balance(record),
                     highlight=False)
             if self.mode == "live":
                 self.task = self.progress.add_task("train", total=record["steps"], epoch=0,
@@ -178,8 +188,17 @@ def train(
     progress: Annotated[Optional[ProgressMethod], typer.Option(
         help="Progress predictor trained with the encoder.",
         show_default=default_of(Config, "progress.method"))] = None,
+    balance: Annotated[Optional[Balance], typer.Option(
+        help="How the objectives share the encoder: gradient (each step, the progress "
+        "gradient on the embeddings --balance-ratio times the alignment's, whatever the "
+        "alignment loss's scale) or fixed (total = alignment + lambda * progress, --lambda).",
+        show_default=default_of(Config, "progress.balance"))] = None,
+    balance_ratio: Annotated[Optional[float], typer.Option(
+        help="--balance gradient: the progress gradient's norm over the alignment's.",
+        show_default=default_of(Config, "progress.balance_ratio"))] = None,
     lambda_: Annotated[Optional[float], typer.Option(
-        "--lambda", help="total = alignment + lambda * progress.",
+        "--lambda", help="--balance fixed: total = alignment + lambda * progress; given alone "
+        "it chooses --balance fixed.",
         show_default=LAMBDA_DEFAULTS)] = None,
     head: Annotated[Optional[Head], typer.Option(
         help="Progress-head architecture.",
@@ -234,6 +253,8 @@ def train(
         "train.epochs": epochs, "train.steps": steps, "data.batch_size": batch_size,
         "train.lr": lr, "train.head_lr": head_lr,
         "progress.lambda_fixed": lambda_,
+        "progress.balance": balance.value if balance else None,
+        "progress.balance_ratio": balance_ratio,
         "progress.learnable.arch": head.value if head else None,
         "train.clip_mode": clip_mode.value if clip_mode else None,
         "model.encoder": encoder.value if encoder else None,

@@ -5,11 +5,11 @@ or LAV; ~1700 for VAVA) for ~5 ms of GPU work: launched one by one from Python, 
 2-4 times its GPU time. Captured once as a CUDA graph and replayed, the step costs one launch.
 
 What is captured: forward (encoder and heads in the configured precision), alignment loss,
-gather of the progress samples, progress head and loss, backward, the head-gradient rescale,
-clipping, the fused Adam step (skipped on the device when a loss or gradient is not finite) and
-the skip counters. What stays on the host, outside the graph: batching, the progress sampler
-(the same generator and draws as the eager step) and the copies of the batch into the graph's
-input buffers.
+gather of the progress samples, progress head and loss, the balanced backward (or the fixed
+lambda's backward and head-gradient rescale), clipping, the fused Adam step (skipped on the
+device when a loss or gradient is not finite) and the skip counters. What stays on the host,
+outside the graph: batching, the progress sampler (the same generator and draws as the eager
+step) and the copies of the batch into the graph's input buffers.
 
 Shapes are static inside a graph, so each batch is padded: frames up to a multiple of
 `train.graph_frame_bucket`, progress samples up to a multiple of 16 (padding samples carry no
@@ -98,13 +98,13 @@ class Graph:
 class StepGraphs:
     """CUDA graphs of a training step, one per shape bucket. It knows the model and optimizer
     (to warm up and zero the gradients around a capture) and two callables on `GraphInputs`:
-    `loss` (the total, for the warm-up's backward) and `step` (the whole step, captured: its
+    `backward` (forward and backward, for the warm-up) and `step` (the whole step, captured: its
     device values by METRICS name). `replay(batch, samples, step)` captures if needed, replays
     and returns the values, or None where the caller must run the step eagerly."""
 
     @classmethod
     def create(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               loss: Callable[[GraphInputs], torch.Tensor],
+               backward: Callable[[GraphInputs], None],
                step: Callable[[GraphInputs], dict[str, torch.Tensor]], cfg: Config,
                device: torch.device, *, several_processes: bool = False
                ) -> StepGraphs | None:
@@ -117,14 +117,14 @@ class StepGraphs:
                 warnings.warn(f"train.cuda_graphs=on, but {reason}: the step runs eagerly",
                               stacklevel=2)
             return None
-        return cls(model, optimizer, loss, step, device, frame_bucket=cfg.train.graph_frame_bucket,
-                   max_graphs=cfg.train.max_graphs)
+        return cls(model, optimizer, backward, step, device,
+                   frame_bucket=cfg.train.graph_frame_bucket, max_graphs=cfg.train.max_graphs)
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 loss: Callable[[GraphInputs], torch.Tensor],
+                 backward: Callable[[GraphInputs], None],
                  step: Callable[[GraphInputs], dict[str, torch.Tensor]], device: torch.device,
                  *, frame_bucket: int, max_graphs: int) -> None:
-        self.model, self.optimizer, self.loss, self.step_fn = model, optimizer, loss, step
+        self.model, self.optimizer, self.backward, self.step_fn = model, optimizer, backward, step
         self.device = device
         self.frame_bucket, self.max_graphs = frame_bucket, max_graphs
         self.graphs: OrderedDict[tuple, Graph] = OrderedDict()
@@ -211,7 +211,7 @@ class StepGraphs:
         with torch.cuda.stream(side):
             for _ in range(2):
                 self.optimizer.zero_grad(set_to_none=True)
-                self.loss(inputs).backward()
+                self.backward(inputs)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.optimizer.zero_grad(set_to_none=True)
         graph.graph = torch.cuda.CUDAGraph()

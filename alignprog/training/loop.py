@@ -165,7 +165,10 @@ def _fit_loop(cfg: Config, trainer: Trainer, dataset: Dataset, run: RunDir | Non
                        - trainer.batch_in_epoch // dist.world_size)
     emit("start", {"steps": total_steps, "epochs": math.ceil(total_steps / steps_per_epoch),
                    "steps_per_epoch": steps_per_epoch, "device": str(device),
-                   "lambda": trainer.lam, "method": tc.method, "ranks": dist.world_size,
+                   "lambda": trainer.lam,
+                   "balance": trainer.balance if cfg.progress.enabled else None,
+                   "balance_ratio": trainer.balance_ratio, "method": tc.method,
+                   "ranks": dist.world_size,
                    "resumed_at": trainer.step if resume else None})
     result = FitResult(trainer.model, trainer.step, trainer.epoch)
 

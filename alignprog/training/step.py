@@ -1,7 +1,8 @@
 """One optimizer step, written once for every way a step runs.
 
     total = alignment + lambda * progress          (`objective`; the head-only stage: progress)
-    total.backward()
+    backward: balance=fixed, total.backward(); balance=gradient, lambda from the two gradients
+        on the embeddings and the alignment loss's scale divided out (`balanced_backward`)
     several processes: gradients and losses averaged over the ranks, one all_reduce
     head gradients divided by lambda                (the head learns at the natural scale)
     clipping (global, separate or none)
@@ -11,7 +12,7 @@
 `take_step` does all of it from the two losses. The eager step calls it after the forward pass,
 a CUDA graph captures it (`graphs.py`; no host sync then), and each rank of a multi-process run
 calls it on its own batch. It returns a `StepMetrics` of device scalars, read at the steps that
-log (`StepMetrics.read`: one host sync). How the two objectives are balanced is `objective`.
+log (`StepMetrics.read`: one host sync). How the two objectives are balanced is `backward`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from alignprog.training.distributed import Dist
 
 Scalar = torch.Tensor | float
 
+# balance=gradient: a gradient on the embeddings shorter than this counts as none
+NO_GRADIENT = 1e-30
+
 
 class StepOwner(Protocol):
     """What a step needs from the trainer."""
@@ -39,7 +43,12 @@ class StepOwner(Protocol):
     optimizer: torch.optim.Optimizer
     encoder_params: list[nn.Parameter]
     head_params: list[nn.Parameter]
-    lam: float
+    lam: float                    # balance=fixed
+    balance: str                  # "gradient" or "fixed"
+    balance_ratio: float
+    alignment_reads_embeddings_only: bool   # no drop branch between embeddings and loss
+    lam_sum: torch.Tensor         # () float64: balance=gradient, the lambdas since validation
+    lam_steps: torch.Tensor       # () long: how many
     learnable: bool
     skipped_steps: torch.Tensor   # () long, on the device
     bad_run: torch.Tensor         # () long: consecutive bad steps
@@ -52,7 +61,7 @@ class StepMetrics:
 
     step: int
     epoch: int
-    lam: float
+    lam: Scalar                            # the step's lambda (balance=gradient: its own)
     samples: int
     videos: int
     frames: int
@@ -69,7 +78,7 @@ class StepMetrics:
     bad_terms: list[str] = field(default_factory=list)   # the ranks' non-finite terms
     extra: dict = field(default_factory=dict)            # host values: lr, seconds, ...
 
-    TENSORS = ("alignment", "progress", "total", "bad", "grad_encoder", "grad_head",
+    TENSORS = ("alignment", "progress", "lam", "total", "bad", "grad_encoder", "grad_head",
                "grad_encoder_clipped", "grad_head_clipped")
 
     def values(self) -> dict[str, Scalar | None]:
@@ -89,7 +98,7 @@ class StepMetrics:
                                 for k in keys]).tolist()
             values |= dict(zip(keys, read))
         out = {"step": self.step, "epoch": self.epoch, "alignment": values["alignment"],
-               "progress": values["progress"], "lambda": self.lam, "samples": self.samples,
+               "progress": values["progress"], "lambda": values["lam"], "samples": self.samples,
                "videos": self.videos, "frames": self.frames}
         if self.ranks is not None:
             out["ranks"] = self.ranks
@@ -102,9 +111,9 @@ class StepMetrics:
         progress = values["progress"]
         if progress is not None and self.ranks is None:
             # as the device computes it: the float32 loss times lambda in float32
-            progress = float(torch.tensor(progress, dtype=torch.float32) * self.lam)
+            progress = float(torch.tensor(progress, dtype=torch.float32) * values["lam"])
         elif progress is not None:
-            progress = self.lam * progress
+            progress = values["lam"] * progress
         out["weighted_progress"] = progress
         for k in ("grad_encoder", "grad_head", "grad_encoder_clipped", "grad_head_clipped"):
             if values[k] is not None:
@@ -127,6 +136,71 @@ def objective(alignment: torch.Tensor | None, progress: torch.Tensor | None, lam
     if progress is None:
         return alignment
     return alignment + lam * progress
+
+
+def backward(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor | None,
+             embeddings: torch.Tensor | None, *, head_only: bool = False
+             ) -> tuple[torch.Tensor | None, Scalar]:
+    """Backpropagate the step's objective: (the total, detached, or None when there is
+    nothing to learn from; the lambda of the step). balance=gradient with both losses goes
+    through `balanced_backward`; otherwise `objective`'s total, whose head gradients
+    `rescale_head` divides by lambda later (balance=fixed), or a step without a progress term
+    (lambda 0 under balance=gradient)."""
+    if owner.balance == "gradient" and progress is not None and not head_only:
+        if embeddings is None:
+            raise ValueError("balance=gradient weighs the losses by their gradients on the "
+                             "embeddings: pass the embeddings both losses read")
+        return balanced_backward(owner, alignment, progress, embeddings)
+    total = objective(alignment, progress, owner.lam, head_only=head_only)
+    lam = owner.lam if owner.balance == "fixed" else 0.0   # gradient: no progress term here
+    if total is None:
+        return None, lam
+    total.backward()
+    return total.detach(), lam
+
+
+def balanced_backward(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor,
+                      embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """balance=gradient (docs/algorithms.md#balancing-the-objectives): with g_a and g_p the
+    gradients of the alignment and progress losses on the embeddings both read, the encoder
+    gets the gradient of
+
+        alignment / |g_a| + ratio * progress / |g_p|
+
+    (the weights detached), so the progress gradient on the embeddings is `ratio` times as
+    long as the alignment's and the alignment loss's scale drops out; the head gets
+    grad(progress), its natural scale. The step's lambda, in the units of
+    alignment + lambda * progress, is ratio * |g_a| / |g_p|; the total returned is that sum.
+
+    No host sync. Every part of the graph is walked once when the alignment loss reads the
+    embeddings alone (`owner.alignment_reads_embeddings_only`); otherwise (GTCC's drop branch
+    sits between the embeddings and the loss) the alignment loss's part is walked twice.
+    """
+    single = owner.alignment_reads_embeddings_only
+    g_align, = torch.autograd.grad(alignment, embeddings, retain_graph=not single)
+    head = [p for p in owner.head_params if p.requires_grad]
+    g_prog, *g_head = torch.autograd.grad(progress, [embeddings, *head], allow_unused=True)
+    # In float64: a saturated head's progress gradient may be tiny, and lambda = ratio *
+    # |g_a| / |g_p| must not overflow. A gradient below NO_GRADIENT counts as none (weight 0):
+    # dividing by it would overflow float32.
+    norm_align = torch.linalg.vector_norm(g_align).double()
+    norm_prog = torch.linalg.vector_norm(g_prog).double()
+    w_align = torch.where(norm_align > NO_GRADIENT, 1.0 / norm_align, 0.0)
+    w_prog = torch.where(norm_prog > NO_GRADIENT, owner.balance_ratio / norm_prog, 0.0)
+    g_emb = g_prog * w_prog.to(g_prog.dtype)
+    if single:
+        torch.autograd.backward([embeddings], [g_emb + g_align * w_align.to(g_align.dtype)])
+    else:
+        # One walk of the encoder still: the alignment root and the embeddings' gradient
+        # meet at the embeddings before the engine goes on into the encoder.
+        torch.autograd.backward([alignment * w_align.to(alignment.dtype), embeddings],
+                                [None, g_emb])
+    for p, g in zip(head, g_head):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+    lam = torch.where(norm_prog > NO_GRADIENT, owner.balance_ratio * norm_align / norm_prog,
+                      0.0)
+    return (alignment.detach().double() + lam * progress.detach().double()), lam
 
 
 def total_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
@@ -169,9 +243,11 @@ def clip_gradients(owner: StepOwner, *, head_only: bool = False
 
 
 def rescale_head(owner: StepOwner, head_only: bool) -> None:
-    """The head received lambda * grad(progress); dividing by lambda lets it learn at the
-    natural scale while the encoder keeps the lambda-scaled signal."""
-    if owner.learnable and not head_only and owner.lam > 0 and owner.lam != 1:
+    """balance=fixed: the head received lambda * grad(progress); dividing by lambda lets it
+    learn at the natural scale while the encoder keeps the lambda-scaled signal
+    (balance=gradient gives the head grad(progress) itself)."""
+    if (owner.learnable and not head_only and owner.balance == "fixed" and owner.lam > 0
+            and owner.lam != 1):
         grads = [p.grad for p in owner.head_params if p.grad is not None]
         if grads:
             torch._foreach_div_(grads, owner.lam)
@@ -196,20 +272,21 @@ def _optimizer_step(owner: StepOwner, bad: torch.Tensor, release_grads: bool) ->
 
 
 def take_step(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor | None,
-              info: StepMetrics, *, head_only: bool = False, release_grads: bool = True
-              ) -> StepMetrics:
-    """The step from the two losses (device scalars with their autograd graphs); `info` holds
-    the host counts (step, epoch, samples, ...). Gradients must be zero (None) on entry."""
-    total = objective(alignment, progress, owner.lam, head_only=head_only)
+              info: StepMetrics, *, embeddings: torch.Tensor | None = None,
+              head_only: bool = False, release_grads: bool = True) -> StepMetrics:
+    """The step from the two losses (device scalars with their autograd graphs) and the
+    embeddings both read (balance=gradient measures the gradients there); `info` holds the
+    host counts (step, epoch, samples, ...). Gradients must be zero (None) on entry."""
     metrics = info.with_values(alignment=alignment.detach(),
                                progress=None if progress is None else progress.detach())
     if owner.dist.active:
-        return _take_step_ranks(owner, metrics, total, head_only, release_grads)
+        return _take_step_ranks(owner, metrics, alignment, progress, embeddings, head_only,
+                                release_grads)
+    total, lam = backward(owner, alignment, progress, embeddings, head_only=head_only)
+    metrics = metrics.with_values(lam=lam)
     if total is None:   # nothing to learn from (head only, no sample): skipped, not bad
         owner.skipped_steps += 1
         return metrics.with_values(no_loss=True, bad=torch.ones((), dtype=torch.bool))
-    total.backward()
-    total = total.detach()
     return _update(owner, metrics.with_values(total=total), ~torch.isfinite(total), head_only,
                    release_grads)
 
@@ -220,34 +297,45 @@ def _update(owner: StepOwner, metrics: StepMetrics, bad: torch.Tensor, head_only
     enc, head, enc_c, head_c = clip_gradients(owner, head_only=head_only)
     bad = bad | ~torch.isfinite(enc) | ~torch.isfinite(head)
     _optimizer_step(owner, bad, release_grads)
+    if owner.balance == "gradient" and metrics.progress is not None and not head_only:
+        # the epoch's mean lambda, for the validation total (on the device: no sync)
+        owner.lam_sum += torch.where(bad, 0.0, torch.as_tensor(metrics.lam, device=owner.device))
+        owner.lam_steps += ~bad
     return metrics.with_values(bad=bad, grad_encoder=enc, grad_head=head,
                                grad_encoder_clipped=enc_c, grad_head_clipped=head_c)
 
 
-def _take_step_ranks(owner: StepOwner, metrics: StepMetrics, total: torch.Tensor | None,
+def _take_step_ranks(owner: StepOwner, metrics: StepMetrics, alignment_loss: torch.Tensor,
+                     progress_loss: torch.Tensor | None, embeddings: torch.Tensor | None,
                      head_only: bool, release_grads: bool) -> StepMetrics:
     """One rank's step of several: the ranks agree on the host (an all_reduce of the losses
     with the gradients, before the head rescale and the clipping), so a bad step is skipped
     on every rank, and a step where no rank has a loss is skipped without counting as bad."""
     alignment = float(metrics.alignment)
     progress = None if metrics.progress is None else float(metrics.progress)
-    has_loss = total is not None
-    finite = has_loss and bool(torch.isfinite(total))
+    has_loss = progress is not None or not head_only
+    counted = (progress,) if head_only else (alignment, progress)
+    finite = has_loss and all(v is None or math.isfinite(v) for v in counted)
+    total, lam = None, owner.lam
     if finite:
-        total.backward()
+        total, lam = backward(owner, alignment_loss, progress_loss, embeddings,
+                              head_only=head_only)
+        total, lam = float(total), float(lam)
+        finite = math.isfinite(total)
     terms = (("alignment", alignment), ("progress", progress))
     bad_term = [v is not None and not math.isfinite(v) for _, v in terms]
     stats = torch.tensor([has_loss, has_loss and not finite, *bad_term, alignment,
                           progress or 0.0, progress is not None,
-                          float(total.detach()) if has_loss else 0.0, metrics.videos,
-                          metrics.frames,
-                          metrics.samples], dtype=torch.float64)
+                          total if finite else 0.0,
+                          lam if finite and progress is not None else 0.0, metrics.videos,
+                          metrics.frames, metrics.samples], dtype=torch.float64)
     params = [p for p in owner.encoder_params + owner.head_params if p.requires_grad]
-    (n_loss, n_bad, bad_align, bad_prog, align_sum, prog_sum, n_prog, total_sum, videos,
-     frames, samples) = owner.dist.average_gradients(params, stats)
+    (n_loss, n_bad, bad_align, bad_prog, align_sum, prog_sum, n_prog, total_sum, lam_sum,
+     videos, frames, samples) = owner.dist.average_gradients(params, stats)
     ranks = owner.dist.world_size
     metrics = metrics.with_values(
         alignment=align_sum / ranks, progress=prog_sum / n_prog if n_prog else None,
+        lam=lam_sum / n_prog if n_prog and not n_bad else owner.lam,
         videos=int(videos), frames=int(frames), samples=int(samples), ranks=ranks,
         bad_terms=[n for (n, _), b in zip(terms, (bad_align, bad_prog)) if b])
     if n_bad or not n_loss:

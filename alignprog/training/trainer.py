@@ -26,7 +26,7 @@ from alignprog.training.checkpoint import (CheckpointError, checkpoint_name, loa
 from alignprog.training.distributed import SINGLE, Dist
 from alignprog.training.graphs import GraphInputs, StepGraphs
 from alignprog.training.rundir import RunDir
-from alignprog.training.step import StepMetrics, objective, take_step
+from alignprog.training.step import StepMetrics, backward, objective, take_step
 
 
 class TrainingError(AlignprogError):
@@ -99,7 +99,14 @@ class Trainer:
         set_dense(self.model, device.type == "cuda")
         self.loss_fn = ALIGNMENT_LOSSES[tc.method]
         self.loss_kw = loss_keywords(cfg)
-        self.lam = pc.lambda_for(tc.method) if pc.enabled else 0.0
+        self.lam = pc.lambda_for(tc.method) if pc.enabled else 0.0   # balance=fixed
+        self.balance, self.balance_ratio = pc.balance, pc.balance_ratio
+        # GTCC's loss also reads the drop logits, computed from the embeddings
+        self.alignment_reads_embeddings_only = tc.method != "gtcc"
+        # balance=gradient: the sum and count of the steps' lambdas since the last validation,
+        # on the device (their mean weighs the validation total)
+        self.lam_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.lam_steps = torch.zeros((), dtype=torch.long, device=device)
         self.learnable = pc.enabled and pc.method == "learnable"
         self.generators = training_generators(rank_seed(tc.seed, dist.rank))
         # cumulative_l2 with class normalisers: running mean path length per label
@@ -116,9 +123,8 @@ class Trainer:
         self.stage = 1            # 2: the head alone on the frozen encoder (train.two_stage)
         self.head_start = 0       # the epoch at which stage 2 began
         self.graphs = StepGraphs.create(
-            self.model, self.optimizer,
-            lambda inputs: objective(*self.graph_losses(inputs), self.lam),
-            self.captured_step, cfg, device, several_processes=dist.active)
+            self.model, self.optimizer, self.graph_backward, self.captured_step, cfg, device,
+            several_processes=dist.active)
 
     def enter_head_stage(self) -> None:
         """Stage 2 of two-stage training (docs/algorithms.md#two-stage-training): freeze the
@@ -152,7 +158,8 @@ class Trainer:
                                         generators=generators)
         progress, n_samples = self.progress_loss(emb, batch, host or batch,
                                                  generators=generators)
-        return {"alignment": alignment, "progress": progress, "samples": n_samples}
+        return {"alignment": alignment, "progress": progress, "samples": n_samples,
+                "embeddings": emb}
 
     def forward(self, batch: Batch):
         """The encoder on a device batch (`EncoderOutput`), in the configured precision."""
@@ -263,7 +270,8 @@ class Trainer:
             out = self.losses(batch, epoch=self.epoch, step=self.step,
                               generators=self.generators, host=host)
         return take_step(self, out["alignment"], out["progress"],
-                         self._info(host, out["samples"]), head_only=head_only)
+                         self._info(host, out["samples"]), embeddings=out["embeddings"],
+                         head_only=head_only)
 
     def _graph_step(self, host: Batch) -> StepMetrics | None:
         """The step as a CUDA-graph replay, or None where it must run eagerly (no progress
@@ -294,9 +302,10 @@ class Trainer:
                                min_segment_len=lc.min_segment_len,
                                stratified=lc.stratified_sampling, generator=generator)
 
-    def graph_losses(self, inputs: GraphInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(alignment, progress) of a CUDA graph's static buffers: the eager losses on padded
-        inputs (the padding carries no weight)."""
+    def graph_losses(self, inputs: GraphInputs
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(alignment, progress, embeddings) of a CUDA graph's static buffers: the eager losses
+        on padded inputs (the padding carries no weight)."""
         lc = self.cfg.progress.learnable
         with trusted_inputs():
             with autocast(self.device, self.cfg.train.precision):
@@ -313,18 +322,37 @@ class Trainer:
                 progress = progress_loss(pred, inputs.gt, weighted=lc.weighted_loss,
                                          weight_cap=lc.weight_cap, kind=lc.loss,
                                          valid=inputs.valid)
-        return alignment, progress
+        return alignment, progress, emb
+
+    def graph_backward(self, inputs: GraphInputs) -> None:
+        """The graph losses' backward as the step runs it (the warm-up before a capture)."""
+        backward(self, *self.graph_losses(inputs))
 
     def captured_step(self, inputs: GraphInputs) -> dict[str, torch.Tensor]:
         """The captured step: the graph losses through `take_step`, its device values out."""
-        alignment, progress = self.graph_losses(inputs)
+        alignment, progress, emb = self.graph_losses(inputs)
         info = StepMetrics(step=0, epoch=0, lam=self.lam, samples=0, videos=0, frames=0,
                            alignment=alignment)
-        metrics = take_step(self, alignment, progress, info, release_grads=False)
+        metrics = take_step(self, alignment, progress, info, embeddings=emb,
+                            release_grads=False)
         values = metrics.values()
         if values["progress"] is None:
             values["progress"] = torch.zeros((), device=self.device)
+        if not isinstance(values["lam"], torch.Tensor):
+            values["lam"] = torch.full((), values["lam"], device=self.device)
         return values
+
+    def epoch_lambda(self) -> float:
+        """The lambda of the validation total: balance=fixed, the fixed one; balance=gradient,
+        the mean of the steps' lambdas since the last call (one host sync), or the fixed one
+        before any step had both losses."""
+        if self.balance != "gradient":
+            return self.lam
+        steps = int(self.lam_steps)
+        lam = float(self.lam_sum) / steps if steps else self.lam
+        self.lam_sum.zero_()
+        self.lam_steps.zero_()
+        return lam
 
     @property
     def skipped(self) -> int:
@@ -367,7 +395,8 @@ class Trainer:
                     counts[name] += 1
         res = {f"val_{k}": (sums[k] / counts[k] if counts[k] else None) for k in sums}
         if res["val_alignment"] is not None:
-            res["val_total"] = objective(res["val_alignment"], res["val_progress"], self.lam)
+            res["val_total"] = objective(res["val_alignment"], res["val_progress"],
+                                         self.epoch_lambda())
         return res
 
     def evaluate(self, split: str) -> dict | None:

@@ -1,0 +1,265 @@
+"""balance=gradient (docs/algorithms.md#balancing-the-objectives): the weights against a float64
+formula written out by hand, invariance to the alignment loss's scale, the fixed mode kept, the
+config's rules and the CLI flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from alignprog.cli import app
+from alignprog.config import Config, load_config
+from alignprog.data import load_dataset, make_loader
+from alignprog.errors import ConfigError
+from alignprog.training.loop import fit
+from alignprog.training.step import StepMetrics, backward, take_step
+from alignprog.training.trainer import Trainer
+
+from helpers import SETS_TINY, TINY
+
+
+class Toy:
+    """A linear 'encoder' E = X W (n, d) and a linear 'head' p = E v, float64:
+    alignment = s * sum(E^2) and progress = mean((E v - y)^2), whose gradients are
+    g_a = 2 s E and g_p = (2 / n) (E v - y) v^T on E, and (2 / n) E^T (E v - y) on v."""
+
+    def __init__(self, seed: int = 0, n: int = 7, d: int = 3, single: bool = True) -> None:
+        self.single = single   # the step's one-walk path (else the two-walk one)
+        rng = np.random.default_rng(seed)
+        self.x = rng.normal(size=(n, 4))
+        self.w0 = rng.normal(size=(4, d))
+        self.v0 = rng.normal(size=(d,))
+        self.y = rng.uniform(size=(n,))
+
+    def torch_grads(self, scale: float, ratio: float, balance: str = "gradient",
+                    lam: float = 10.0):
+        w = torch.tensor(self.w0, requires_grad=True)
+        v = torch.tensor(self.v0, requires_grad=True)
+        emb = torch.tensor(self.x) @ w
+        alignment = scale * (emb ** 2).sum()
+        progress = ((emb @ v - torch.tensor(self.y)) ** 2).mean()
+        owner = SimpleNamespace(balance=balance, balance_ratio=ratio, lam=lam, head_params=[v],
+                                alignment_reads_embeddings_only=self.single)
+        total, step_lam = backward(owner, alignment, progress, emb)
+        return w.grad.numpy(), v.grad.numpy(), float(total), float(step_lam)
+
+    def by_hand(self, scale: float, ratio: float):
+        """The balanced gradients of W and v and the step's lambda, float64 loops."""
+        n, d = self.x.shape[0], self.w0.shape[1]
+        e = self.x @ self.w0
+        resid = e @ self.v0 - self.y
+        g_a = np.zeros((n, d))
+        g_p = np.zeros((n, d))
+        for i in range(n):
+            for j in range(d):
+                g_a[i, j] = 2 * scale * e[i, j]
+                g_p[i, j] = 2 / n * resid[i] * self.v0[j]
+        norm_a = sum(g ** 2 for g in g_a.ravel()) ** 0.5
+        norm_p = sum(g ** 2 for g in g_p.ravel()) ** 0.5
+        g_e = g_a / norm_a + ratio * g_p / norm_p          # on E, then through E = X W
+        g_w = np.zeros_like(self.w0)
+        for k in range(self.w0.shape[0]):
+            for j in range(d):
+                g_w[k, j] = sum(self.x[i, k] * g_e[i, j] for i in range(n))
+        g_v = np.array([sum(2 / n * resid[i] * e[i, j] for i in range(n)) for j in range(d)])
+        return g_w, g_v, ratio * norm_a / norm_p
+
+
+@pytest.mark.parametrize("single", [True, False])
+@pytest.mark.parametrize("ratio", [0.3, 1.0, 10.0])
+def test_balanced_gradients_equal_the_formula(ratio, single):
+    toy = Toy(single=single)
+    g_w, g_v, total, lam = toy.torch_grads(scale=3.0, ratio=ratio)
+    want_w, want_v, want_lam = toy.by_hand(scale=3.0, ratio=ratio)
+    np.testing.assert_allclose(g_w, want_w, rtol=1e-12)
+    np.testing.assert_allclose(g_v, want_v, rtol=1e-12)   # the head: grad(progress) itself
+    assert lam == pytest.approx(want_lam, rel=1e-12)
+    e = toy.x @ toy.w0
+    want_total = 3.0 * (e ** 2).sum() + want_lam * ((e @ toy.v0 - toy.y) ** 2).mean()
+    assert total == pytest.approx(want_total, rel=1e-12)
+
+
+def test_the_alignment_loss_scale_drops_out():
+    toy = Toy(seed=1)
+    g_w1, g_v1, _, lam1 = toy.torch_grads(scale=1.0, ratio=1.0)
+    g_w2, g_v2, _, lam2 = toy.torch_grads(scale=1e6, ratio=1.0)
+    np.testing.assert_allclose(g_w2, g_w1, rtol=1e-9)
+    np.testing.assert_allclose(g_v2, g_v1, rtol=1e-12)
+    assert lam2 == pytest.approx(1e6 * lam1, rel=1e-9)   # lambda follows the scale instead
+
+
+def test_a_progress_loss_without_gradient_leaves_the_alignment_alone():
+    """A head that gives the embeddings no gradient (v = 0, as a saturated head nearly does):
+    weight 0 instead of ratio / 0, lambda 0, nothing infinite."""
+    toy = Toy(seed=3)
+    toy.v0 = np.zeros_like(toy.v0)
+    g_w, g_v, total, lam = toy.torch_grads(scale=5.0, ratio=10.0)
+    e = toy.x @ toy.w0
+    g_a = 10.0 * e
+    np.testing.assert_allclose(g_w, toy.x.T @ (g_a / np.linalg.norm(g_a)), rtol=1e-12)
+    assert lam == 0.0 and total == pytest.approx(5.0 * (e ** 2).sum())
+    assert np.isfinite(g_v).all()
+
+
+def test_fixed_balance_is_the_plain_total():
+    toy = Toy(seed=2)
+    g_w, g_v, total, lam = toy.torch_grads(scale=2.0, ratio=1.0, balance="fixed", lam=10.0)
+    e = toy.x @ toy.w0
+    resid = e @ toy.v0 - toy.y
+    n = len(resid)
+    want_w = toy.x.T @ (4.0 * e + 10.0 * 2 / n * np.outer(resid, toy.v0))
+    np.testing.assert_allclose(g_w, want_w, rtol=1e-12)
+    # lambda-scaled here; the step's rescale_head divides it by lambda afterwards
+    np.testing.assert_allclose(g_v, 10.0 * 2 / n * e.T @ resid, rtol=1e-12)
+    assert lam == 10.0
+    assert total == pytest.approx(2.0 * (e ** 2).sum() + 10.0 * (resid ** 2).mean())
+
+
+def test_balance_needs_the_embeddings():
+    owner = SimpleNamespace(balance="gradient", balance_ratio=1.0, lam=1.0, head_params=[],
+                            alignment_reads_embeddings_only=True)
+    a = torch.ones((), requires_grad=True)
+    with pytest.raises(ValueError, match="embeddings"):
+        backward(owner, a * 2, a * 3, None)
+
+
+def _trainer(**extra) -> tuple[Trainer, object]:
+    cfg = load_config(overrides=TINY | {"train.clip_mode": "none"} | extra)
+    trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cpu"))
+    loader = make_loader(trainer.dataset, "train", batch_size=2, shuffle=False, drop_last=True)
+    return trainer, next(iter(loader))
+
+
+def test_the_trainer_step_is_invariant_to_the_alignment_scale():
+    """The trainer's step (model, both losses, backward): the alignment loss times 2^20 gives
+    every parameter the same gradient up to float32 rounding (a power of two scales exactly;
+    another factor changes the rounding of each term, which the soft-DTW gradient's
+    cancellations magnify to ~1e-3), and the step's lambda grows by 2^20."""
+    results = []
+    for scale in (1.0, 2.0 ** 20):
+        trainer, batch = _trainer()
+        out = trainer.losses(batch, epoch=0, step=0, generators=trainer.generators)
+        info = StepMetrics(step=1, epoch=0, lam=trainer.lam, samples=out["samples"],
+                           videos=batch.size, frames=int(batch.lengths.sum()),
+                           alignment=out["alignment"])
+        metrics = take_step(trainer, scale * out["alignment"], out["progress"], info,
+                            embeddings=out["embeddings"], release_grads=False)
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+        results.append((trainer.read(metrics), grads))
+    (r1, g1), (r2, g2) = results
+    assert r2["lambda"] == pytest.approx(2.0 ** 20 * r1["lambda"], rel=1e-6)
+    assert len(g1) == len(g2) > 0
+    for a, b in zip(g1, g2):   # a lambda-scaled head or encoder would be off by ~2^20
+        assert float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a)) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["lav", "gtcc"])
+def test_the_one_walk_and_two_walk_steps_agree(method):
+    """GTCC takes the two-walk path (its drop branch reads the embeddings); on LAV both paths
+    apply, and on GTCC the one-walk path would miss the drop branch's gradient."""
+    grads = {}
+    for single in (True, False):
+        trainer, batch = _trainer(**{"train.method": method})
+        trainer.alignment_reads_embeddings_only = single
+        out = trainer.losses(batch, epoch=0, step=0, generators=trainer.generators)
+        backward(trainer, out["alignment"], out["progress"], out["embeddings"])
+        grads[single] = [None if p.grad is None else p.grad.clone()
+                         for p in trainer.model.parameters()]
+    drop = {id(p) for p in trainer.model.encoder.drop.parameters()} if method == "gtcc" else set()
+    for p, a, b in zip(trainer.model.parameters(), grads[True], grads[False]):
+        if id(p) in drop:
+            assert a is None and b is not None and b.abs().sum() > 0
+        elif b is None:
+            assert a is None
+        else:
+            # float32 sums in another order, which the soft-DTW gradient's cancellations magnify
+            # to ~4e-4 at the first layer (the float64 toy above agrees to 1e-12); a lost or
+            # doubled term is off by O(1)
+            err = torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)
+            assert float(err) < 1e-2, (p.shape, float(err))
+
+
+def test_the_logged_lambda_and_total_are_the_balanced_ones():
+    trainer, batch = _trainer(**{"progress.balance_ratio": 2.0})
+    out = trainer.losses(batch, epoch=0, step=0, generators=trainer.generators)
+    g_a, = torch.autograd.grad(out["alignment"], out["embeddings"], retain_graph=True)
+    g_p, = torch.autograd.grad(out["progress"], out["embeddings"])
+    want = 2.0 * float(g_a.norm() / g_p.norm())
+    trainer, batch = _trainer(**{"progress.balance_ratio": 2.0})   # the same draws again
+    record = trainer.read(trainer.step_batch(batch))
+    assert record["lambda"] == pytest.approx(want, rel=1e-5)
+    assert record["total"] == pytest.approx(
+        record["alignment"] + want * record["progress"], rel=1e-5)
+    assert record["weighted_progress"] == pytest.approx(want * record["progress"], rel=1e-5)
+
+
+def test_validation_total_weighs_by_the_epochs_mean_lambda():
+    trainer, batch = _trainer()
+    lams = [trainer.read(trainer.step_batch(batch))["lambda"] for _ in range(3)]
+    val = trainer.validation_losses("train")
+    want = val["val_alignment"] + np.mean(lams) * val["val_progress"]
+    assert val["val_total"] == pytest.approx(want, rel=1e-5)
+    assert int(trainer.lam_steps) == 0   # the next epoch's mean starts afresh
+
+
+@pytest.mark.parametrize("balance", ["gradient", "fixed"])
+@pytest.mark.parametrize("method", ["tcc", "gtcc", "lav", "vava"])
+def test_each_method_trains_with_each_balance(method, balance):
+    cfg = load_config(overrides=TINY | {"train.method": method, "progress.balance": balance,
+                                        "train.steps": 3})
+    result = fit(cfg)
+    steps = [h for h in result.history if h["kind"] == "step"]
+    assert len(steps) == 3 and not any(s["skipped"] for s in steps)
+    assert all(np.isfinite(s["total"]) and s["lambda"] > 0 for s in steps)
+    if balance == "fixed":
+        assert {s["lambda"] for s in steps} == {cfg.progress.lambda_for(method)}
+
+
+def test_head_only_stage_and_cumulative_l2_under_the_gradient_balance():
+    two = load_config(overrides=TINY | {"train.steps": 2, "train.two_stage": True,
+                                        "train.head_epochs": 1})
+    result = fit(two)
+    head = [h for h in result.history if h["kind"] == "step" and h.get("stage") == "head"]
+    assert head and not any(s["skipped"] for s in head)
+    cum = load_config(overrides=TINY | {"train.steps": 2, "progress.method": "cumulative_l2"})
+    steps = [h for h in fit(cum).history if h["kind"] == "step"]
+    assert all(np.isfinite(s["total"]) for s in steps)
+
+
+def test_config_lambda_alone_means_fixed_and_contradictions_are_errors():
+    assert Config().progress.balance == "gradient"
+    cfg = load_config(overrides={"progress.lambda_fixed": 1e4})
+    assert cfg.progress.balance == "fixed" and cfg.progress.lambda_for("lav") == 1e4
+    with pytest.raises(ConfigError, match="lambda_fixed applies to progress.balance=fixed"):
+        load_config(overrides={"progress.lambda_fixed": 1e4, "progress.balance": "gradient"})
+    with pytest.raises(ConfigError, match="balance_ratio"):
+        load_config(overrides={"progress.balance_ratio": 0})
+    # a saved config of a fixed run loads as it was
+    assert load_config(overrides={"progress.balance": "fixed"}).progress.lambda_fixed is None
+
+
+def test_cli_flags(tmp_path: Path):
+    runner = CliRunner()
+
+    def printed(*args):
+        res = runner.invoke(app, ["train", "--print-config", *args])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    assert "balance: fixed" in printed("--lambda", "1e4")
+    out = printed("--balance", "gradient", "--balance-ratio", "3")
+    assert "balance: gradient" in out and "balance_ratio: 3.0" in out
+    res = runner.invoke(app, ["train", "--balance", "gradient", "--lambda", "5"])
+    assert res.exit_code != 0 and "lambda_fixed applies" in res.output
+    res = runner.invoke(app, ["train", "--runs-dir", str(tmp_path), "--name", "b", "--steps",
+                              "2", "--balance", "fixed", *SETS_TINY])
+    assert res.exit_code == 0, res.output
+    start = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert start and all(r.get("lambda") == 1e6 for r in start if r["kind"] == "step")
