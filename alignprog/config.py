@@ -430,8 +430,9 @@ class ProgressConfig(StrictModel):
         if "balance" not in data:
             return dict(data, balance="fixed")
         if data["balance"] == "gradient":
-            raise ValueError("progress.lambda_fixed applies to progress.balance=fixed; "
-                             "balance=gradient sets lambda itself every step (drop one)")
+            raise ValueError("progress.lambda_fixed (--lambda) applies to progress.balance="
+                             "fixed; balance=gradient sets lambda itself every step: add "
+                             "--balance fixed, or drop the lambda (progress.lambda_fixed=null)")
         return data
 
     def lambda_for(self, method: str) -> float:

@@ -4,7 +4,7 @@
     PYTHONPATH=. python -m benchmarks.progress_quality --methods lav --epochs 1 --device cpu \
         --no-compare-none --out /tmp/pq                                   # the quick check
     PYTHONPATH=. python -m benchmarks.progress_quality --jobs 4 \
-        --sweep progress.lambda_fixed=1e3,1e6,1e9                         # a lambda sweep
+        --sweep progress.balance_ratio=1,2,3                              # a balance sweep
 
 The data is the embedded synthetic dataset on the real EgoProceL timelines, 256-wide features
 (`data.synthetic.timelines=egoprocel`, `data.synthetic.dim=256`; see
@@ -45,15 +45,17 @@ ridge probe). `--jobs N` trains in N spawned processes (several runs share one G
 How long: on one NVIDIA H200 shared by 7-10 runs, a default run (20 epochs, its alignment
 metrics included) took 2.5-3.6 minutes for TCC, 2.7 GTCC, 3.2-4.4 LAV, 5.3-5.5 VAVA (a run
 alone: not measured); each run holds up to ~16 GB of CUDA-graph pools (one per shape
-bucket), so `--jobs 7` fits where 14 ran out of memory. On 2 CPU cores the quick check above takes about 4.5 minutes (the LAV epoch 200 s, its alignment
-metrics 46 s, mostly the phase-classification SVMs, the baselines 15 s); a default run is
-about an hour there. On a busy machine `--threads 1` can be several times faster.
+bucket), so `--jobs 7` fits where 14 ran out of memory. On 2 CPU cores the quick check above
+takes about 4.5 minutes (the LAV epoch 200 s, its alignment metrics 46 s, mostly the
+phase-classification SVMs, the baselines 15 s); a default run is about an hour there. On a
+busy machine `--threads 1` can be several times faster.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gc
 import math
 import multiprocessing
 import os
@@ -379,7 +381,8 @@ def alignment_summary(report: dict) -> dict:
 
 
 def train_and_evaluate(job: dict) -> dict:
-    """One run: `fit` the config of `job["overrides"]`, then score the encoder's alignment.
+    """One run: `fit` the config of `job["overrides"]`, then score the encoder's alignment;
+    both score the final model (`alignprog eval-progress` and `export` default to `best`).
 
     Returns the job with the head's test metrics, the test progress report, the alignment
     summary and report, the config, the last history records and seconds; or the job with
@@ -422,6 +425,12 @@ def train_and_evaluate(job: dict) -> dict:
                 "seconds": {"total": time.perf_counter() - t0}}
     finally:
         torch.set_num_threads(threads)
+        # The trainer and its CUDA graphs refer to each other: free their memory pools now,
+        # not at some later collection, before the next run of this process starts.
+        result = None  # noqa: F841 (drops the last reference)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return out
 
 
@@ -483,8 +492,12 @@ def run_jobs(jobs: list[dict], n_workers: int, *, on_done: Callable[[dict], None
                    for i, job in enumerate(jobs)}
         extra = meanwhile() if meanwhile else None
         for fut in concurrent.futures.as_completed(futures):
-            results[futures[fut]] = fut.result()
-            on_done(results[futures[fut]])
+            i = futures[fut]
+            try:
+                results[i] = fut.result()
+            except Exception as exc:  # noqa: BLE001 (a dead worker: the other runs go on)
+                results[i] = jobs[i] | {"error": f"worker died: {type(exc).__name__}: {exc}"}
+            on_done(results[i])
     return [r for r in results if r is not None], extra
 
 
@@ -661,7 +674,7 @@ def parse_sweep(text: str | None) -> tuple[str, list[str]] | None:
     items = [v.strip() for v in values.split(",") if v.strip()]
     if not sep or not key.strip() or not items:
         raise ConfigError(f"--sweep '{text}' must look like KEY=v1,v2,... "
-                          "e.g. progress.lambda_fixed=1e3,1e6,1e9")
+                          "e.g. progress.balance_ratio=1,2,3")
     return key.strip(), items
 
 

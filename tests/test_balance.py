@@ -107,6 +107,38 @@ def test_a_progress_loss_without_gradient_leaves_the_alignment_alone():
     assert np.isfinite(g_v).all()
 
 
+def test_a_step_without_progress_scales_the_alignment_gradient_alone():
+    toy = Toy(seed=4)
+    w = torch.tensor(toy.w0, requires_grad=True)
+    emb = torch.tensor(toy.x) @ w
+    owner = SimpleNamespace(balance="gradient", balance_ratio=2.0, lam=1.0, head_params=[],
+                            alignment_reads_embeddings_only=True)
+    total, lam = backward(owner, 7.0 * (emb ** 2).sum(), None, emb)
+    e = toy.x @ toy.w0
+    np.testing.assert_allclose(w.grad.numpy(), toy.x.T @ (e / np.linalg.norm(e)), rtol=1e-12)
+    assert float(lam) == 0.0 and float(total) == pytest.approx(7.0 * (e ** 2).sum())
+
+
+def test_a_non_finite_gradient_makes_the_total_nan():
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    emb = w * 1.0
+    owner = SimpleNamespace(balance="gradient", balance_ratio=2.0, lam=1.0, head_params=[],
+                            alignment_reads_embeddings_only=True)
+    total, _ = backward(owner, (emb * float("inf")).sum(), (emb ** 2).sum(), emb)
+    assert torch.isnan(total)
+
+
+def test_best_is_picked_by_a_score_that_does_not_follow_lambda():
+    trainer, _ = _trainer(**{"progress.balance_ratio": 2.0})
+    assert trainer.validation_score(10.0, 0.5, 1e9) == pytest.approx(1.0 + 2.0)
+    assert trainer.val_reference == [10.0, 0.5]
+    # halving the progress loss counts twice as much as halving the alignment loss
+    assert trainer.validation_score(10.0, 0.25, 1.0) < trainer.validation_score(5.0, 0.5, 1.0)
+    assert trainer.state()["val_reference"] == [10.0, 0.5]
+    fixed, _ = _trainer(**{"progress.balance": "fixed"})
+    assert fixed.validation_score(10.0, 0.5, 123.0) == 123.0
+
+
 def test_fixed_balance_is_the_plain_total():
     toy = Toy(seed=2)
     g_w, g_v, total, lam = toy.torch_grads(scale=2.0, ratio=1.0, balance="fixed", lam=10.0)
@@ -227,16 +259,18 @@ def test_head_only_stage_and_cumulative_l2_under_the_gradient_balance():
     result = fit(two)
     head = [h for h in result.history if h["kind"] == "step" and h.get("stage") == "head"]
     assert head and not any(s["skipped"] for s in head)
+    joint = [h for h in result.history if h["kind"] == "step" and h.get("stage") != "head"]
+    assert joint and all(s["lambda"] > 0 for s in joint)   # the balanced path ran
     cum = load_config(overrides=TINY | {"train.steps": 2, "progress.method": "cumulative_l2"})
     steps = [h for h in fit(cum).history if h["kind"] == "step"]
-    assert all(np.isfinite(s["total"]) for s in steps)
+    assert len(steps) == 2 and all(np.isfinite(s["total"]) and s["lambda"] > 0 for s in steps)
 
 
 def test_config_lambda_alone_means_fixed_and_contradictions_are_errors():
     assert Config().progress.balance == "gradient"
     cfg = load_config(overrides={"progress.lambda_fixed": 1e4})
     assert cfg.progress.balance == "fixed" and cfg.progress.lambda_for("lav") == 1e4
-    with pytest.raises(ConfigError, match="lambda_fixed applies to progress.balance=fixed"):
+    with pytest.raises(ConfigError, match=r"lambda_fixed \(--lambda\) applies to progress"):
         load_config(overrides={"progress.lambda_fixed": 1e4, "progress.balance": "gradient"})
     with pytest.raises(ConfigError, match="balance_ratio"):
         load_config(overrides={"progress.balance_ratio": 0})
@@ -256,10 +290,34 @@ def test_cli_flags(tmp_path: Path):
     out = printed("--balance", "gradient", "--balance-ratio", "3")
     assert "balance: gradient" in out and "balance_ratio: 3.0" in out
     res = runner.invoke(app, ["train", "--balance", "gradient", "--lambda", "5"])
-    assert res.exit_code != 0 and "lambda_fixed applies" in res.output
+    assert res.exit_code != 0 and "--balance fixed" in res.output
     res = runner.invoke(app, ["train", "--runs-dir", str(tmp_path), "--name", "b", "--steps",
                               "2", "--balance", "fixed", *SETS_TINY])
     assert res.exit_code == 0, res.output
-    start = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text()
-             .splitlines()]
-    assert start and all(r.get("lambda") == 1e6 for r in start if r["kind"] == "step")
+    steps = [r for r in _records(tmp_path / "b") if r["kind"] == "step"]
+    assert len(steps) == 2 and all(r["lambda"] == 1e6 for r in steps)
+    res = runner.invoke(app, ["train", "--runs-dir", str(tmp_path), "--name", "r", "--steps",
+                              "2", "--balance-ratio", "3", *SETS_TINY])
+    assert res.exit_code == 0, res.output
+    steps = [r for r in _records(tmp_path / "r") if r["kind"] == "step"]
+    assert len(steps) == 2 and all(r["lambda"] != 1e6 and r["lambda"] > 0 for r in steps)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resuming_a_run_saved_before_the_balance_setting_keeps_its_fixed_lambda(tmp_path: Path):
+    runner = CliRunner()
+    args = ["train", "--runs-dir", str(tmp_path), "--name", "old", *SETS_TINY]
+    assert runner.invoke(app, [*args, "--steps", "1"]).exit_code == 0
+    saved = tmp_path / "old" / "config.yaml"
+    text = saved.read_text()
+    lines = [ln for ln in text.splitlines() if not ln.strip().startswith("balance")]
+    assert len(lines) == len(text.splitlines()) - 2     # balance and balance_ratio
+    saved.write_text("\n".join(lines) + "\n")
+    res = runner.invoke(app, [*args, "--steps", "3", "--resume"])
+    assert res.exit_code == 0, res.output
+    steps = [r for r in _records(tmp_path / "old") if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["lambda"] for r in steps[1:]] == [1e6, 1e6]   # fixed, as the run was trained

@@ -151,14 +151,14 @@ def rank_gradients(ref: Trainer, out: dict, params: list) -> list:
     from `step.backward` itself, whose weights tests/test_balance.py checks against a float64
     formula (here: the averaging)."""
     alignment, progress = out["alignment"], out["progress"]
-    if progress is None:
-        return torch.autograd.grad(alignment, params, allow_unused=True)
     if ref.balance == "gradient":
         ref.optimizer.zero_grad(set_to_none=True)
         backward(ref, alignment, progress, out["embeddings"])
         grads = [p.grad for p in params]
         ref.optimizer.zero_grad(set_to_none=True)
         return grads
+    if progress is None:
+        return torch.autograd.grad(alignment, params, allow_unused=True)
     return torch.autograd.grad(alignment + ref.lam * progress, params, allow_unused=True)
 
 
@@ -276,6 +276,14 @@ def test_two_ranks_equal_one_process_averaging_by_hand(tmp_path: Path, balance: 
     # bitwise: the same kernels on one thread, and the sum of two ranks is a + b == b + a
     samples = check_against_reference(tmp_path, "cpu", None, balance, rtol=0, atol=0)
     assert all(samples)
+    # the ranks agree on the step's lambda: the fixed one, or the mean of the ranks' own
+    lams = [[r["lambda"] for r in json.loads((tmp_path / f"run-{k}.json").read_text())
+             ["records"]] for k in range(WORLD)]
+    assert lams[0] == lams[1] and len(lams[0]) == STEPS
+    if balance == "fixed":
+        assert set(lams[0]) == {1e6}
+    else:
+        assert all(0 < x < float("inf") and x != 1e6 for x in lams[0])
 
 
 def test_a_rank_without_progress_samples_does_not_hang_the_others(tmp_path: Path):

@@ -54,6 +54,21 @@ def _balance(record: dict) -> str:
     return "alignment only"
 
 
+def _keep_fixed_balance(saved: Path, sets: list[str] | None, flags: dict) -> None:
+    """A run saved before progress.balance existed trained with the fixed lambda: resumed, it
+    keeps it unless --balance or --set progress.balance says otherwise."""
+    from alignprog.config import read_config_file
+    from alignprog.errors import ConfigError
+    try:
+        progress = read_config_file(saved).get("progress")
+    except ConfigError:
+        return   # resolve_config reports it
+    chosen = flags.get("progress.balance") is not None or any(
+        item.split("=", 1)[0].strip() == "progress.balance" for item in sets or [])
+    if isinstance(progress, dict) and "balance" not in progress and not chosen:
+        flags["progress.balance"] = "fixed"
+
+
 class Display:
     """Renders the loop's events: a live bar and table on a terminal, JSON lines, or quiet."""
 
@@ -274,6 +289,7 @@ def train(
         saved = Path(runs_dir or "runs") / name / "config.yaml"
         if config is None and saved.is_file():
             config = saved
+            _keep_fixed_balance(saved, set_, flags)
     cfg = resolve_config(config, set_, flags)
     from alignprog.training import distributed
 

@@ -1,9 +1,10 @@
 """The training loop: one explicit `fit()` (see docs/algorithms.md#training-step).
 
 Per step: forward -> alignment loss of the method -> progress loss (learnable head on sampled
-segments, or cumulative_l2, or none) -> total = alignment + lambda * progress -> backward ->
-(several processes: gradients averaged over the ranks) -> progress-head gradients divided by
-lambda -> clipping -> optimizer step -> zero grads.
+segments, or cumulative_l2, or none) -> backward of the two, balanced by their gradients on the
+embeddings (progress.balance=gradient) or total = alignment + lambda * progress (fixed) ->
+(several processes: gradients averaged over the ranks) -> fixed: progress-head gradients
+divided by lambda -> clipping -> optimizer step -> zero grads (`step.take_step`).
 Reporting goes through a callback (the CLI renders it; tests collect it), so no rich here.
 
 Several processes (torchrun, `alignprog.training.distributed`): every rank holds the same model
@@ -165,7 +166,7 @@ def _fit_loop(cfg: Config, trainer: Trainer, dataset: Dataset, run: RunDir | Non
                        - trainer.batch_in_epoch // dist.world_size)
     emit("start", {"steps": total_steps, "epochs": math.ceil(total_steps / steps_per_epoch),
                    "steps_per_epoch": steps_per_epoch, "device": str(device),
-                   "lambda": trainer.lam,
+                   "lambda": trainer.lam if trainer.balance == "fixed" else None,
                    "balance": trainer.balance if cfg.progress.enabled else None,
                    "balance_ratio": trainer.balance_ratio, "method": tc.method,
                    "ranks": dist.world_size,
@@ -186,7 +187,7 @@ def _fit_loop(cfg: Config, trainer: Trainer, dataset: Dataset, run: RunDir | Non
             if dist.is_main:  # the others wait at the barrier: no double counting
                 record |= trainer.validation_losses("val")
                 record["val_progress_mae"] = summarise(trainer.evaluate("val"))
-            _end_epoch(trainer, log, run, clock, record, record.get("val_total"))
+            _end_epoch(trainer, log, run, clock, record, record.get("val_score"))
         if tc.two_stage and trainer.learnable:
             # Second stage: the head alone on the frozen encoder, progress loss only, its own
             # Adam (lr head_lr, else 1e-3) and head clip; `best` is chosen by the head's

@@ -4,7 +4,7 @@
     backward: balance=fixed, total.backward(); balance=gradient, lambda from the two gradients
         on the embeddings and the alignment loss's scale divided out (`balanced_backward`)
     several processes: gradients and losses averaged over the ranks, one all_reduce
-    head gradients divided by lambda                (the head learns at the natural scale)
+    balance=fixed: head gradients divided by lambda (the head learns at the natural scale)
     clipping (global, separate or none)
     Adam, skipped on the device when the loss or a gradient is not finite
     skip counters
@@ -142,24 +142,28 @@ def backward(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor |
              embeddings: torch.Tensor | None, *, head_only: bool = False
              ) -> tuple[torch.Tensor | None, Scalar]:
     """Backpropagate the step's objective: (the total, detached, or None when there is
-    nothing to learn from; the lambda of the step). balance=gradient with both losses goes
-    through `balanced_backward`; otherwise `objective`'s total, whose head gradients
-    `rescale_head` divides by lambda later (balance=fixed), or a step without a progress term
-    (lambda 0 under balance=gradient)."""
-    if owner.balance == "gradient" and progress is not None and not head_only:
+    nothing to learn from; the lambda of the step). balance=gradient goes through
+    `balanced_backward` (also a step without a progress sample: its alignment gradient is
+    scaled as on every other step); balance=fixed and the head-only stage through
+    `objective`'s total, whose head gradients `rescale_head` divides by lambda later."""
+    if owner.balance == "gradient" and not head_only:
         if embeddings is None:
             raise ValueError("balance=gradient weighs the losses by their gradients on the "
                              "embeddings: pass the embeddings both losses read")
         return balanced_backward(owner, alignment, progress, embeddings)
     total = objective(alignment, progress, owner.lam, head_only=head_only)
-    lam = owner.lam if owner.balance == "fixed" else 0.0   # gradient: no progress term here
     if total is None:
-        return None, lam
+        return None, owner.lam
     total.backward()
-    return total.detach(), lam
+    return total.detach(), owner.lam
 
 
-def balanced_backward(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor,
+def _inverse(norm: torch.Tensor) -> torch.Tensor:
+    """1 / norm, or 0 for a norm at or below NO_GRADIENT (no gradient to scale)."""
+    return torch.where(norm > NO_GRADIENT, 1.0 / norm, 0.0)
+
+
+def balanced_backward(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor | None,
                       embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """balance=gradient (docs/algorithms.md#balancing-the-objectives): with g_a and g_p the
     gradients of the alignment and progress losses on the embeddings both read, the encoder
@@ -169,8 +173,10 @@ def balanced_backward(owner: StepOwner, alignment: torch.Tensor, progress: torch
 
     (the weights detached), so the progress gradient on the embeddings is `ratio` times as
     long as the alignment's and the alignment loss's scale drops out; the head gets
-    grad(progress), its natural scale. The step's lambda, in the units of
-    alignment + lambda * progress, is ratio * |g_a| / |g_p|; the total returned is that sum.
+    grad(progress), its natural scale. Without a progress term the encoder gets the gradient
+    of alignment / |g_a| alone. The step's lambda, in the units of alignment + lambda *
+    progress, is ratio * |g_a| / |g_p| (0 without progress); the total returned is that sum,
+    float64, NaN when a gradient is not finite (the step is then skipped as bad).
 
     No host sync. Every part of the graph is walked once when the alignment loss reads the
     embeddings alone (`owner.alignment_reads_embeddings_only`); otherwise (GTCC's drop branch
@@ -178,29 +184,36 @@ def balanced_backward(owner: StepOwner, alignment: torch.Tensor, progress: torch
     """
     single = owner.alignment_reads_embeddings_only
     g_align, = torch.autograd.grad(alignment, embeddings, retain_graph=not single)
-    head = [p for p in owner.head_params if p.requires_grad]
-    g_prog, *g_head = torch.autograd.grad(progress, [embeddings, *head], allow_unused=True)
-    # In float64: a saturated head's progress gradient may be tiny, and lambda = ratio *
-    # |g_a| / |g_p| must not overflow. A gradient below NO_GRADIENT counts as none (weight 0):
-    # dividing by it would overflow float32.
-    norm_align = torch.linalg.vector_norm(g_align).double()
-    norm_prog = torch.linalg.vector_norm(g_prog).double()
-    w_align = torch.where(norm_align > NO_GRADIENT, 1.0 / norm_align, 0.0)
-    w_prog = torch.where(norm_prog > NO_GRADIENT, owner.balance_ratio / norm_prog, 0.0)
-    g_emb = g_prog * w_prog.to(g_prog.dtype)
+    # Norms and weights in float64: a saturated head's progress gradient may be tiny, and
+    # ratio / |g_p| and lambda must not overflow.
+    norm_align = torch.linalg.vector_norm(g_align, dtype=torch.float64)
+    w_align = _inverse(norm_align)
+    g_emb = g_align * w_align.to(g_align.dtype) if single else None
+    lam = torch.zeros((), dtype=torch.float64, device=norm_align.device)
+    finite = torch.isfinite(norm_align)
+    total = alignment.detach().double()
+    if progress is not None:
+        head = [p for p in owner.head_params if p.requires_grad]
+        g_prog, *g_head = torch.autograd.grad(progress, [embeddings, *head], allow_unused=True)
+        norm_prog = torch.linalg.vector_norm(g_prog, dtype=torch.float64)
+        g_p = g_prog * (owner.balance_ratio * _inverse(norm_prog)).to(g_prog.dtype)
+        g_emb = g_p if g_emb is None else g_emb + g_p
+        for p, g in zip(head, g_head):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+        lam = owner.balance_ratio * norm_align * _inverse(norm_prog)
+        finite = finite & torch.isfinite(norm_prog)
+        total = total + lam * progress.detach().double()
     if single:
-        torch.autograd.backward([embeddings], [g_emb + g_align * w_align.to(g_align.dtype)])
+        torch.autograd.backward([embeddings], [g_emb])
     else:
         # One walk of the encoder still: the alignment root and the embeddings' gradient
         # meet at the embeddings before the engine goes on into the encoder.
-        torch.autograd.backward([alignment * w_align.to(alignment.dtype), embeddings],
-                                [None, g_emb])
-    for p, g in zip(head, g_head):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
-    lam = torch.where(norm_prog > NO_GRADIENT, owner.balance_ratio * norm_align / norm_prog,
-                      0.0)
-    return (alignment.detach().double() + lam * progress.detach().double()), lam
+        roots, grads = [alignment * w_align.to(alignment.dtype)], [None]
+        if g_emb is not None:
+            roots, grads = roots + [embeddings], grads + [g_emb]
+        torch.autograd.backward(roots, grads)
+    return torch.where(finite, total, torch.nan), lam
 
 
 def total_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
@@ -335,7 +348,8 @@ def _take_step_ranks(owner: StepOwner, metrics: StepMetrics, alignment_loss: tor
     ranks = owner.dist.world_size
     metrics = metrics.with_values(
         alignment=align_sum / ranks, progress=prog_sum / n_prog if n_prog else None,
-        lam=lam_sum / n_prog if n_prog and not n_bad else owner.lam,
+        lam=(lam_sum / n_prog if n_prog and not n_bad
+             else owner.lam if owner.balance == "fixed" else 0.0),
         videos=int(videos), frames=int(frames), samples=int(samples), ranks=ranks,
         bad_terms=[n for (n, _), b in zip(terms, (bad_align, bad_prog)) if b])
     if n_bad or not n_loss:

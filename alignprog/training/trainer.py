@@ -100,7 +100,9 @@ class Trainer:
         self.loss_fn = ALIGNMENT_LOSSES[tc.method]
         self.loss_kw = loss_keywords(cfg)
         self.lam = pc.lambda_for(tc.method) if pc.enabled else 0.0   # balance=fixed
-        self.balance, self.balance_ratio = pc.balance, pc.balance_ratio
+        # Without a progress objective there is nothing to balance: the plain backward.
+        self.balance = pc.balance if pc.enabled else "fixed"
+        self.balance_ratio = pc.balance_ratio
         # GTCC's loss also reads the drop logits, computed from the embeddings
         self.alignment_reads_embeddings_only = tc.method != "gtcc"
         # balance=gradient: the sum and count of the steps' lambdas since the last validation,
@@ -120,6 +122,9 @@ class Trainer:
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self.bad_run = torch.zeros((), dtype=torch.long, device=device)
         self.best_val: float | None = None
+        # balance=gradient: the first validation's (alignment, progress) losses, the units of
+        # the validation score that picks `best` (see `validation_score`)
+        self.val_reference: list[float] | None = None
         self.stage = 1            # 2: the head alone on the frozen encoder (train.two_stage)
         self.head_start = 0       # the epoch at which stage 2 began
         self.graphs = StepGraphs.create(
@@ -366,8 +371,8 @@ class Trainer:
         if bad_run >= self.cfg.train.max_bad_steps:
             raise TrainingError(
                 f"{bad_run} consecutive steps with a non-finite loss or gradient, the last at "
-                f"step {out.get('step', self.step)}: lower the learning rate or lambda, or use "
-                "--precision fp32")
+                f"step {out.get('step', self.step)}: lower the learning rate, --balance-ratio "
+                "or --lambda, or use --precision fp32")
         return out
 
     @torch.no_grad()
@@ -397,7 +402,23 @@ class Trainer:
         if res["val_alignment"] is not None:
             res["val_total"] = objective(res["val_alignment"], res["val_progress"],
                                          self.epoch_lambda())
+            res["val_score"] = self.validation_score(res["val_alignment"], res["val_progress"],
+                                                     res["val_total"])
         return res
+
+    def validation_score(self, alignment: float, progress: float | None, total: float) -> float:
+        """What picks the `best` checkpoint (lower is better). balance=fixed: the validation
+        total. balance=gradient, whose lambda moves by orders of magnitude within a run: each
+        loss over its value at the first validation, weighted 1 : balance_ratio as in the
+        step, so the score does not follow lambda."""
+        if self.balance != "gradient":
+            return total
+        if self.val_reference is None:
+            self.val_reference = [alignment, progress]
+        score = alignment / self.val_reference[0] if self.val_reference[0] else alignment
+        if progress is not None and self.val_reference[1]:
+            score += self.balance_ratio * progress / self.val_reference[1]
+        return score
 
     def evaluate(self, split: str) -> dict | None:
         if not self.dataset.indices(split):
@@ -409,7 +430,8 @@ class Trainer:
                 "skipped": self.skipped, "best_val": self.best_val,
                 "class_paths": self.class_paths.tolist(),
                 "class_seen": self.class_seen.tolist(), "world_size": self.dist.world_size,
-                "stage": self.stage, "head_start": self.head_start}
+                "stage": self.stage, "head_start": self.head_start,
+                "val_reference": self.val_reference}
 
     def save(self, run: RunDir, *, best: bool = False) -> None:
         meta = {"method": self.cfg.train.method, "step": self.step, "epoch": self.epoch,
@@ -450,6 +472,12 @@ class Trainer:
         self.best_val = state.get("best_val")
         self.stage = int(state.get("stage", 1))
         self.head_start = int(state.get("head_start", 0))
+        reference = state.get("val_reference")
+        if reference is not None and not (
+                isinstance(reference, list) and len(reference) == 2
+                and all(v is None or isinstance(v, (int, float)) for v in reference)):
+            raise TypeError(f"state 'val_reference' is {reference!r}, not two losses")
+        self.val_reference = reference
         if "class_paths" in state:
             self.class_paths = torch.tensor(state["class_paths"], dtype=torch.float32)
             self.class_seen = torch.tensor(state["class_seen"], dtype=torch.bool)
