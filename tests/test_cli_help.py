@@ -1,13 +1,16 @@
-"""`alignprog --help`: starts without torch, and shows the config's own defaults."""
+"""`alignprog --help`: starts without torch, shows the config's own defaults, and offers shell
+completion."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
 from alignprog.cli import app
 from alignprog.cli.common import ConfigDefault, show_number
@@ -37,7 +40,8 @@ def _imported(args: list[str], code: str = PROBE) -> set[str]:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["data", "check", "--help"],
-                                  ["sample-inspect", "--help"], ["extract-features", "--help"]])
+                                  ["sample-inspect", "--help"], ["extract-features", "--help"],
+                                  ["config", "show", "--help"], ["config", "show"]])
 def test_help_imports_no_heavy_module(args):
     imported = _imported(args)
     assert "typer" in imported   # the probe ran the CLI
@@ -77,7 +81,8 @@ def _config_value(cfg: Config, key: str):
 
 # Options whose default is not one config field: explained in words, or computed.
 DESCRIBED = {("train", "name"), ("train", "lambda_"), ("data synth", "dtype")}
-OWN_COMMANDS = ("train", "data synth", "data check", "sample-inspect", "extract-features")
+OWN_COMMANDS = ("train", "data synth", "data check", "sample-inspect", "extract-features",
+                "config show", "config validate")
 
 
 def test_shown_defaults_are_the_config_defaults():
@@ -110,3 +115,25 @@ def test_shown_defaults_are_the_config_defaults():
 def test_show_number():
     assert [show_number(v) for v in (20, 0.5, 3e-4, 1e6, 1.0, 2048, 1e-5, 0.0)] == [
         "20", "0.5", "3e-4", "1e6", "1", "2048", "1e-5", "0"]
+
+
+def test_shell_completion_is_offered_and_works():
+    runner = CliRunner()
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "--install-completion" in result.output and "--show-completion" in result.output
+    result = runner.invoke(app, ["--show-completion", "bash"])
+    assert result.exit_code == 0, result.output
+    assert "complete -o default -F _alignprog_completion alignprog" in result.output
+    # The script that the shell calls back: the installed entry point, asked for completions.
+    script = Path(sys.executable).with_name("alignprog")
+    if not script.is_file():
+        pytest.skip("the alignprog entry point is not installed beside this interpreter")
+    env = {"PATH": str(script.parent), "_ALIGNPROG_COMPLETE": "complete_bash"}
+    for words, cword, want in (("alignprog con", 1, {"config"}),
+                               ("alignprog config ", 2, {"show", "validate"})):
+        proc = subprocess.run([str(script)], env=env | {"COMP_WORDS": words,
+                                                         "COMP_CWORD": str(cword)},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert set(proc.stdout.split()) == want, (words, proc.stdout)

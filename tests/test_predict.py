@@ -250,6 +250,20 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path: Path):
         assert "Traceback" not in result.output
 
 
+def test_an_object_array_is_refused_without_suggesting_allow_pickle(setup, tmp_path: Path):
+    """A .npy of Python objects gets the dataset loader's one-line error, not numpy's advice to
+    pass allow_pickle (predict never unpickles)."""
+    export, _ = setup
+    pickled = tmp_path / "objects.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    result = runner.invoke(app, ["predict", str(export), str(pickled)])
+    assert result.exit_code != 0
+    output = result.output + _stderr(result)
+    assert "Python objects" in output
+    assert "allow_pickle" not in output
+    assert "Traceback" not in output
+
+
 def test_embed_is_the_evaluation_pass(setup):
     """One array through `embed` gives what evaluation's `embed_videos` gives the same video."""
     export, root = setup

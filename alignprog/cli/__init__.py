@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from alignprog import __version__
+from alignprog.cli import config as config_cmd
 from alignprog.cli import data as data_cmd
 from alignprog.cli import eval_progress as eval_progress_cmd
 from alignprog.cli import export as export_cmd
@@ -19,7 +20,7 @@ app = typer.Typer(
     "a learnable action-progress head. Runs on an embedded synthetic dataset when no dataset is "
     "named.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -27,6 +28,7 @@ app.command("train", epilog="Examples:\n\n  alignprog train --method lav\n\n  al
             "--method gtcc --dataset data/ego --device cuda --epochs 50 --encoder resnet50\n\n"
             "  alignprog train --name my-run --resume")(train_cmd.train)
 app.add_typer(data_cmd.app, name="data")
+app.add_typer(config_cmd.app, name="config")
 app.command("sample-inspect", epilog=sample_inspect_cmd.EPILOG)(sample_inspect_cmd.sample_inspect)
 app.command("eval-progress", epilog=eval_progress_cmd.EPILOG)(eval_progress_cmd.eval_progress)
 app.command("export", epilog=export_cmd.EPILOG)(export_cmd.export)
