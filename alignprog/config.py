@@ -515,6 +515,9 @@ class TrainConfig(StrictModel):
                                 "config give the same numbers on the same device.")
     log_every: int = Field(10, ge=1, description="Log metrics every N steps (on a GPU the "
                            "only steps that wait for it: the others run ahead).")
+    csv_metrics: bool = Field(False, description="Also write the run's step and epoch "
+                              "records as metrics_step.csv and metrics_epoch.csv (one row per "
+                              "logged step or epoch, nested values as dotted columns).")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="Replay the whole training step as a CUDA graph, one per shape "
         "bucket (frames rounded up to graph_frame_bucket): removes the per-kernel launch cost "

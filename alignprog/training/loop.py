@@ -30,6 +30,7 @@ from alignprog.data import Dataset, load_dataset, make_loader
 from alignprog.errors import ConfigError
 from alignprog.models import AlignmentModel
 from alignprog.runtime import deterministic, device_info, resolve_device
+from alignprog.training import csvlog
 from alignprog.training.distributed import SINGLE, Dist
 from alignprog.training.rundir import RunDir
 from alignprog.training.trainer import Trainer, TrainingError  # noqa: F401 (re-exported)
@@ -130,6 +131,8 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
             state = trainer.restore(run.latest_checkpoint())
             saved["world_size"] = state.get("world_size", 1)
             run.truncate_metrics_after(trainer.step)
+            if cfg.train.csv_metrics:
+                csvlog.rebuild(run.path, run.read_metrics())
         else:
             run.write_config(cfg)
             run.write_split(dataset.splits)
@@ -177,6 +180,8 @@ def _fit_loop(cfg: Config, trainer: Trainer, dataset: Dataset, run: RunDir | Non
         result.history.append(record | {"kind": kind})
         if run is not None:
             run.log_metrics(record | {"kind": kind})
+            if tc.csv_metrics:
+                csvlog.append(run.path, kind, record)
         emit(kind, record)
 
     clock = StepClock(trainer.step)
