@@ -15,7 +15,8 @@ An export is a directory of three files (the convention of model hubs)::
                                 config          the model config as JSON (below)
                                 dtype           "fp32" | "bf16" | "fp16" (floating tensors)
     <out>/config.json         the same config, indented
-    <out>/README.md           a model card: method, data, training steps, test-split errors
+    <out>/README.md           a model card: method, data, training steps, test-split errors,
+                              under a Hugging Face Hub YAML front-matter block (`card_metadata`)
 
 The config holds everything `build_model` needs, so the file alone rebuilds the model:
 ``{"method", "layout", "input_shape", "num_tasks", "background_labels", "model": <ModelConfig>,
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+import yaml
 from pydantic import ValidationError
 
 import alignprog
@@ -234,6 +236,8 @@ def model_card(config: Mapping[str, Any], model: AlignmentModel, *, run_meta: Ma
         heads = mc.get("num_heads") or config["num_tasks"]
         encoder += f" with multi-head attention fusion ({heads} heads)"
     lines = [
+        card_front_matter(config, test_report).rstrip("\n"),
+        "",
         f"# alignprog model: {src.get('run', 'export')}",
         "",
         f"Exported by alignprog {config.get('alignprog_version', alignprog.__version__)} from "
@@ -279,6 +283,30 @@ def model_card(config: Mapping[str, Any], model: AlignmentModel, *, run_meta: Ma
         "```", "alignprog predict THIS_DIR video.npy --segments segments.json", "```", "",
     ]
     return "\n".join(lines)
+
+
+# The metrics the card's evaluation table reports, as named in eval_test.json.
+CARD_METRICS = ("mae",)
+
+
+def card_metadata(config: Mapping[str, Any], test_report: Mapping | None = None) -> dict:
+    """The Hugging Face Hub metadata of an export's card: library, license, tags (the alignment
+    method among them) and the names of the progress metrics the card reports (none when the
+    run holds no evaluation report)."""
+    tags = ["video-alignment", "action-progress", str(config["method"]), "alignprog"]
+    meta: dict[str, Any] = {"library_name": "alignprog", "license": "mit",
+                            "tags": list(dict.fromkeys(tags))}
+    if test_report and test_report.get("predictors"):
+        meta["metrics"] = list(CARD_METRICS)
+    return meta
+
+
+def card_front_matter(config: Mapping[str, Any], test_report: Mapping | None = None) -> str:
+    """`card_metadata` as the YAML front-matter block a Hub README.md starts with:
+    ``---``, the YAML, ``---`` (each line ending in a newline)."""
+    body = yaml.safe_dump(card_metadata(config, test_report), sort_keys=False,
+                          default_flow_style=None, allow_unicode=True)
+    return f"---\n{body}---\n"
 
 
 def _num(x: Any) -> str:

@@ -129,3 +129,26 @@ def test_help_has_examples_and_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "alignprog", "--version"], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("alignprog ")
+
+
+def test_check_tables_are_not_truncated_when_piped_narrow(tmp_path: Path):
+    """Piped output (CliRunner) with COLUMNS=40: long task and video names stay whole."""
+    from helpers import tiny_annotations, write_root
+
+    ann, lengths = tiny_annotations()
+    long = {"cook": "assemble_the_kitchen_cabinet_drawers", "build": "build_a_long_bookshelf"}
+    renamed, new_lengths = {}, {}
+    for task, rec in ann.items():
+        handles = [f"{long[task]}_video_{h}" for h in rec["handles"]]
+        renamed[long[task]] = rec | {"handles": handles}
+        new_lengths |= {new: lengths[old] for new, old in zip(handles, rec["handles"])}
+    short = f"{long['cook']}_video_cook_0"
+    new_lengths[short] -= 3                     # a length repair, listed with the video's name
+    root = write_root(tmp_path / "long", renamed, new_lengths,
+                      vocab={0: "background", 1: "a", 2: "b", 3: "c", 4: "d", 5: "e"})
+    result = runner.invoke(app, ["data", "check", str(root)], env={"COLUMNS": "40"})
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for name in (*long.values(), f"{long['cook']}/{short}", "28/37/43", "fg seg len (med)"):
+        assert name in out, name
+    assert "…" not in out

@@ -96,6 +96,26 @@ def test_tables_render_and_report_is_written(run_copy: Path):
     assert saved["checkpoint"]["path"] == str(resolve_checkpoint(run_copy, "best"))
 
 
+def test_tables_are_not_truncated_when_piped_narrow(run_copy: Path):
+    """Piped output (CliRunner) with COLUMNS=40: every cell of every table prints whole."""
+    result = runner.invoke(app, ["eval-progress", str(run_copy), "--device", "cpu",
+                                 "--alignment"], env={"COLUMNS": "40"})
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "…" not in out
+    rep = RunDir.open(run_copy).read_json("evaluation_test.json")
+    rows = {line.split("│")[1].strip(): line
+            for line in out.splitlines() if line.count("│") > 3}
+    head = rep["predictors"]["head"]["metrics"]
+    # the head's row of the main table holds its MAEs, formatted as the table does (4 places)
+    for value in (head["mae"]["mean_over_videos"], head["mae"]["pooled"],
+                  head["mae"]["mean_over_tasks"]):
+        assert f"{value:.4f}" in rows["head"], value
+    for name in ("cumulative_l2_offline", "constant_0.5", "frame_count", "synth_t0",
+                 "cumulative_geodesic (clipped)"):
+        assert name in rows, name
+
+
 def test_plots_are_png_files(run_copy: Path, tmp_path: Path):
     out = tmp_path / "figs"
     result = invoke(str(run_copy), "--split", "val", "--plots", str(out), "--json",

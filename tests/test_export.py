@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -87,6 +88,29 @@ def test_file_is_plain_safetensors_with_config_metadata(trained, tmp_path: Path)
     card = (tmp_path / "ex" / "README.md").read_text()
     assert f"`{cfg.train.method}`" in card and "3 optimizer steps" in card
     assert "| head |" in card and "constant_0.5" in card  # the run's eval_test.json numbers
+
+
+def test_card_starts_with_hugging_face_front_matter(trained, tmp_path: Path):
+    run, _, cfg = trained
+    export_run(run, out_dir=tmp_path / "ex")
+    card = (tmp_path / "ex" / "README.md").read_text()
+    assert card.startswith("---\n")
+    block, sep, rest = card[len("---\n"):].partition("\n---\n")
+    assert sep, "the front-matter block must be closed by a --- line"
+    meta = yaml.safe_load(block)
+    assert isinstance(meta, dict)
+    assert meta["library_name"] == "alignprog" and meta["license"] == "mit"
+    assert cfg.train.method in meta["tags"] and "alignprog" in meta["tags"]
+    assert {"video-alignment", "action-progress"} <= set(meta["tags"])
+    assert meta["metrics"] == ["mae"]           # the card's table reports MAE
+    # the card itself follows unchanged
+    assert rest.lstrip("\n").startswith("# alignprog model: ")
+    assert f"`{cfg.train.method}`" in rest and "| head |" in rest
+    # the CLI, which reports the card's path, still works on the export
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "ex2"), "--json"])
+    assert result.exit_code == 0, result.output
+    again = Path(json.loads(result.stdout)["card"]).read_text()
+    assert yaml.safe_load(again.split("---\n")[1]) == meta
 
 
 # Measured max abs errors of the tiny model: bf16 6e-4 (embeddings), fp16 8e-5.

@@ -16,12 +16,38 @@ from typing import Annotated, Any, Callable, Mapping, Optional, get_args
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.segment import Segments
+from rich.table import Table
 
 from alignprog.config import Config, DataConfig, FpsConfig, load_config, parse_overrides
 from alignprog.errors import AlignprogError
 
 console = Console()                   # results: stdout
 err_console = Console(stderr=True)    # diagnostics: stderr
+
+
+def print_table(table: Table, *, out: Console | None = None) -> None:
+    """Print `table` on `out` (default: the stdout console) without ever cutting a cell to ``…``.
+
+    Every column folds instead of truncating, so a narrow terminal wraps a long name or number
+    inside its cell. When the output is not a terminal (piped, redirected, a test runner) the
+    table is rendered at its natural width, however narrow COLUMNS is, so each cell stays on
+    one line and reads (and greps) whole."""
+    out = console if out is None else out
+    for column in table.columns:
+        column.overflow, column.no_wrap = "fold", False
+    if out.is_terminal:
+        out.print(table)
+        return
+    wide = out.options.update_width(1_000_000)
+    natural = Measurement.get(out, wide, table).maximum
+    if natural <= out.width:
+        out.print(table)
+        return
+    lines = out.render(table, out.options.update(width=natural))
+    out.print(Segments(lines), crop=False)
+
 
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="YAML or JSON config file (see `alignprog/config.py` for every key).",

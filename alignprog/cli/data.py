@@ -13,8 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, Layout, LenientOpt,
-                                   SetOpt, console, default_of, err_console, guarded, report,
-                                   resolve_config)
+                                   SetOpt, console, default_of, err_console, guarded,
+                                   print_table, report, resolve_config)
 from alignprog.config import Config
 from alignprog.errors import DataError
 
@@ -182,7 +182,7 @@ def check(
 def _print_summary(s: dict) -> None:
     shapes = ", ".join(f"{k} {tuple(v)}" for k, v in s["shapes"].items())
     console.print(f"[bold]{escape(s['name'])}[/]  annotations: {escape(s['annotations'])}  "
-                  f"layouts: {shapes}", highlight=False)
+                  f"layouts: {shapes}", highlight=False, soft_wrap=True)
     table = Table(title="tasks", title_justify="left")
     for col, justify in [("task", "left"), ("videos", "right"), ("train/val/test", "right"),
                          ("frames min/med/max", "right"), ("background", "right"),
@@ -196,9 +196,9 @@ def _print_summary(s: dict) -> None:
                       f"{row['length_min']}/{row['length_median']:g}/{row['length_max']}",
                       f"{row['background_fraction']:.0%}", str(row["actions"]),
                       str(row["foreground_segments"]), f"{row['segment_length_median']:g}")
-    console.print(table)
+    print_table(table)
     console.print(f"split: {escape(s['split']['description'])} "
-                  f"(sha256 {s['split']['sha256'][:12]})", highlight=False)
+                  f"(sha256 {s['split']['sha256'][:12]})", highlight=False, soft_wrap=True)
     if s["repairs"]:
         repairs = Table(title="repairs (annotation fitted to the feature length)",
                         title_justify="left")
@@ -206,6 +206,6 @@ def _print_summary(s: dict) -> None:
             repairs.add_column(col)
         for r in s["repairs"]:
             repairs.add_row(r["kind"], str(r["count"]), escape(r["example"]))
-        console.print(repairs)
+        print_table(repairs)
     else:
         console.print("repairs: none")

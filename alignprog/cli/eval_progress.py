@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from alignprog.cli.common import console, err_console, fail, guarded, report
+from alignprog.cli.common import console, err_console, fail, guarded, print_table, report
 from alignprog.errors import AlignprogError
 
 EPILOG = ("Examples:\n\n  alignprog eval-progress runs/lav-20240101-120000\n\n"
@@ -208,13 +208,16 @@ def print_report(rep: dict) -> None:
                   highlight=False, soft_wrap=True)
     console.print(f"[bold]counts[/] {escape(_counts_line(rep))}", highlight=False,
                   soft_wrap=True)
-    console.print(_action_table(rep))
-    console.print(_per_task_table(rep))
+    print_table(_action_table(rep))
+    print_table(_per_task_table(rep))
     if rep.get("video_level", {}).get("predictors"):
-        console.print(_video_table(rep))
+        print_table(_video_table(rep))
     if "alignment" in rep:
         for item in _generic_tables(rep["alignment"], "alignment"):
-            console.print(item, highlight=False, soft_wrap=True)
+            if isinstance(item, Table):
+                print_table(item)
+            else:
+                console.print(item, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from alignprog.cli.common import console, fail, guarded, report, write_figure
+from alignprog.cli.common import (console, fail, guarded, print_table, report,
+                                  write_figure)
 
 EPILOG = ("Examples:\n\n  alignprog predict exports/lav video.npy\n\n"
           "  alignprog predict exports/lav data/synth/features/*.npy --segments "
@@ -183,7 +184,7 @@ def _print_video(video: dict[str, Any], whole: bool) -> None:
             line, first, last = "[dim]background (0)[/]", "-", "-"
         table.add_row(str(k), escape(seg["label"]), f"{seg['start']}-{seg['end']}", line,
                       first, last)
-    console.print(table)
+    print_table(table)
 
 
 def plot_progress(result: dict[str, Any]) -> bytes:

@@ -13,7 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, LenientOpt, SetOpt,
-                                   console, guarded, report, resolve_config, write_figure)
+                                   console, guarded, print_table, report, resolve_config,
+                                   write_figure)
 
 BIN_STYLE = {"early": "green", "mid": "magenta", "late": "dark_orange"}
 MODE_STYLE = {True: "bold blue", False: "bold"}
@@ -135,7 +136,7 @@ def _bins_table(rep: dict[str, Any]) -> None:
         cells += [str(x["samples"]), _pct(1.0 if x["samples"] else 0.0),
                   "-" if mean is None else f"{mean:.2f}", _pct(1.0 if x["samples"] else 0.0)]
     table.add_row(*cells)
-    console.print(table)
+    print_table(table)
     lo, hi = st["bins"][0]["high"], st["bins"][1]["high"]
     console.print(f"bins of ground-truth progress gt: early <= {lo:g} < mid <= {hi:g} < late; "
                   "mean w: the bins' mean loss weight; w share: their share of the weighted "
@@ -161,7 +162,7 @@ def _histogram(rep: dict[str, Any]) -> None:
     for i, (a, b) in enumerate(zip(st["counts"], un["counts"])):
         table.add_row(f"{edges[i]:.1f}-{edges[i + 1]:.1f}", _bar(a, top, "blue"), str(a),
                       _bar(b, top, "white"), str(b))
-    console.print(table)
+    print_table(table)
 
 
 def _per_video(rep: dict[str, Any]) -> None:
@@ -173,7 +174,7 @@ def _per_video(rep: dict[str, Any]) -> None:
         table.add_row(Text("stratified" if run["stratified"] else "uniform",
                            style=MODE_STYLE[run["stratified"]]),
                       str(pv["videos"]), f"{pv['mean']:.1f}", str(pv["min"]), str(pv["max"]))
-    console.print(table)
+    print_table(table)
 
 
 def _per_action(rep: dict[str, Any], top: int = 10) -> None:
@@ -186,7 +187,7 @@ def _per_action(rep: dict[str, Any], top: int = 10) -> None:
     for a in st[:top]:
         table.add_row(escape(a["label"]), escape(a["name"]), str(a["count"]),
                       str(uniform.get(a["label"], 0)))
-    console.print(table)
+    print_table(table)
 
 
 def _rejections(rep: dict[str, Any]) -> None:
@@ -227,7 +228,7 @@ def _rejections(rep: dict[str, Any]) -> None:
     table.add_row("draws", str(st["draws"]), str(un["draws"]),
                   f"{s['samples_per_video']} per usable video visited")
     table.add_row("targets (samples)", str(st["targets"]), str(un["targets"]), "")
-    console.print(table)
+    print_table(table)
 
 
 def _col(frame: int, num_frames: int, width: int) -> int:

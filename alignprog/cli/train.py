@@ -16,8 +16,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from rich.table import Table
 
 from alignprog.cli.common import (ConfigOpt, SetOpt, config_choices, console, default_of,
-                                   err_console, fail, guarded, report, resolve_config,
-                                   show_number)
+                                   err_console, fail, guarded, print_table, report,
+                                   resolve_config, show_number)
 from alignprog.config import (DEFAULT_LAMBDA, ENCODER_LAYOUT, Config, LearnableProgressConfig,
                               ModelConfig, ProgressConfig, TrainConfig, dump_config)
 
@@ -375,6 +375,6 @@ def _train(cfg, dist, *, resume: bool, overwrite: bool, json_logs: bool, quiet: 
                           f"--name {escape(run_name)} --resume", highlight=False)
         raise typer.Exit(130)
     if mode != "json" and result.test_report:
-        console.print(_result_table(result.test_report))
+        print_table(_result_table(result.test_report))
     if mode != "json":
         console.print(f"run directory: {escape(str(run.path))}", highlight=False)
