@@ -1,4 +1,4 @@
-"""`alignprog data synth` and `alignprog data check`."""
+"""`alignprog data synth`, `alignprog data annotate` and `alignprog data check`."""
 
 from __future__ import annotations
 
@@ -101,6 +101,38 @@ def synth(
     ntasks = s.tasks if s.timelines == "generated" else "EgoProceL"
     console.print(f"wrote {n} videos ({ntasks} tasks, layout {'+'.join(layouts)}, "
                   f"{array_dtype}, seed {s.seed}) to {escape(str(out_dir))}", highlight=False)
+
+
+@app.command(epilog="Examples:\n\n  alignprog data annotate segments.csv data/my-videos\n\n"
+             "  segments.csv:\n\n    task,video,start,end,label\n    coffee,v01,0,11,SIL\n"
+             "    coffee,v01,12,40,grind beans\n    coffee,v01,41,70,pour water")
+@guarded
+def annotate(
+    segments: Annotated[Path, typer.Argument(
+        help="CSV with a header row: task,video,start,end,label (inclusive feature-frame "
+        "indices; rows in any order).", show_default=False)],
+    root: Annotated[Path, typer.Argument(
+        help="The dataset root (e.g. the output of extract-features) to write dataset.json "
+        "and id2action.txt into.", show_default=False)],
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing dataset.json / id2action.txt.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a dataset root's annotation files from a CSV of segments.
+
+    Every distinct action label gets an id from 1 (id2action.txt), labels in
+    data.background_labels ('0', 'SIL', 'background') and gaps between segments are background
+    ('0'). Then `alignprog data check ROOT` and `alignprog train --dataset ROOT` read the root.
+    """
+    from alignprog.data.annotate import write_annotations
+
+    cfg = resolve_config(config, set_, {})
+    counts = write_annotations(segments, root, background=frozenset(cfg.data.background_labels),
+                               overwrite=overwrite)
+    console.print(f"wrote {escape(str(root / 'dataset.json'))} and id2action.txt: "
+                  f"{counts['tasks']} tasks, {counts['videos']} videos, {counts['segments']} "
+                  f"segments, {counts['actions']} actions", highlight=False, soft_wrap=True)
 
 
 @app.command(epilog="Examples:\n\n  alignprog data check\n\n  alignprog data check data/synth\n\n"

@@ -216,7 +216,8 @@ def read_annotation_json(path: Path) -> dict[str, Any]:
     try:
         text = read_user_text(path)
     except FileNotFoundError:
-        raise DataError("annotation file not found", file=str(path)) from None
+        raise DataError("annotation file not found (from a CSV of segments: alignprog data "
+                        "annotate SEGMENTS.csv ROOT)", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read annotation file ({exc})", file=str(path)) from None
     data = load_json_text(text, lambda reason: DataError(f"unreadable JSON ({reason})",
