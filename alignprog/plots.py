@@ -26,7 +26,10 @@ DPI = 110
 BIN_COLOURS = {"early": "#1b9e77", "mid": "#7570b3", "late": "#d95f02"}
 MAIN_COLOUR = "#1f77b4"     # the stratified sampler; predicted progress
 OTHER_COLOUR = "#aaaaaa"    # the uniform sampler, for comparison
-BACKGROUND_COLOUR = "#dddddd"
+# Progress plots (eval-progress and predict): actions shaded, background plain.
+ACTION_COLOUR = "0.9"
+ACTION_EDGE_COLOUR = "0.7"
+PROGRESS_YLIM = (-0.05, 1.15)   # room above 1 for the action labels
 
 
 def require_matplotlib() -> None:
@@ -146,23 +149,41 @@ def _sampling_timeline(ax: "Axes", tl: dict[str, Any]) -> None:
 # eval-progress
 
 
+def shade_actions(ax: "Axes", segments: Sequence[dict[str, Any]], num_frames: int) -> None:
+    """Shade each action (foreground segment) of a progress panel in `ACTION_COLOUR`, mark
+    where it starts, and write its label at the top of its span; background stays plain.
+    A label is left out when its span is too narrow to hold it (under 1/40 of the video)."""
+    from matplotlib.transforms import blended_transform_factory
+
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    for seg in segments:
+        if not seg["foreground"]:
+            continue
+        ax.axvspan(seg["start"] - 0.5, seg["end"] + 0.5, color=ACTION_COLOUR, lw=0)
+        ax.axvline(seg["start"] - 0.5, color=ACTION_EDGE_COLOUR, lw=0.5)
+        if seg["end"] - seg["start"] + 1 >= num_frames / 40:
+            ax.text((seg["start"] + seg["end"]) / 2, 0.98, str(seg["label"]), transform=top,
+                    ha="center", va="top", fontsize=7, clip_on=True)
+
+
 def progress_curves_figure(curves: list[dict[str, Any]], split: str) -> "Figure":
     """Ground truth and every predictor's progress over the frames of a few videos, one panel
-    each, actions shaded (background is predicted 0)."""
-    fig = _figure(10, 2.6 * len(curves))
+    each, actions shaded and labelled (background is predicted 0); the title says how many
+    videos were drawn (a small split may have fewer than asked for)."""
+    fig = _figure(10, 2.6 * len(curves) + 0.4)
     axes = fig.subplots(len(curves), 1, squeeze=False)[:, 0]
     for ax, c in zip(axes, curves):
-        for seg in c["segments"]:
-            if seg["foreground"]:
-                ax.axvspan(seg["start"] - 0.5, seg["end"] + 0.5, color="0.9", lw=0)
-                ax.axvline(seg["start"] - 0.5, color="0.7", lw=0.5)
+        shade_actions(ax, c["segments"], c["num_frames"])
         ax.plot(c["ground_truth"], color="black", lw=1.5, label="ground truth")
         for name, pred in c["predictions"].items():
             ax.plot(pred, lw=1, label=name)
-        ax.set_ylim(-0.05, 1.1)
+        ax.set_ylim(*PROGRESS_YLIM)
         ax.set_xlim(-0.5, c["num_frames"] - 0.5)
         ax.set_title(f"{c['task']} / {c['handle']} ({split})", fontsize=9)
         ax.set_ylabel("progress")
+    n = len(curves)
+    fig.suptitle(f"progress curves of {n} video{'s' if n != 1 else ''} of the {split} split",
+                 fontsize=10)
     axes[-1].set_xlabel("frame (shaded: actions; background predicted 0)")
     axes[0].legend(loc="upper left", fontsize=7, ncol=4)
     return fig
@@ -196,23 +217,23 @@ def error_by_bin_figure(report: dict[str, Any], names: Sequence[str]) -> "Figure
 
 def predict_figure(result: dict[str, Any]) -> "Figure":
     """`alignprog predict`'s result: one panel per video, the online progress curve over its
-    frames, background shaded."""
+    frames, actions shaded and labelled as in eval-progress's progress curves."""
     videos = result["videos"]
     fig = _figure(10, 2.2 * len(videos) + 0.6)
     axes = fig.subplots(len(videos), 1, squeeze=False)[:, 0]
     for ax, video in zip(axes, videos):
         pred = np.asarray(video["progress"])                              # (T,)
+        shade_actions(ax, video["segments"], len(pred))
         for seg in video["segments"]:
-            frames = np.arange(seg["start"], seg["end"] + 1)
             if not seg["foreground"]:
-                ax.axvspan(seg["start"] - 0.5, seg["end"] + 0.5, color=BACKGROUND_COLOUR, lw=0)
                 continue
+            frames = np.arange(seg["start"], seg["end"] + 1)
             # One line per action: progress restarts at each action, so no line joins them.
             ax.plot(frames, pred[frames], color=MAIN_COLOUR, lw=1.5,
                     marker="." if len(frames) == 1 else None)
         title = Path(video["file"]).name
         if result["whole_video_as_one_segment"]:
             title += " (whole video as one segment)"
-        ax.set(xlim=(-0.5, len(pred) - 0.5), ylim=(-0.02, 1.05), ylabel="progress", title=title)
-    axes[-1].set_xlabel("frame (grey: background)")
+        ax.set(xlim=(-0.5, len(pred) - 0.5), ylim=PROGRESS_YLIM, ylabel="progress", title=title)
+    axes[-1].set_xlabel("frame (shaded: actions; background predicted 0)")
     return fig

@@ -228,3 +228,52 @@ def test_dataset_override_reads_the_same_videos_from_a_root(run_copy: Path, tmp_
     assert b["split_sha256"] == a["split_sha256"]
     assert b["predictors"]["head"] == a["predictors"]["head"]
     assert b["dataset"] == "root"
+
+
+PHASE_TEXT = ("reading the dataset", "head predictions", "writing the report")
+
+
+def test_json_stays_clean_and_phases_are_off_when_stderr_is_not_a_terminal(run_copy: Path,
+                                                                           tmp_path: Path):
+    result = invoke(str(run_copy), "--split", "val", "--json", "--device", "cpu",
+                    "--plots", str(tmp_path / "figs"))
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)  # the whole of stdout is the report
+    assert rep["split"] == "val"
+    for text in PHASE_TEXT:
+        assert text not in result.stdout and text not in result.stderr, text
+    assert "\x1b" not in result.stdout and "\x1b" not in result.stderr
+
+
+def test_phases_show_on_a_terminal_stderr_only(run_copy: Path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import alignprog.cli.eval_progress as mod
+
+    buf = io.StringIO()
+    monkeypatch.setattr(mod, "err_console", Console(file=buf, force_terminal=True, width=120))
+    result = invoke(str(run_copy), "--split", "val", "--json", "--device", "cpu",
+                    "--alignment")
+    assert result.exit_code == 0, result.output
+    json.loads(result.stdout)
+    shown = buf.getvalue()
+    for text in (*PHASE_TEXT, "alignment metrics"):
+        assert text in shown, text
+        assert text not in result.stdout, text
+
+
+def test_plots_say_how_many_curves_were_drawn(run_copy: Path, tmp_path: Path):
+    from alignprog.cli.eval_progress import PLOT_VIDEOS
+
+    result = invoke(str(run_copy), "--split", "val", "--json", "--device", "cpu",
+                    "--plots", str(tmp_path / "figs"))
+    assert result.exit_code == 0, result.output
+    videos = json.loads(result.stdout)["counts"]["videos"]
+    drawn = min(videos, PLOT_VIDEOS)
+    note = f"progress curves of {drawn} video"
+    assert (note in result.stderr) == (drawn < PLOT_VIDEOS), result.stderr
+    assert "note" not in result.stdout
+    help_text = " ".join(runner.invoke(app, ["eval-progress", "--help"]).stdout.split())
+    assert f"up to {PLOT_VIDEOS} videos" in help_text

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from alignprog.cli.common import console, err_console, fail, guarded, print_table, report
@@ -28,7 +30,7 @@ EPILOG = ("Examples:\n\n  alignprog eval-progress runs/lav-20240101-120000\n\n"
 SPLITS = ("test", "val", "train")
 DEFAULT_BASELINES = ("constant_0.5", "frame_count", "random", "constant_0", "constant_0.25",
                      "constant_0.75", "constant_1")
-# Videos whose progress curves --plots draws (spread over the split).
+# Videos whose progress curves --plots draws at most (spread over the split).
 PLOT_VIDEOS = 4
 PROTOCOL = ("action-level rows: mean |prediction - (t - s + 1)/L| over foreground frames, "
             "online (each frame sees its action's prefix), oracle-segmented (GT action bounds), "
@@ -249,6 +251,39 @@ def write_plots(rep: dict, curves: list[dict], out_dir: Path) -> list[Path]:
 # The command
 
 
+class Phases:
+    """The command's phases on stderr while it works: a spinner, what it is doing and the time
+    each phase took, one line per phase. Off (renders nothing) when `out` is not a terminal, so
+    piped or redirected output and ``--json`` stay clean; it never writes to stdout.
+
+    The evaluators have no progress hook, so the command calls `phase` between their calls."""
+
+    def __init__(self, out: Console | None = None) -> None:
+        out = err_console if out is None else out
+        self.progress = Progress(SpinnerColumn(finished_text="[green]done[/]"),
+                                 TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=out, transient=True, disable=not out.is_terminal)
+        self.task: Any = None
+
+    def __enter__(self) -> "Phases":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done()
+        self.progress.stop()
+
+    def phase(self, description: str) -> None:
+        """Mark the current phase done and start `description` (plain text)."""
+        self.done()
+        self.task = self.progress.add_task(escape(description), total=1)
+
+    def done(self) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=1)
+            self.task = None
+
+
 def _baselines(values: list[str] | None) -> tuple[str, ...]:
     from alignprog.evaluation.baselines import parse_baseline
 
@@ -299,8 +334,9 @@ def eval_progress(
     json_: Annotated[bool, typer.Option(
         "--json", help="Print the report as JSON on stdout (diagnostics on stderr).")] = False,
     plots: Annotated[Optional[Path], typer.Option(
-        help=f"Folder for PNG figures: progress curves of {PLOT_VIDEOS} videos of the split "
-        "(actions shaded) and the error per progress bin.", show_default=False)] = None,
+        help=f"Folder for PNG figures: progress curves of up to {PLOT_VIDEOS} videos of the "
+        "split (actions shaded and labelled) and the error per progress bin.",
+        show_default=False)] = None,
     baselines: Annotated[Optional[list[str]], typer.Option(
         help="Baselines, comma-separated or repeated: constant_<c> (c in [0, 1]), frame_count, "
         "random (seeds 0..9 averaged) or random_<seed>.",
@@ -339,20 +375,28 @@ def eval_progress(
     err_console.print(f"evaluating {escape(str(ckpt))} on the {split} split of "
                       f"{escape(str(opened.data_config.root or 'the synthetic dataset'))} "
                       f"({dev})", highlight=False, soft_wrap=True)
-    ds = opened.dataset  # read now, after the line above
-    for warning in ds.warnings:
-        report("warning", warning)
-    if not ds.indices(split):
-        fail(f"the {split} split of {ds.name} has no videos")
-    if not ds.indices("train"):
-        fail(f"the train split of {ds.name} has no videos: the normalisers and priors need it")
+    with Phases() as phases:
+        phases.phase("reading the dataset")
+        ds = opened.dataset  # read now, after the line above
+        for warning in ds.warnings:
+            report("warning", warning)
+        n_split, n_train = len(ds.indices(split)), len(ds.indices("train"))
+        if not n_split:
+            fail(f"the {split} split of {ds.name} has no videos")
+        if not n_train:
+            fail(f"the train split of {ds.name} has no videos: the normalisers and priors "
+                 "need it")
 
-    rep = evaluate_progress(model, ds, split, device=dev, baselines=names, cumulative=True,
-                            video_level=True, curves=PLOT_VIDEOS if plots is not None else 0)
-    curves = rep.pop("curves", [])
-    if evaluate_alignment is not None:
-        rep["alignment"] = evaluate_alignment(model, ds, device=dev, train_split="train",
-                                              test_split=split)
+        phases.phase(f"embedding {n_split} {split} and {n_train} train videos, head "
+                     f"predictions, baselines ({len(names)})")
+        rep = evaluate_progress(model, ds, split, device=dev, baselines=names, cumulative=True,
+                                video_level=True,
+                                curves=PLOT_VIDEOS if plots is not None else 0)
+        curves = rep.pop("curves", [])
+        if evaluate_alignment is not None:
+            phases.phase(f"alignment metrics (probes fitted on train, scored on {split})")
+            rep["alignment"] = evaluate_alignment(model, ds, device=dev, train_split="train",
+                                                  test_split=split)
     rep = {
         "run": str(run.path),
         "checkpoint": {"requested": checkpoint, "path": str(ckpt),
@@ -362,10 +406,16 @@ def eval_progress(
         "trained_predictor": _trained_predictor(cfg),
         "method": cfg.train.method,
     } | rep
+    if plots is not None and len(curves) < PLOT_VIDEOS:
+        report("note", f"--plots: progress curves of {len(curves)} video"
+               f"{'s' if len(curves) != 1 else ''}, not {PLOT_VIDEOS}: the {split} split has "
+               f"only {len(curves)} with an action")
     try:
-        # not eval_test.json: that is train's record of its final model
-        saved = run.write_json(f"evaluation_{split}.json", rep)
-        written = write_plots(rep, curves, plots) if plots is not None else []
+        with Phases() as phases:
+            phases.phase("writing the report" + (" and plots" if plots is not None else ""))
+            # not eval_test.json: that is train's record of its final model
+            saved = run.write_json(f"evaluation_{split}.json", rep)
+            written = write_plots(rep, curves, plots) if plots is not None else []
     except OSError as exc:
         fail(f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}")
 

@@ -188,7 +188,8 @@ def _print_video(video: dict[str, Any], whole: bool) -> None:
 
 
 def plot_progress(result: dict[str, Any]) -> bytes:
-    """A PNG: one panel per video, the online progress curve over frames, background shaded."""
+    """A PNG: one panel per video, the online progress curve over frames, actions shaded and
+    labelled (as in eval-progress's progress curves)."""
     from alignprog.plots import png_bytes, predict_figure
 
     return png_bytes(predict_figure(result))
