@@ -61,6 +61,14 @@ def tiny_model(num_tasks: int = 2) -> AlignmentModel:
                        input_shape=(TINY["data.synthetic.dim"],), num_tasks=num_tasks)
 
 
+def stderr_of(result) -> str:
+    """A CliRunner result's stderr (older Click runners mix it into the output)."""
+    try:
+        return result.stderr
+    except (ValueError, AttributeError):
+        return result.output
+
+
 BG = frozenset({"0", "SIL", "background"})
 
 

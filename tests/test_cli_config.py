@@ -10,14 +10,9 @@ from typer.testing import CliRunner
 from alignprog.cli import app
 from alignprog.config import Config, load_config
 
+from helpers import stderr_of
+
 runner = CliRunner()
-
-
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except (ValueError, AttributeError):  # older runners mix stderr into output
-        return result.output
 
 
 def test_show_prints_yaml_that_loads_back_to_the_same_config(tmp_path: Path):
@@ -46,7 +41,7 @@ def test_show_applies_config_and_set_as_train_print_config_does(tmp_path: Path):
 def test_show_reports_a_bad_override_in_one_line():
     result = runner.invoke(app, ["config", "show", "--set", "train.epochz=3"])
     assert result.exit_code != 0
-    err = _stderr(result).strip().splitlines()
+    err = stderr_of(result).strip().splitlines()
     assert len(err) == 1 and "train.epochz" in err[0] and "train.epochs" in err[0], err
     assert "Traceback" not in result.output
 
@@ -72,7 +67,7 @@ def test_validate_names_the_bad_key(tmp_path: Path):
     for path, words in cases:
         result = runner.invoke(app, ["config", "validate", str(path)])
         assert result.exit_code == 1, (path, result.output)
-        err = _stderr(result).strip().splitlines()
+        err = stderr_of(result).strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {path}: "), err
         assert all(w in err[0] for w in words), (words, err)
         assert "valid" not in result.stdout and "Traceback" not in result.output
@@ -84,7 +79,7 @@ def test_validate_of_a_missing_or_unreadable_file_is_one_line(tmp_path: Path):
     for path in (tmp_path / "missing.yaml", broken, tmp_path):
         result = runner.invoke(app, ["config", "validate", str(path)])
         assert result.exit_code == 1, (path, result.output)
-        err = _stderr(result).strip().splitlines()
+        err = stderr_of(result).strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0], err
         assert result.exception is None or isinstance(result.exception, SystemExit)
         assert "Traceback" not in result.output

@@ -20,7 +20,7 @@ from alignprog.errors import AlignprogError
 from alignprog.export import ExportError, export_run, load, load_with_config, read_export_info
 from alignprog.training import RunDir
 
-from helpers import tiny_run
+from helpers import stderr_of, tiny_run
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("no_torch_load")
@@ -183,20 +183,13 @@ def rewrite(src: Path, dst: Path, *, config=None, tensors=None) -> Path:
     return dst
 
 
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except (ValueError, AttributeError):  # older runners mix stderr into output
-        return result.output
-
-
 def assert_cli_error(path: Path, message: str, tmp_path: Path) -> None:
     """`predict` on a damaged export: one line on stderr, exit code != 0, no traceback."""
     video = tmp_path / "v.npy"
     np.save(video, np.ones((5, 16), dtype=np.float32))
     result = runner.invoke(app, ["predict", str(path), str(video)])
     assert result.exit_code != 0
-    err = _stderr(result).strip().splitlines()
+    err = stderr_of(result).strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -23,14 +23,9 @@ from alignprog.data.extraction import ExtractSettings, extract_video, extract_vi
 from alignprog.data.video import SampledFrames, find_videos, keep_frame, sampling_period
 from alignprog.errors import AlignprogError, ConfigError, DataError
 
+from helpers import stderr_of
+
 runner = CliRunner()
-
-
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except (ValueError, AttributeError):  # older runners mix stderr into output
-        return result.output
 
 
 def write_video(path: Path, num_frames: int, fps: int, *, width: int = 64, height: int = 48,
@@ -212,7 +207,7 @@ def test_cli_writes_layouts_manifest_and_resumes(videos, tmp_path):
     fps1 = [a if a != "2" else "1" for a in args]
     result = runner.invoke(app, fps1)
     assert result.exit_code == 2
-    assert "--fps 2.0" in _stderr(result) and "--overwrite" in _stderr(result)
+    assert "--fps 2.0" in stderr_of(result) and "--overwrite" in stderr_of(result)
     result = runner.invoke(app, fps1 + ["--overwrite"])
     assert result.exit_code == 0, result.output
     assert np.load(root / "features/a.npy").shape == (3, 2048)
@@ -232,7 +227,7 @@ def test_cli_reports_bad_videos_and_writes_the_others(videos, tmp_path):
     args = ["extract-features", str(src), str(root), "--weights", "random", "--fps", "1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 1
-    err = _stderr(result)
+    err = stderr_of(result)
     for name in ("garbage.mp4", "empty.avi", "truncated.mp4"):
         assert name in err
     assert "Traceback" not in result.output
@@ -260,7 +255,7 @@ def test_find_videos(tmp_path):
         find_videos(tmp_path)
     result = runner.invoke(app, ["extract-features", str(tmp_path / "sub" / "none"),
                                  str(tmp_path / "out"), "--weights", "random"])
-    assert result.exit_code == 1 and "no such file" in _stderr(result)
+    assert result.exit_code == 1 and "no such file" in stderr_of(result)
 
 
 # ------------------------------------------------------------------------------------------------

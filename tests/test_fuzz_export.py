@@ -18,7 +18,7 @@ from alignprog.cli import app
 from alignprog.export import export_run
 from alignprog.training import RunDir
 
-from helpers import tiny_run
+from helpers import stderr_of, tiny_run
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("no_torch_load")
@@ -32,21 +32,14 @@ def run(tmp_path_factory):
     return path, export_run(path, checkpoint="last", out_dir=root / "ex")
 
 
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except (ValueError, AttributeError):
-        return result.output
-
-
 def assert_one_line(args: list[str], message: str) -> None:
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code != 0, result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    err = [line for line in _stderr(result).strip().splitlines()
+    err = [line for line in stderr_of(result).strip().splitlines()
            if line.startswith("error: ")]
-    assert len(err) == 1 and message in err[0], _stderr(result)
+    assert len(err) == 1 and message in err[0], stderr_of(result)
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -191,7 +184,8 @@ def test_extract_damaged_outputs_and_manifests(extracted, tmp_path: Path):
         (work / "features/a.npy").write_bytes(damage)
         result = runner.invoke(app, args + ["--json"])
         assert result.exit_code == 0, result.output
-        assert "warning: " in _stderr(result) and "extracting the video again" in _stderr(result)
+        err = stderr_of(result)
+        assert "warning: " in err and "extracting the video again" in err
         assert json.loads(result.stdout)["done"] == 1
         assert np.load(work / "features/a.npy").shape[0] > 0
     if os.geteuid() != 0:  # root writes anywhere

@@ -21,20 +21,13 @@ from alignprog.inference import embed, read_video_array
 from alignprog.training import RunDir
 from alignprog.training.loop import fit
 
-from helpers import TINY
+from helpers import TINY, stderr_of
 
 runner = CliRunner()
 # Trained a bit: 20 steps with a 10x head learning rate make the head's output rise through
 # every action of the synthetic data (seeds 0 and 1 checked: 24 of 24 actions >= 4 frames).
 TINY = TINY | {"train.steps": 20, "train.head_lr": 0.03}
 VIDEOS = ("synth_t0_v00", "synth_t1_v01")
-
-
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except (ValueError, AttributeError):  # older runners mix stderr into output
-        return result.output
 
 
 pytestmark = pytest.mark.usefixtures("no_torch_load")
@@ -141,7 +134,7 @@ def test_segment_file_forms_agree(setup, tmp_path: Path):
         ("0", 0), ("x", first["start"]), ("y", first["start"] + 5)]
     assert got["segments"][1]["end"] == first["start"] + 4
     assert got["segments"][-1]["end"] == got["frames"] - 1
-    err = _stderr(result)
+    err = stderr_of(result)
     assert "leading frames unannotated" in err and "final segment shortened" in err
 
 
@@ -149,7 +142,7 @@ def test_without_segments_the_whole_video_is_one_segment(setup, tmp_path: Path):
     export, root = setup
     result = runner.invoke(app, ["predict", str(export), *files(root), "--json"])
     assert result.exit_code == 0, result.output
-    assert "whole video as one segment" in _stderr(result)
+    assert "whole video as one segment" in stderr_of(result)
     out = json.loads(result.stdout)
     assert out["whole_video_as_one_segment"] is True
     assert out["note"] == "whole video as one segment"
@@ -164,7 +157,7 @@ def test_without_segments_the_whole_video_is_one_segment(setup, tmp_path: Path):
     result = runner.invoke(app, ["predict", str(export), *files(root), "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "figure written" in _stderr(result)
+    assert "figure written" in stderr_of(result)
     assert "whole video as one segment" in result.stdout
     assert VIDEOS[1] in result.stdout
 
@@ -205,7 +198,7 @@ def test_a_prediction_that_would_take_too_long_is_refused_first(setup):
     # TINY's head: GRU with the relative position, which re-runs every prefix
     result = runner.invoke(app, ["predict", str(export), feature, "--max-head-steps", "100"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    err = _stderr(result)
+    err = stderr_of(result)
     assert f"needs {frames * (frames + 1) // 2:.3g} head frame steps" in err
     assert f"actions of up to {frames} frames" in err
     assert "--segments" in err and "position=count" in err
@@ -244,7 +237,7 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path: Path):
     for args, message in cases:
         result = runner.invoke(app, ["predict", str(export), *args])
         assert result.exit_code != 0, args
-        err = [line for line in _stderr(result).strip().splitlines()
+        err = [line for line in stderr_of(result).strip().splitlines()
                if not line.startswith("note: ")]
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
         assert "Traceback" not in result.output
@@ -258,7 +251,7 @@ def test_an_object_array_is_refused_without_suggesting_allow_pickle(setup, tmp_p
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     result = runner.invoke(app, ["predict", str(export), str(pickled)])
     assert result.exit_code != 0
-    output = result.output + _stderr(result)
+    output = result.output + stderr_of(result)
     assert "Python objects" in output
     assert "allow_pickle" not in output
     assert "Traceback" not in output

@@ -18,6 +18,8 @@ from alignprog.data import load_dataset, make_loader
 from alignprog.evaluation.sampling_report import sampling_report
 from alignprog.sampling import sample_segments
 
+from helpers import stderr_of
+
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
 STATS = ("videos", "draws", "targets", "short_draws", "videos_without_usable_action",
@@ -139,13 +141,6 @@ def test_library_errors():
 # CLI
 
 
-def _stderr(result) -> str:
-    try:
-        return result.stderr
-    except (ValueError, AttributeError):  # older runners mix stderr into output
-        return result.output
-
-
 def test_cli_tables_and_json(default_report: dict):
     result = runner.invoke(app, ["sample-inspect"])
     assert result.exit_code == 0, result.output
@@ -173,7 +168,7 @@ def test_cli_video_split_and_errors():
                            "unknown setting")):
         result = runner.invoke(app, ["sample-inspect", *args])
         assert result.exit_code != 0, args
-        err = _stderr(result).strip().splitlines()
+        err = stderr_of(result).strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
         assert "Traceback" not in result.output and not isinstance(result.exception,
                                                                   (KeyError, ValueError))
@@ -185,7 +180,7 @@ def test_cli_plot(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == PNG and out.stat().st_size > 10_000
     assert [p.name for p in out.parent.iterdir()] == ["sampling.png"], "no temp file left"
-    assert "figure written" in _stderr(result)
+    assert "figure written" in stderr_of(result)
 
 
 def test_cli_plot_without_matplotlib(tmp_path: Path, monkeypatch):
@@ -193,7 +188,7 @@ def test_cli_plot_without_matplotlib(tmp_path: Path, monkeypatch):
     out = tmp_path / "sampling.png"
     result = runner.invoke(app, ["sample-inspect", "--plot", str(out)])
     assert result.exit_code == 1
-    assert "pip install 'alignprog[plot]'" in _stderr(result)
+    assert "pip install 'alignprog[plot]'" in stderr_of(result)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -216,4 +211,4 @@ def test_cli_on_a_synth_root(tmp_path: Path):
     assert result.exit_code == 0, result.output
     rep = json.loads(result.stdout)
     assert rep["loader"]["videos_skipped"] == 2 and rep["timeline"] is None
-    assert "no samples drawn" in _stderr(result)
+    assert "no samples drawn" in stderr_of(result)
