@@ -662,7 +662,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
+        from alignprog.fileio import read_user_text   # a FIFO or folder: OSError, no hang
+        text = read_user_text(path)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except UnicodeDecodeError:

@@ -123,7 +123,7 @@ def _sampling_timeline(ax: "Axes", tl: dict[str, Any]) -> None:
                        edgecolor="white", lw=0.5)
         if seg["foreground"] and seg["end"] - seg["start"] + 1 >= tl["num_frames"] / 30:
             ax.text((seg["start"] + seg["end"]) / 2, top, seg["name"], ha="center",
-                    va="center", fontsize=7, clip_on=True)
+                    va="center", fontsize=7, clip_on=True, parse_math=False)
     for row, d in enumerate(draws):
         y = top - 1 - row
         mine = [s for s in tl["samples"] if s["draw"] == d]
@@ -162,8 +162,9 @@ def shade_actions(ax: "Axes", segments: Sequence[dict[str, Any]], num_frames: in
         ax.axvspan(seg["start"] - 0.5, seg["end"] + 0.5, color=ACTION_COLOUR, lw=0)
         ax.axvline(seg["start"] - 0.5, color=ACTION_EDGE_COLOUR, lw=0.5)
         if seg["end"] - seg["start"] + 1 >= num_frames / 40:
+            # labels are user text: a '$' must not start matplotlib's mathtext
             ax.text((seg["start"] + seg["end"]) / 2, 0.98, str(seg["label"]), transform=top,
-                    ha="center", va="top", fontsize=7, clip_on=True)
+                    ha="center", va="top", fontsize=7, clip_on=True, parse_math=False)
 
 
 def progress_curves_figure(curves: list[dict[str, Any]], split: str) -> "Figure":

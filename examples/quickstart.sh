@@ -22,9 +22,9 @@ alignprog data check "$data"
 alignprog sample-inspect "$data" --json > "$work/sampling.json"
 
 # 3. Train LAV and the progress head (the run folder is $work/runs/quickstart)
-# shellcheck disable=SC2086  # ALIGNPROG_TRAIN_ARGS is a list of flags
+read -r -a extra <<< "${ALIGNPROG_TRAIN_ARGS:-}"      # flags split on spaces, never globbed
 alignprog train --method lav --dataset "$data" --runs-dir "$work/runs" --name quickstart \
-    --epochs 10 --overwrite --quiet ${ALIGNPROG_TRAIN_ARGS:-}
+    --epochs 10 --overwrite --quiet ${extra[@]+"${extra[@]}"}
 
 # 4. Progress error of the trained head against the baselines, and the alignment metrics
 alignprog eval-progress "$work/runs/quickstart" --alignment --json > "$work/evaluation.json"
@@ -33,12 +33,14 @@ alignprog eval-progress "$work/runs/quickstart" --alignment --json > "$work/eval
 alignprog export "$work/runs/quickstart" --out "$work/export" --overwrite
 
 # 6. Online progress of the first test video of each task, per action of its annotation
-videos="$("${PYTHON:-python3}" -c '
+videos=()
+while IFS= read -r path; do videos+=("$path"); done < <("${PYTHON:-python3}" -c '
 import json, sys
 splits = json.load(open(sys.argv[1]))["splits"]
-print(" ".join(sys.argv[2] + "/" + s["test"][0] + ".npy" for s in splits.values() if s["test"]))
-' "$data/splits.json" "$data/features")"
-# shellcheck disable=SC2086  # one path per video
-alignprog predict "$work/export" $videos --segments "$data/dataset.json" --json \
+for s in splits.values():
+    if s["test"]:
+        print(sys.argv[2] + "/" + s["test"][0] + ".npy")
+' "$data/splits.json" "$data/features")
+alignprog predict "$work/export" "${videos[@]}" --segments "$data/dataset.json" --json \
     > "$work/predict.json"
 echo "quickstart: everything is in $work (evaluation.json, export/, predict.json)"

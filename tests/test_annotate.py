@@ -16,7 +16,7 @@ from alignprog.data import load_dataset
 from alignprog.data.annotate import write_annotations
 from alignprog.errors import DataError
 
-BG = frozenset({"0", "SIL", "background"})
+BG = ["0", "SIL", "background"]
 CSV = """task,video,start,end,label
 coffee,v01,12,40,grind beans
 coffee,v01,0,11,SIL
@@ -67,6 +67,10 @@ def test_written_annotations_load_back_with_gaps_as_background(tmp_path: Path):
     (CSV + "tea,v01,80,90,a\n", "listed under tasks 'coffee' and 'tea'"),
     (CSV + "coffee,../x,0,4,a\n", "not a plain file name"),
     (CSV + "coffee,v09,0,4,\n", "line 10: task, video and label must not be empty"),
+    (CSV + 'coffee,v09,0,4,"two\nlines"\n', "printable text on one line"),
+    (CSV + "coffee,v09,0,4,a,extra\n", "1 more cell(s) than the header"),
+    ("task,video,start,end,label,label\nc,v,0,4,a,b\n", "label named twice"),
+    (CSV + "coffee,v01,71,80,late\n", "ends past its last feature frame (70)"),
     ("task,video,start,end,label\n", "no segments"),
 ])
 def test_bad_rows_are_one_line_errors(tmp_path: Path, text, words):
@@ -93,3 +97,36 @@ def test_cli_writes_refuses_to_replace_and_check_reads_it(tmp_path: Path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["data", "annotate", str(tmp_path / "missing.csv"), str(root)])
     assert res.exit_code != 0 and "segments file not found" in res.output
+
+
+def test_bom_crlf_and_capitalised_headers_are_read(tmp_path: Path):
+    text = "\ufeff" + CSV.replace("task,video,start,end,label", "Task,Video,Start,End,Label")
+    root, csv = _root(tmp_path, text.replace("\n", "\r\n"))
+    assert write_annotations(csv, root, background=BG)["segments"] == 8
+
+
+def test_frames_after_the_last_segment_are_background(tmp_path: Path):
+    root, csv = _root(tmp_path)
+    np.save(root / "features" / "t02.npy", np.zeros((35, 4), np.float32))   # 15 frames more
+    write_annotations(csv, root, background=BG)
+    raw = json.loads((root / "dataset.json").read_text())["tea"]
+    assert raw["hdl_actions"][1] == ["3", "0"] and raw["hdl_end_times"][1] == [19, 34]
+    assert load_dataset(DataConfig(root=root)).videos   # no length repair needed
+
+
+def test_other_background_labels_are_written_as_they_are_read(tmp_path: Path):
+    root, csv = _root(tmp_path)
+    write_annotations(csv, root, background=["SIL"])
+    raw = json.loads((root / "dataset.json").read_text())
+    assert raw["coffee"]["hdl_actions"][1] == ["SIL", "1", "2"]
+    assert not (root / "id2action.txt").read_text().startswith("0 ")
+    ds = load_dataset(DataConfig(root=root, background_labels=["SIL"]))
+    v02 = next(v.annotation for v in ds.videos if v.handle == "v02")
+    assert [bool(x) for x in v02.is_foreground] == [False, True, True]
+
+
+def test_a_root_that_is_a_file_is_a_one_line_error(tmp_path: Path):
+    _, csv = _root(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="Not a directory|cannot write the annotation files"):
+        write_annotations(csv, tmp_path / "file", background=BG)

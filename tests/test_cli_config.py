@@ -90,3 +90,11 @@ def test_help_shows_examples():
         result = runner.invoke(app, ["config", command, "--help"])
         assert result.exit_code == 0, result.output
         assert "Examples:" in result.output and f"alignprog config {command}" in result.output
+
+
+def test_validate_a_fifo_is_an_error_not_a_hang(tmp_path: Path):
+    import os
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    result = runner.invoke(app, ["config", "validate", str(fifo)])
+    assert result.exit_code == 1 and "not a regular file" in stderr_of(result)

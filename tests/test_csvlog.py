@@ -50,6 +50,7 @@ def _check_against_jsonl(run_dir: Path) -> dict[str, list[dict]]:
                 if r["kind"] == kind]
         assert len(rows) == len(want) > 0
         for row, rec in zip(rows, want):
+            assert set(rec) <= set(row)            # no key of the record is dropped
             for column, cell in row.items():
                 assert _same(cell, rec.get(column)), (kind, column, cell, rec.get(column))
         out[kind] = rows
@@ -79,3 +80,12 @@ def test_other_kinds_are_not_written(tmp_path: Path, kind):
     from alignprog.training.csvlog import append
     append(tmp_path, kind, {"step": 1})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_key_that_comes_later_gets_its_column(tmp_path: Path):
+    # two-stage: the head stage's step records carry "stage", the first records do not
+    cfg = load_config(overrides=TINY | {"train.csv_metrics": True, "train.steps": 2,
+                                        "train.two_stage": True, "train.head_epochs": 1})
+    fit(cfg, run=RunDir.create(tmp_path, "r"))
+    rows = _check_against_jsonl(tmp_path / "r")
+    assert rows["step"][0]["stage"] == "" and rows["step"][-1]["stage"] == "head"

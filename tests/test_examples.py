@@ -30,7 +30,7 @@ def _env() -> dict[str, str]:
 
 
 def test_quickstart_and_python_api(tmp_path: Path):
-    work = tmp_path / "qs"
+    work = tmp_path / "with space"   # paths with spaces are quoted throughout
     res = subprocess.run(["bash", str(EXAMPLES / "quickstart.sh"), str(work)], env=_env(),
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]

@@ -122,13 +122,14 @@ def annotate(
     """Write a dataset root's annotation files from a CSV of segments.
 
     Every distinct action label gets an id from 1 (id2action.txt), labels in
-    data.background_labels ('0', 'SIL', 'background') and gaps between segments are background
-    ('0'). Then `alignprog data check ROOT` and `alignprog train --dataset ROOT` read the root.
+    data.background_labels ('0', 'SIL', 'background') are background ('0'), and so are gaps
+    between segments and, where ROOT/features/<video>.npy exists, the frames after the last
+    segment. Then `alignprog data check ROOT` and `alignprog train --dataset ROOT` read the root.
     """
     from alignprog.data.annotate import write_annotations
 
     cfg = resolve_config(config, set_, {})
-    counts = write_annotations(segments, root, background=frozenset(cfg.data.background_labels),
+    counts = write_annotations(segments, root, background=cfg.data.background_labels,
                                overwrite=overwrite)
     console.print(f"wrote {escape(str(root / 'dataset.json'))} and id2action.txt: "
                   f"{counts['tasks']} tasks, {counts['videos']} videos, {counts['segments']} "

@@ -262,7 +262,7 @@ class Phases:
         out = err_console if out is None else out
         self.progress = Progress(SpinnerColumn(finished_text="[green]done[/]"),
                                  TextColumn("{task.description}"), TimeElapsedColumn(),
-                                 console=out, transient=True, disable=not out.is_terminal)
+                                 console=out, disable=not out.is_terminal)
         self.task: Any = None
 
     def __enter__(self) -> "Phases":

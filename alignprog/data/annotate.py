@@ -5,9 +5,11 @@ one action (or background) segment per row, ``start`` and ``end`` inclusive fram
 the video's feature array (`alignprog extract-features` writes one feature frame per
 `--fps`-th of a second). Rows may come in any order. Out come ``dataset.json`` (the EgoProceL
 format, docs/data.md#annotation-json) and ``id2action.txt`` (docs/data.md#action-vocabulary-
-and-background): every distinct non-background label gets an id from 1 in order of first
-appearance, background labels ('0', 'SIL', 'background' by default) are written as '0', and
-a gap between two segments of a video is background.
+and-background): every distinct non-background label gets an id from 1 (tasks, videos and
+segments in the order the CSV first names them, segments by start), background labels
+(`data.background_labels`: '0', 'SIL', 'background' by default) are written as '0' (or as the
+first background label when '0' is not one), and a gap between two segments of a video is
+background, as are the frames after its last segment when ROOT/features/<video>.npy exists.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
+from alignprog.data.arrays import read_npy_header
 from alignprog.errors import DataError
 from alignprog.fileio import atomic_write_json, atomic_write_text, read_user_text
 
@@ -42,12 +46,27 @@ def read_segments_csv(path: Path) -> dict[str, dict[str, list[Segment]]]:
         raise DataError("segments file not found", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read segments file ({exc})", file=str(path)) from None
-    reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip() for h in reader.fieldnames or []]
+    reader = csv.DictReader(io.StringIO(text.removeprefix("\ufeff")))   # Excel's BOM
+    try:
+        tasks = _read_rows(reader, path)
+    except csv.Error as exc:
+        raise DataError(f"line {reader.line_num}: not a valid CSV row ({exc})",
+                        file=str(path)) from None
+    if not tasks:
+        raise DataError("no segments (only a header row)", file=str(path))
+    return _sorted_and_checked(tasks, path)
+
+
+def _read_rows(reader: csv.DictReader, path: Path) -> dict[str, dict[str, list[Segment]]]:
+    header = [h.strip().lower() for h in reader.fieldnames or []]
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise DataError(f"missing column(s) {', '.join(missing)}: the header row must name "
                         f"{', '.join(COLUMNS)}", file=str(path))
+    twice = sorted({h for h in header if header.count(h) > 1})
+    if twice:
+        raise DataError(f"column(s) {', '.join(twice)} named twice in the header row",
+                        file=str(path))
     reader.fieldnames = header
     tasks: dict[str, dict[str, list[Segment]]] = {}
     for row in reader:
@@ -56,9 +75,13 @@ def read_segments_csv(path: Path) -> dict[str, dict[str, list[Segment]]]:
         def bad(reason: str) -> DataError:
             return DataError(f"line {line}: {reason}", file=str(path))
 
+        if None in row:
+            raise bad(f"{len(row[None])} more cell(s) than the header has columns")
         task, video, label = (str(row.get(k) or "").strip() for k in ("task", "video", "label"))
         if not task or not video or not label:
             raise bad("task, video and label must not be empty")
+        if not all(ch.isprintable() for ch in task + video + label):
+            raise bad("task, video and label must be printable text on one line")
         if not _HANDLE.match(video) or video in (".", ".."):
             raise bad(f"video {video!r} is not a plain file name (the features are "
                       "features/<video>.npy)")
@@ -69,8 +92,11 @@ def read_segments_csv(path: Path) -> dict[str, dict[str, list[Segment]]]:
         if start < 0 or end < start:
             raise bad(f"the segment [{start}, {end}] is empty or negative")
         tasks.setdefault(task, {}).setdefault(video, []).append(Segment(line, start, end, label))
-    if not tasks:
-        raise DataError("no segments (only a header row)", file=str(path))
+    return tasks
+
+
+def _sorted_and_checked(tasks: dict[str, dict[str, list[Segment]]], path: Path
+                        ) -> dict[str, dict[str, list[Segment]]]:
     owner: dict[str, str] = {}
     for task, videos in tasks.items():
         for video, segments in videos.items():
@@ -86,10 +112,14 @@ def read_segments_csv(path: Path) -> dict[str, dict[str, list[Segment]]]:
     return tasks
 
 
-def build_annotations(tasks: dict[str, dict[str, list[Segment]]],
-                      background: frozenset[str]) -> tuple[dict, dict[str, str]]:
+def build_annotations(tasks: dict[str, dict[str, list[Segment]]], background: Sequence[str],
+                      lengths: Mapping[str, int] | None = None) -> tuple[dict, dict[str, str]]:
     """(the annotation JSON object, the vocabulary id -> name): gaps filled with background,
-    background labels written as '0', action labels numbered from 1."""
+    and the frames after the last segment when `lengths` gives the video's frame count;
+    background labels written as '0' (the first background label when '0' is none), action
+    labels numbered from 1."""
+    bg = "0" if "0" in background else background[0]
+    lengths = lengths or {}
     ids: dict[str, str] = {}
     annotation = {}
     for task, videos in tasks.items():
@@ -100,26 +130,49 @@ def build_annotations(tasks: dict[str, dict[str, list[Segment]]],
             cursor = 0
             for seg in segments:
                 if seg.start > cursor:                      # a gap: background
-                    labels.append("0")
+                    labels.append(bg)
                     starts.append(cursor)
                     ends.append(seg.start - 1)
                 if seg.label in background:
-                    labels.append("0")
+                    labels.append(bg)
                 else:
                     labels.append(ids.setdefault(seg.label, str(len(ids) + 1)))
                 starts.append(seg.start)
                 ends.append(seg.end)
                 cursor = seg.end + 1
+            if lengths.get(video, 0) > cursor:              # the frames after: background
+                labels.append(bg)
+                starts.append(cursor)
+                ends.append(lengths[video] - 1)
             record["handles"].append(video)
             record["hdl_actions"].append(labels)
             record["hdl_start_times"].append(starts)
             record["hdl_end_times"].append(ends)
         annotation[task] = record
-    vocabulary = {"0": "background"} | {i: name for name, i in ids.items()}
+    vocabulary = ({"0": "background"} if bg == "0" else {}) | {i: n for n, i in ids.items()}
     return annotation, vocabulary
 
 
-def write_annotations(csv_path: Path, root: Path, *, background: frozenset[str],
+def feature_lengths(root: Path, tasks: dict[str, dict[str, list[Segment]]]) -> dict[str, int]:
+    """Frame counts of the videos whose ROOT/features/<video>.npy exists (from the header);
+    a segment that ends past its video's last frame is an error."""
+    lengths = {}
+    for videos in tasks.values():
+        for video, segments in videos.items():
+            path = Path(root) / "features" / f"{video}.npy"
+            try:
+                lengths[video] = read_npy_header(path)[0][0]
+            except FileNotFoundError:
+                continue
+            last = segments[-1]
+            if last.end >= lengths[video]:
+                raise DataError(f"line {last.line}: segment [{last.start}, {last.end}] of "
+                                f"{video!r} ends past its last feature frame "
+                                f"({lengths[video] - 1})", file=str(path))
+    return lengths
+
+
+def write_annotations(csv_path: Path, root: Path, *, background: Sequence[str],
                       overwrite: bool = False) -> dict[str, int]:
     """ROOT/dataset.json and ROOT/id2action.txt from the segments CSV (atomically, each file
     whole or not at all); an existing file is replaced only with `overwrite`. Returns counts."""
@@ -130,10 +183,15 @@ def write_annotations(csv_path: Path, root: Path, *, background: frozenset[str],
     if existing and not overwrite:
         raise DataError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace",
                         file=str(root))
-    annotation, vocabulary = build_annotations(tasks, background)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(targets[0], annotation)
-    atomic_write_text(targets[1], "".join(f"{i} {name}\n" for i, name in vocabulary.items()))
+    annotation, vocabulary = build_annotations(tasks, list(background),
+                                               feature_lengths(root, tasks))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(targets[0], annotation)
+        atomic_write_text(targets[1], "".join(f"{i} {n}\n" for i, n in vocabulary.items()))
+    except OSError as exc:
+        raise DataError(f"cannot write the annotation files ({exc.strerror or exc})",
+                        file=str(root)) from None
     return {"tasks": len(tasks), "videos": sum(len(v) for v in tasks.values()),
             "segments": sum(len(s) for v in tasks.values() for s in v.values()),
-            "actions": len(vocabulary) - 1}
+            "actions": len([i for i in vocabulary if i != "0"])}

@@ -1,8 +1,9 @@
 """metrics_step.csv and metrics_epoch.csv beside a run's metrics.jsonl (`train.csv_metrics`).
 
 One row per logged step and per epoch, for spreadsheets and plotting tools. Nested values are
-flattened to dotted columns (`val_progress_mae.head`); the columns are those of the kind's
-first record (metrics.jsonl keeps every key of every record). Resuming rebuilds both files from
+flattened to dotted columns (`val_progress_mae.head`); the columns are every key the kind's
+records have had, in the order they first came (a record with a new key, e.g. the head stage's
+`stage`, rewrites the file with one more column). Resuming rebuilds both files from
 metrics.jsonl, cut at the resumed step like it.
 """
 
@@ -62,7 +63,13 @@ def append(run_dir: Path, kind: str, record: Mapping[str, Any]) -> None:
         atomic_write_text(path, _rows(list(row), [row], header=True))
         return
     with open(path, encoding="utf-8", newline="") as fh:
-        columns = next(csv.reader(fh))
+        reader = csv.DictReader(fh)
+        columns = list(reader.fieldnames or [])
+        new = [k for k in row if k not in columns]
+        old_rows = list(reader) if new else []
+    if new:   # a column more: the whole file again, the old rows with empty cells there
+        atomic_write_text(path, _rows(columns + new, old_rows + [row], header=True))
+        return
     with open(path, "a", encoding="utf-8", newline="") as fh:
         fh.write(_rows(columns, [row], header=False))
         fh.flush()
@@ -79,6 +86,7 @@ def rebuild(run_dir: Path, records: Iterable[Mapping[str, Any]]) -> None:
     for kind, rows in by_kind.items():
         path = csv_path(run_dir, kind)
         if rows:
-            atomic_write_text(path, _rows(list(rows[0]), rows, header=True))
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            atomic_write_text(path, _rows(columns, rows, header=True))
         elif path.is_file():
             path.unlink()
