@@ -4,7 +4,6 @@ config's rules and the CLI flags."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +16,7 @@ from alignprog.cli import app
 from alignprog.config import Config, load_config
 from alignprog.data import load_dataset, make_loader
 from alignprog.errors import ConfigError
+from alignprog.training import RunDir
 from alignprog.training.loop import fit
 from alignprog.training.step import StepMetrics, backward, take_step
 from alignprog.training.trainer import Trainer
@@ -304,7 +304,7 @@ def test_cli_flags(tmp_path: Path):
 
 
 def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return RunDir.open(run).read_metrics()
 
 
 def test_resuming_a_run_saved_before_the_balance_setting_keeps_its_fixed_lambda(tmp_path: Path):

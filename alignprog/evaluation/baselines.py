@@ -63,14 +63,21 @@ class DurationPrior:
         return self.means.get(label, self.fallback)
 
     def to_json(self, labels_in_eval: Sequence[str] = ()) -> dict[str, Any]:
-        return {
-            "videos": self.videos,
-            "segments": sum(self.counts.values()),
-            "fallback_mean_length": self.fallback,
-            "labels": {lab: {"mean_length": self.means[lab], "segments": self.counts[lab]}
-                       for lab in sorted(self.means)},
-            "unseen_labels": sorted({lab for lab in labels_in_eval if lab not in self.means}),
-        }
+        return label_means_json(self, "mean_length", labels_in_eval)
+
+
+def label_means_json(prior: Any, quantity: str, labels_in_eval: Sequence[str] = ()
+                     ) -> dict[str, Any]:
+    """The report entry of a per-label prior (`means`, `counts`, `fallback`, `videos`), its
+    means named `quantity`; the evaluated labels that no training video shows are listed."""
+    return {
+        "videos": prior.videos,
+        "segments": sum(prior.counts.values()),
+        f"fallback_{quantity}": prior.fallback,
+        "labels": {lab: {quantity: prior.means[lab], "segments": prior.counts[lab]}
+                   for lab in sorted(prior.means)},
+        "unseen_labels": sorted({lab for lab in labels_in_eval if lab not in prior.means}),
+    }
 
 
 def duration_prior(dataset: Dataset, split: str = "train") -> DurationPrior:

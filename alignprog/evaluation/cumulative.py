@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from alignprog.data.annotations import VideoAnnotation
+from alignprog.evaluation.baselines import label_means_json
 from alignprog.losses.progress import cumulative_progress, segment_path_lengths
 
 CUMULATIVE_CONVENTIONS = (
@@ -86,14 +87,7 @@ class PathLengthPrior:
         return self.means.get(label, self.fallback)
 
     def to_json(self, labels_in_eval: Sequence[str] = ()) -> dict[str, Any]:
-        return {
-            "videos": self.videos,
-            "segments": sum(self.counts.values()),
-            "fallback_mean_path_length": self.fallback,
-            "labels": {lab: {"mean_path_length": self.means[lab], "segments": self.counts[lab]}
-                       for lab in sorted(self.means)},
-            "unseen_labels": sorted({lab for lab in labels_in_eval if lab not in self.means}),
-        }
+        return label_means_json(self, "mean_path_length", labels_in_eval)
 
 
 def cumulative_l2_progress(embeddings: torch.Tensor, annotation: VideoAnnotation,
