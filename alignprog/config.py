@@ -14,6 +14,7 @@ one place, and it is the file `--help` sends users to.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import math
@@ -320,6 +321,47 @@ class ModelConfig(StrictModel):
         return self
 
 
+# progress.learnable.input=auto: what the head reads per method. features where it gave the
+# better head with alignment no worse than the embeddings' on the EgoProceL-timeline data
+# (docs/algorithms.md#head-input-and-gradient-flow). Saved configs keep "auto": changing a value
+# here changes what it means for runs and exports already written.
+HEAD_INPUT = {"tcc": "features", "gtcc": "features", "lav": "embeddings", "vava": "embeddings"}
+
+# Settings whose default changed. A saved config (a run's config.yaml, a checkpoint's or an
+# export's) that lacks one was written before the setting existed and ran with this value.
+SAVED_DEFAULTS = {"progress.balance": "fixed", "progress.learnable.input": "embeddings"}
+
+
+def missing_saved_defaults(data: Any) -> dict[str, Any]:
+    """The `SAVED_DEFAULTS` that a saved config's dict `data` lacks, with their old values
+    (a key counts as lacking where its section is there without it)."""
+    missing = {}
+    for key, old in SAVED_DEFAULTS.items():
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name not in node:
+            missing[key] = old
+    return missing
+
+
+def with_saved_defaults(data: Any) -> Any:
+    """A saved config's dict with the old values of the settings it lacks filled in
+    (`missing_saved_defaults`); `data` itself is not changed."""
+    missing = missing_saved_defaults(data)
+    if not missing:
+        return data
+    data = copy.deepcopy(data)
+    for key, old in missing.items():
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node[section]
+        node[name] = old
+    return data
+
+
 class LearnableProgressConfig(StrictModel):
     """The learnable progress head and how it is taught.
 
@@ -332,6 +374,13 @@ class LearnableProgressConfig(StrictModel):
         "config file may also hold the pipeline description's switch use_gru: false is read "
         "as arch mean (an arch other than gru or mean beside it is an error), true changes "
         "nothing; the loaded config keeps arch alone.")
+    input: Literal["auto", "embeddings", "features"] = Field(
+        "auto", description="What the head reads, per frame: embeddings, the aligned "
+        "embeddings (the pipeline description's); features, the base encoder's output before "
+        "the attention fusion (the same width; with model.mcn=false the two are one), so the "
+        "fusion answers to the alignment loss alone; auto, the measured choice per method: "
+        "features for tcc and gtcc, embeddings for lav and vava "
+        "(docs/algorithms.md#head-input-and-gradient-flow).")
     hidden_dim: int = Field(64, ge=1, le=MAX_WIDTH, description="Width of the head: GRU hidden "
                             "size, first MLP width of mean, d_model of transformer, channels of "
                             "dilated_conv.")
@@ -353,6 +402,13 @@ class LearnableProgressConfig(StrictModel):
     loss: Literal["l1", "mse"] = Field("l1", description="Per-sample error: l1 |pred - gt| (the "
                                        "pipeline description's) or mse (pred - gt)^2.")
     weight_cap: float = Field(10.0, ge=1, description="Largest weight of the weighted loss.")
+
+    def input_for(self, method: str | None) -> str:
+        """What the head reads for `method`: `input`, or under auto the per-method choice
+        (the pipeline description's embeddings when no method is given)."""
+        if self.input != "auto":
+            return self.input
+        return HEAD_INPUT.get(method or "", "embeddings")
 
     @model_validator(mode="before")
     @classmethod

@@ -43,7 +43,8 @@ import yaml
 from pydantic import ValidationError
 
 import alignprog
-from alignprog.config import DEFAULT_BACKGROUND, ModelConfig, ProgressConfig
+from alignprog.config import (DEFAULT_BACKGROUND, ModelConfig, ProgressConfig,
+                              with_saved_defaults)
 from alignprog.errors import AlignprogError
 from alignprog.fileio import fsync_file, load_json_text, replace_dir
 from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
@@ -225,8 +226,10 @@ def model_card(config: Mapping[str, Any], model: AlignmentModel, *, run_meta: Ma
         lc = pc["learnable"]
         arch = "mean" if not lc.get("use_gru", True) else lc["arch"]
         online = "streams frame by frame" if head.streamable else "re-runs each prefix online"
-        head_line = (f"learnable `{arch}` head, width {lc['hidden_dim']}, position feature "
-                     f"`{lc['position']}` ({online})")
+        reads = ("the base encoder's features" if model.head_input == "features"
+                 else "the aligned embeddings")
+        head_line = (f"learnable `{arch}` head on {reads}, width {lc['hidden_dim']}, position "
+                     f"feature `{lc['position']}` ({online})")
     elif pc.get("enabled") and pc.get("method") == "cumulative_l2":
         head_line = "none (the run used `cumulative_l2`, which needs no weights)"
     else:
@@ -381,7 +384,8 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> ExportInfo:
         raise ExportError(f"{path}: the config lacks {', '.join(missing)}")
     try:
         model_cfg = ModelConfig.model_validate(config["model"])
-        progress_cfg = ProgressConfig.model_validate(config["progress"])
+        progress_cfg = ProgressConfig.model_validate(
+            with_saved_defaults({"progress": config["progress"]})["progress"])
     except ValidationError as exc:
         problems = "; ".join(
             ".".join(str(p) for p in e["loc"]) + ": " * bool(e["loc"])

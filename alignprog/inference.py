@@ -82,8 +82,9 @@ class _OneVideo:
         return self.array
 
 
-def embed(model: AlignmentModel, array: np.ndarray) -> torch.Tensor:
-    """One video (T, *F) through the encoder at once: embeddings (T, D), float32 on the CPU.
+def embed(model: AlignmentModel, array: np.ndarray, *, head: bool = False) -> torch.Tensor:
+    """One video (T, *F) through the encoder at once: embeddings (T, D), float32 on the CPU
+    (with ``head``: what the progress head reads, `AlignmentModel.head_features`).
 
     The evaluators' embedding pass (`embed_videos`: eval mode, no grad) on the device of the
     model's weights; a model loaded in bf16/fp16 computes in its own dtype."""
@@ -94,7 +95,7 @@ def embed(model: AlignmentModel, array: np.ndarray) -> torch.Tensor:
     autocast = None if param.dtype == torch.float32 else param.dtype
     video = _OneVideo(np.asarray(array, dtype=np.float32))
     return embed_videos(model, video, [0], device=param.device, batch_size=1,  # type: ignore
-                        autocast_dtype=autocast)[0]                               # (T, D)
+                        autocast_dtype=autocast, head=head)[0]                    # (T, D)
 
 
 def predict_progress(model: AlignmentModel, array: np.ndarray,
@@ -107,8 +108,8 @@ def predict_progress(model: AlignmentModel, array: np.ndarray,
     if model.progress_head is None:
         raise ExportError("this model has no learnable progress head (the run trained "
                           "progress.method=cumulative_l2 or none); predict needs one")
-    emb = embed(model, array)                                                     # (T, D)
-    return online_progress(model.progress_head, emb, annotation).float().numpy()  # (T,)
+    inputs = embed(model, array, head=True)                                       # (T, D)
+    return online_progress(model.progress_head, inputs, annotation).float().numpy()  # (T,)
 
 
 # ----------------------------------------------------------------------------------------------

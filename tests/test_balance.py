@@ -25,32 +25,41 @@ from helpers import SETS_TINY, TINY
 
 
 class Toy:
-    """A linear 'encoder' E = X W (n, d) and a linear 'head' p = E v, float64:
-    alignment = s * sum(E^2) and progress = mean((E v - y)^2), whose gradients are
-    g_a = 2 s E and g_p = (2 / n) (E v - y) v^T on E, and (2 / n) E^T (E v - y) on v."""
+    """A linear 'encoder' E = X W (n, d), an alignment loss s * sum((E a)^2) with a per-column
+    weight a (d,) and a linear 'head' p = E v, float64: progress = mean((E v - y)^2). On E,
+    g_a = 2 s E a^2 and g_p = (2 / n) (E v - y) v^T; on a, 2 s a sum_i E_i^2; on v,
+    (2 / n) E^T (E v - y). With `above`, a is a parameter between E and the alignment loss
+    (as GTCC's drop branch, or the fusion when the head reads the base features)."""
 
-    def __init__(self, seed: int = 0, n: int = 7, d: int = 3, single: bool = True) -> None:
-        self.single = single   # the step's one-walk path (else the two-walk one)
+    def __init__(self, seed: int = 0, n: int = 7, d: int = 3, above: bool = False) -> None:
+        self.above = above
         rng = np.random.default_rng(seed)
         self.x = rng.normal(size=(n, 4))
         self.w0 = rng.normal(size=(4, d))
+        self.a0 = rng.uniform(0.5, 2.0, size=(d,))
         self.v0 = rng.normal(size=(d,))
         self.y = rng.uniform(size=(n,))
 
     def torch_grads(self, scale: float, ratio: float, balance: str = "gradient",
                     lam: float = 10.0):
         w = torch.tensor(self.w0, requires_grad=True)
+        a = torch.tensor(self.a0, requires_grad=self.above)
         v = torch.tensor(self.v0, requires_grad=True)
         emb = torch.tensor(self.x) @ w
-        alignment = scale * (emb ** 2).sum()
+        alignment = scale * ((emb * a) ** 2).sum()
         progress = ((emb @ v - torch.tensor(self.y)) ** 2).mean()
         owner = SimpleNamespace(balance=balance, balance_ratio=ratio, lam=lam, head_params=[v],
-                                alignment_reads_embeddings_only=self.single)
+                                alignment_params=[a] if self.above else [])
         total, step_lam = backward(owner, alignment, progress, emb)
-        return w.grad.numpy(), v.grad.numpy(), float(total), float(step_lam)
+        grad_a = a.grad.numpy() if self.above else None
+        return w.grad.numpy(), v.grad.numpy(), float(total), float(step_lam), grad_a
+
+    def alignment(self, scale: float) -> float:
+        e = self.x @ self.w0
+        return scale * ((e * self.a0) ** 2).sum()
 
     def by_hand(self, scale: float, ratio: float):
-        """The balanced gradients of W and v and the step's lambda, float64 loops."""
+        """The balanced gradients of W, v and a and the step's lambda, float64 loops."""
         n, d = self.x.shape[0], self.w0.shape[1]
         e = self.x @ self.w0
         resid = e @ self.v0 - self.y
@@ -58,7 +67,7 @@ class Toy:
         g_p = np.zeros((n, d))
         for i in range(n):
             for j in range(d):
-                g_a[i, j] = 2 * scale * e[i, j]
+                g_a[i, j] = 2 * scale * e[i, j] * self.a0[j] ** 2
                 g_p[i, j] = 2 / n * resid[i] * self.v0[j]
         norm_a = sum(g ** 2 for g in g_a.ravel()) ** 0.5
         norm_p = sum(g ** 2 for g in g_p.ravel()) ** 0.5
@@ -68,27 +77,32 @@ class Toy:
             for j in range(d):
                 g_w[k, j] = sum(self.x[i, k] * g_e[i, j] for i in range(n))
         g_v = np.array([sum(2 / n * resid[i] * e[i, j] for i in range(n)) for j in range(d)])
-        return g_w, g_v, ratio * norm_a / norm_p
+        # a sits above E: the alignment's gradient, weighted as the alignment's on E
+        g_above = np.array([2 * scale * self.a0[j] * sum(e[i, j] ** 2 for i in range(n))
+                            for j in range(d)]) / norm_a
+        return g_w, g_v, ratio * norm_a / norm_p, g_above
 
 
-@pytest.mark.parametrize("single", [True, False])
+@pytest.mark.parametrize("above", [False, True])
 @pytest.mark.parametrize("ratio", [0.3, 1.0, 10.0])
-def test_balanced_gradients_equal_the_formula(ratio, single):
-    toy = Toy(single=single)
-    g_w, g_v, total, lam = toy.torch_grads(scale=3.0, ratio=ratio)
-    want_w, want_v, want_lam = toy.by_hand(scale=3.0, ratio=ratio)
+def test_balanced_gradients_equal_the_formula(ratio, above):
+    toy = Toy(above=above)
+    g_w, g_v, total, lam, g_above = toy.torch_grads(scale=3.0, ratio=ratio)
+    want_w, want_v, want_lam, want_above = toy.by_hand(scale=3.0, ratio=ratio)
     np.testing.assert_allclose(g_w, want_w, rtol=1e-12)
     np.testing.assert_allclose(g_v, want_v, rtol=1e-12)   # the head: grad(progress) itself
+    if above:
+        np.testing.assert_allclose(g_above, want_above, rtol=1e-12)
     assert lam == pytest.approx(want_lam, rel=1e-12)
     e = toy.x @ toy.w0
-    want_total = 3.0 * (e ** 2).sum() + want_lam * ((e @ toy.v0 - toy.y) ** 2).mean()
+    want_total = toy.alignment(3.0) + want_lam * ((e @ toy.v0 - toy.y) ** 2).mean()
     assert total == pytest.approx(want_total, rel=1e-12)
 
 
 def test_the_alignment_loss_scale_drops_out():
     toy = Toy(seed=1)
-    g_w1, g_v1, _, lam1 = toy.torch_grads(scale=1.0, ratio=1.0)
-    g_w2, g_v2, _, lam2 = toy.torch_grads(scale=1e6, ratio=1.0)
+    g_w1, g_v1, _, lam1, _ = toy.torch_grads(scale=1.0, ratio=1.0)
+    g_w2, g_v2, _, lam2, _ = toy.torch_grads(scale=1e6, ratio=1.0)
     np.testing.assert_allclose(g_w2, g_w1, rtol=1e-9)
     np.testing.assert_allclose(g_v2, g_v1, rtol=1e-12)
     assert lam2 == pytest.approx(1e6 * lam1, rel=1e-9)   # lambda follows the scale instead
@@ -99,11 +113,11 @@ def test_a_progress_loss_without_gradient_leaves_the_alignment_alone():
     weight 0 instead of ratio / 0, lambda 0, nothing infinite."""
     toy = Toy(seed=3)
     toy.v0 = np.zeros_like(toy.v0)
-    g_w, g_v, total, lam = toy.torch_grads(scale=5.0, ratio=10.0)
+    g_w, g_v, total, lam, _ = toy.torch_grads(scale=5.0, ratio=10.0)
     e = toy.x @ toy.w0
-    g_a = 10.0 * e
+    g_a = 10.0 * e * toy.a0 ** 2
     np.testing.assert_allclose(g_w, toy.x.T @ (g_a / np.linalg.norm(g_a)), rtol=1e-12)
-    assert lam == 0.0 and total == pytest.approx(5.0 * (e ** 2).sum())
+    assert lam == 0.0 and total == pytest.approx(toy.alignment(5.0))
     assert np.isfinite(g_v).all()
 
 
@@ -112,7 +126,7 @@ def test_a_step_without_progress_scales_the_alignment_gradient_alone():
     w = torch.tensor(toy.w0, requires_grad=True)
     emb = torch.tensor(toy.x) @ w
     owner = SimpleNamespace(balance="gradient", balance_ratio=2.0, lam=1.0, head_params=[],
-                            alignment_reads_embeddings_only=True)
+                            alignment_params=[])
     total, lam = backward(owner, 7.0 * (emb ** 2).sum(), None, emb)
     e = toy.x @ toy.w0
     np.testing.assert_allclose(w.grad.numpy(), toy.x.T @ (e / np.linalg.norm(e)), rtol=1e-12)
@@ -123,7 +137,7 @@ def test_a_non_finite_gradient_makes_the_total_nan():
     w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
     emb = w * 1.0
     owner = SimpleNamespace(balance="gradient", balance_ratio=2.0, lam=1.0, head_params=[],
-                            alignment_reads_embeddings_only=True)
+                            alignment_params=[])
     total, _ = backward(owner, (emb * float("inf")).sum(), (emb ** 2).sum(), emb)
     assert torch.isnan(total)
 
@@ -141,21 +155,21 @@ def test_best_is_picked_by_a_score_that_does_not_follow_lambda():
 
 def test_fixed_balance_is_the_plain_total():
     toy = Toy(seed=2)
-    g_w, g_v, total, lam = toy.torch_grads(scale=2.0, ratio=1.0, balance="fixed", lam=10.0)
+    g_w, g_v, total, lam, _ = toy.torch_grads(scale=2.0, ratio=1.0, balance="fixed", lam=10.0)
     e = toy.x @ toy.w0
     resid = e @ toy.v0 - toy.y
     n = len(resid)
-    want_w = toy.x.T @ (4.0 * e + 10.0 * 2 / n * np.outer(resid, toy.v0))
+    want_w = toy.x.T @ (4.0 * e * toy.a0 ** 2 + 10.0 * 2 / n * np.outer(resid, toy.v0))
     np.testing.assert_allclose(g_w, want_w, rtol=1e-12)
     # lambda-scaled here; the step's rescale_head divides it by lambda afterwards
     np.testing.assert_allclose(g_v, 10.0 * 2 / n * e.T @ resid, rtol=1e-12)
     assert lam == 10.0
-    assert total == pytest.approx(2.0 * (e ** 2).sum() + 10.0 * (resid ** 2).mean())
+    assert total == pytest.approx(toy.alignment(2.0) + 10.0 * (resid ** 2).mean())
 
 
 def test_balance_needs_the_embeddings():
     owner = SimpleNamespace(balance="gradient", balance_ratio=1.0, lam=1.0, head_params=[],
-                            alignment_reads_embeddings_only=True)
+                            alignment_params=[])
     a = torch.ones((), requires_grad=True)
     with pytest.raises(ValueError, match="embeddings"):
         backward(owner, a * 2, a * 3, None)
@@ -191,30 +205,46 @@ def test_the_trainer_step_is_invariant_to_the_alignment_scale():
         assert float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a)) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["lav", "gtcc"])
-def test_the_one_walk_and_two_walk_steps_agree(method):
-    """GTCC takes the two-walk path (its drop branch reads the embeddings); on LAV both paths
-    apply, and on GTCC the one-walk path would miss the drop branch's gradient."""
-    grads = {}
-    for single in (True, False):
-        trainer, batch = _trainer(**{"train.method": method})
-        trainer.alignment_reads_embeddings_only = single
-        out = trainer.losses(batch, epoch=0, step=0, generators=trainer.generators)
-        backward(trainer, out["alignment"], out["progress"], out["embeddings"])
-        grads[single] = [None if p.grad is None else p.grad.clone()
-                         for p in trainer.model.parameters()]
-    drop = {id(p) for p in trainer.model.encoder.drop.parameters()} if method == "gtcc" else set()
-    for p, a, b in zip(trainer.model.parameters(), grads[True], grads[False]):
-        if id(p) in drop:
-            assert a is None and b is not None and b.abs().sum() > 0
-        elif b is None:
-            assert a is None
-        else:
-            # float32 sums in another order, which the soft-DTW gradient's cancellations magnify
-            # to ~4e-4 at the first layer (the float64 toy above agrees to 1e-12); a lost or
-            # doubled term is off by O(1)
-            err = torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)
-            assert float(err) < 1e-2, (p.shape, float(err))
+@pytest.mark.parametrize("method,head_input", [("lav", "embeddings"), ("gtcc", "embeddings"),
+                                               ("lav", "features"), ("gtcc", "features")])
+def test_the_one_walk_step_equals_the_weighted_losses_backward(method, head_input):
+    """The trainer's backward (one walk, the parameters above the balance point taken with
+    g_a) against the definition: the encoder's gradient of alignment / |g_a| + r progress /
+    |g_p| and the head's grad(progress), each by its own autograd.grad. GTCC's drop branch
+    and, when the head reads the base features, the fusion lie above that point."""
+    trainer, batch = _trainer(**{"train.method": method,
+                                 "progress.learnable.input": head_input})
+    assert trainer.model.head_input == head_input
+    above = {id(p) for p in trainer.alignment_params}
+    assert bool(above) == (method == "gtcc" or head_input == "features")
+    out = trainer.losses(batch, epoch=0, step=0, generators=trainer.generators)
+    point, align, prog = out["embeddings"], out["alignment"], out["progress"]
+    g_a, = torch.autograd.grad(align, point, retain_graph=True)
+    g_p, = torch.autograd.grad(prog, point, retain_graph=True)
+    enc = [p for p in trainer.encoder_params if p.requires_grad]
+    # each loss's own gradient, then the weighted sum (scaling a loss before its backward
+    # instead would round its cancelling terms differently in float32)
+    want_enc = []
+    grads_a = torch.autograd.grad(align, enc, retain_graph=True, allow_unused=True)
+    grads_p = torch.autograd.grad(prog, enc, retain_graph=True, allow_unused=True)
+    for ga, gp in zip(grads_a, grads_p):
+        parts = [] if ga is None else [ga / g_a.norm()]
+        parts += [] if gp is None else [trainer.balance_ratio * gp / g_p.norm()]
+        want_enc.append(sum(parts) if parts else None)
+    want_head = torch.autograd.grad(prog, trainer.head_params, retain_graph=True)
+    backward(trainer, align, prog, point)
+    for p, want in zip(enc, want_enc):
+        if want is None:
+            assert p.grad is None
+            continue
+        assert p.grad is not None, p.shape
+        # laid out as the parameter: CUDA's fused Adam refuses another stride order
+        assert p.grad.stride() == p.stride(), (p.shape, p.stride(), p.grad.stride())
+        # float32 sums in another order; a lost or doubled term is off by O(1)
+        err = torch.linalg.vector_norm(p.grad - want) / torch.linalg.vector_norm(want)
+        assert float(err) < 1e-4, (p.shape, id(p) in above, float(err))
+    for p, want in zip(trainer.head_params, want_head):
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-8)
 
 
 def test_the_logged_lambda_and_total_are_the_balanced_ones():

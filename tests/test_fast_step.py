@@ -215,12 +215,17 @@ def run_steps(method: str, graphs: str, n: int = 5, sync_check: bool = False,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("balance", ["gradient", "fixed"])
-@pytest.mark.parametrize("method", ["tcc", "lav", "vava"])
-def test_graph_step_equals_the_eager_step(method, balance):
+@pytest.mark.parametrize("method,balance,head_input", [
+    *[(m, b, "embeddings") for m in ("tcc", "lav", "vava") for b in ("gradient", "fixed")],
+    # The head reading the base features leaves the fusion the alignment gradient alone,
+    # whose float32 rounding in the attention weights moves with the padding by up to ~15%
+    # for LAV and VAVA (their float64 gradients on the embeddings agree to 1e-12): TCC here.
+    ("tcc", "gradient", "features")])
+def test_graph_step_equals_the_eager_step(method, balance, head_input):
     # reduction "mean": O(1) losses, so float32 rounding (the graph pads the frames to a bucket
     # and its kernels sum in another order) stays small next to the values compared
-    extra = {"loss.reduction": "mean", "progress.balance": balance}
+    extra = {"loss.reduction": "mean", "progress.balance": balance,
+             "progress.learnable.input": head_input}
     eager, rec_e = run_steps(method, "off", extra=extra)
     graph, rec_g = run_steps(method, "on", extra=extra)
     # the first step runs eagerly (it creates Adam's state), every later one is a replay
@@ -240,6 +245,8 @@ def test_graph_step_equals_the_eager_step(method, balance):
 @pytest.mark.parametrize("method,graphs,extra", [
     ("lav", "on", {}), ("vava", "on", {}), ("tcc", "off", {}), ("lav", "off", {}),
     ("lav", "on", {"progress.balance": "fixed"}), ("tcc", "off", {"progress.balance": "fixed"}),
+    ("vava", "on", {"progress.learnable.input": "features"}),
+    ("gtcc", "auto", {"progress.learnable.input": "features"}),
     ("gtcc", "auto", {}), ("lav", "auto", {"model.encoder": "naive"}),
     ("tcc", "auto", {"model.encoder": "resnet50", "data.layout": "frames",
                      "data.synthetic.frame_channels": 8, "data.synthetic.frame_size": 3})])

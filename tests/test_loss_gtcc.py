@@ -188,7 +188,12 @@ def test_internal_fit_matches_documented_pipeline():
                                 n_components=k, return_details=True)
     assert det.n_failed_fits == 0
     assert torch.allclose(det.pair_losses, expect, rtol=1e-6)
-    assert torch.allclose(det.gmm.components, comps, atol=1e-5)
+    # The fitted mixtures agree; a component of weight ~1e-9 is barely constrained, so the two
+    # L-BFGS runs may leave it in different places: compare the components that carry weight.
+    mixture = (det.gmm.weights[..., None] * det.gmm.components).sum(-2)
+    assert torch.allclose(mixture, (weights[..., None] * comps).sum(-2), atol=1e-5)
+    carry = weights > 1e-3
+    assert torch.allclose(det.gmm.components[carry], comps[carry], atol=1e-5)
 
 
 def test_pinned_draws_and_fits_reproduce_the_value():

@@ -18,14 +18,16 @@ from rich.table import Table
 from alignprog.cli.common import (ConfigOpt, SetOpt, config_choices, console, default_of,
                                    err_console, fail, guarded, print_table, report,
                                    resolve_config, show_number)
-from alignprog.config import (DEFAULT_LAMBDA, ENCODER_LAYOUT, Config, LearnableProgressConfig,
-                              ModelConfig, ProgressConfig, TrainConfig, dump_config)
+from alignprog.config import (DEFAULT_LAMBDA, ENCODER_LAYOUT, HEAD_INPUT, Config,
+                              LearnableProgressConfig, ModelConfig, ProgressConfig, TrainConfig,
+                              dump_config)
 
 
 Method = config_choices("Method", TrainConfig, "method")
 # progress.method's values, and none (progress.enabled false)
 ProgressMethod = config_choices("ProgressMethod", ProgressConfig, "method", extra=("none",))
 Head = config_choices("Head", LearnableProgressConfig, "arch")
+HeadInput = config_choices("HeadInput", LearnableProgressConfig, "input")
 ClipMode = config_choices("ClipMode", TrainConfig, "clip_mode")
 Balance = config_choices("Balance", ProgressConfig, "balance")
 Encoder = config_choices("Encoder", ModelConfig, "encoder")
@@ -33,6 +35,7 @@ Precision = config_choices("Precision", TrainConfig, "precision")
 
 # --lambda's default depends on the method: the per-method table.
 LAMBDA_DEFAULTS = ", ".join(f"{m} {show_number(v)}" for m, v in DEFAULT_LAMBDA.items())
+_AUTO_INPUTS = ", ".join(f"{m} {v}" for m, v in HEAD_INPUT.items())
 _CLIPS = (f"encoder at train.encoder_clip = {default_of(Config, 'train.encoder_clip')}, head at "
           f"train.head_clip = {default_of(Config, 'train.head_clip')}")
 
@@ -54,19 +57,20 @@ def _balance(record: dict) -> str:
     return "alignment only"
 
 
-def _keep_fixed_balance(saved: Path, sets: list[str] | None, flags: dict) -> None:
-    """A run saved before progress.balance existed trained with the fixed lambda: resumed, it
-    keeps it unless --balance or --set progress.balance says otherwise."""
-    from alignprog.config import read_config_file
+def _keep_saved_defaults(saved: Path, sets: list[str] | None, flags: dict) -> None:
+    """A run saved before a setting of `SAVED_DEFAULTS` existed (progress.balance, the head's
+    input) ran with its old value: resumed, it keeps that value unless a flag or --set says
+    otherwise."""
+    from alignprog.config import missing_saved_defaults, read_config_file
     from alignprog.errors import ConfigError
     try:
-        progress = read_config_file(saved).get("progress")
+        data = read_config_file(saved)
     except ConfigError:
         return   # resolve_config reports it
-    chosen = flags.get("progress.balance") is not None or any(
-        item.split("=", 1)[0].strip() == "progress.balance" for item in sets or [])
-    if isinstance(progress, dict) and "balance" not in progress and not chosen:
-        flags["progress.balance"] = "fixed"
+    given = {item.split("=", 1)[0].strip() for item in sets or []}
+    for key, old in missing_saved_defaults(data).items():
+        if flags.get(key) is None and key not in given:
+            flags[key] = old
 
 
 class Display:
@@ -218,6 +222,10 @@ def train(
     head: Annotated[Optional[Head], typer.Option(
         help="Progress-head architecture.",
         show_default=default_of(Config, "progress.learnable.arch"))] = None,
+    head_input: Annotated[Optional[HeadInput], typer.Option(
+        help="What the head reads: embeddings (the aligned embeddings) or features (the base "
+        f"encoder's output, before the fusion); auto: per method ({_AUTO_INPUTS}).",
+        show_default=default_of(Config, "progress.learnable.input"))] = None,
     clip_mode: Annotated[Optional[ClipMode], typer.Option(
         help=f"Gradient clipping: separate ({_CLIPS}), global (one clip over everything at "
         "train.encoder_clip; the pipeline description uses 1e-5), none.",
@@ -271,6 +279,7 @@ def train(
         "progress.balance": balance.value if balance else None,
         "progress.balance_ratio": balance_ratio,
         "progress.learnable.arch": head.value if head else None,
+        "progress.learnable.input": head_input.value if head_input else None,
         "train.clip_mode": clip_mode.value if clip_mode else None,
         "model.encoder": encoder.value if encoder else None,
         "data.layout": ENCODER_LAYOUT[encoder.value] if encoder else None,
@@ -289,7 +298,7 @@ def train(
         saved = Path(runs_dir or "runs") / name / "config.yaml"
         if config is None and saved.is_file():
             config = saved
-            _keep_fixed_balance(saved, set_, flags)
+            _keep_saved_defaults(saved, set_, flags)
     cfg = resolve_config(config, set_, flags)
     from alignprog.training import distributed
 

@@ -35,8 +35,10 @@ def _eval_mode(module: torch.nn.Module):
 
 def embed_videos(model: torch.nn.Module, dataset: Dataset, indices: Sequence[int], *,
                  device: torch.device | str, batch_size: int = 4,
-                 autocast_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """Each video's aligned embeddings (T_i, D), float32 on the CPU, in ``indices`` order.
+                 autocast_dtype: torch.dtype | None = None, head: bool = False
+                 ) -> list[torch.Tensor]:
+    """Each video's aligned embeddings (T_i, D), float32 on the CPU, in ``indices`` order;
+    with ``head``, what the model's progress head reads instead (`head_inputs`).
 
     The model must already live on ``device``. Eval mode and no grad; the model's train/eval
     mode is restored afterwards. Videos are batched by similar length (the encoders are padding
@@ -60,8 +62,20 @@ def embed_videos(model: torch.nn.Module, dataset: Dataset, indices: Sequence[int
                 mask[b, :len(a)] = True
             x, mask = x.to(device), mask.to(device)
             with _autocast(device, autocast_dtype):
-                emb = model.encoder(x, mask).embeddings                           # (B, T, D)
+                res = model.encoder(x, mask)
+                emb = model.head_features(res) if head else res.embeddings        # (B, T, D)
             emb = emb.float().cpu()
             for b, (j, a) in enumerate(zip(rows, arrays)):
                 out[j] = emb[b, :len(a)].clone()                                  # (T_i, D)
     return out  # type: ignore[return-value]
+
+
+def head_inputs(model: torch.nn.Module, dataset: Dataset, indices: Sequence[int],
+                embeddings: list[torch.Tensor], **kwargs) -> list[torch.Tensor]:
+    """What the progress head reads for each of ``indices``: ``embeddings`` themselves (the
+    videos' embeddings, in ``indices`` order) when the head reads the aligned embeddings, else
+    one more pass for the base encoder's features (`progress.learnable.input`); ``kwargs`` as
+    `embed_videos`."""
+    if getattr(model, "head_input", "embeddings") == "embeddings":
+        return embeddings
+    return embed_videos(model, dataset, indices, head=True, **kwargs)

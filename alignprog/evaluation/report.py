@@ -35,7 +35,7 @@ from alignprog.evaluation.baselines import (DurationPrior, constant_progress, du
                                             random_progress)
 from alignprog.evaluation.cumulative import (CUMULATIVE_CONVENTIONS, PathLengthPrior,
                                              cumulative_l2_progress)
-from alignprog.evaluation.embed import embed_videos
+from alignprog.evaluation.embed import embed_videos, head_inputs
 from alignprog.evaluation.metrics import _average_reports, action_frames, progress_metrics
 from alignprog.evaluation.online import _dense_is_online, online_progress
 from alignprog.evaluation.video_level import GeodesicNormaliser, video_level_report
@@ -119,8 +119,10 @@ def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: st
 
     if head is not None and embeddings is not None:
         t0 = time.perf_counter()
+        inputs = head_inputs(model, dataset, kept, embeddings, device=device,
+                             batch_size=batch_size, autocast_dtype=autocast_dtype)
         per_video["head"] = [online_progress(head, u, ann, chunk_elems=chunk_elems).double().numpy()
-                             for u, ann in zip(embeddings, annotations)]
+                             for u, ann in zip(inputs, annotations)]
         timing["head_s"] = time.perf_counter() - t0
         dense = _dense_is_online(head)
         predictions["head"] = {

@@ -19,17 +19,28 @@ __all__ = ["ENCODER_LAYOUT", "AlignmentModel", "BaseEncoder", "EncoderOutput", "
            "build_progress_head"]
 
 
+HEAD_INPUTS = ("embeddings", "features")
+
+
 class AlignmentModel(nn.Module):
     """The encoder and the progress head, trained together (the pipeline description's design)."""
 
     def __init__(self, encoder: MultiHeadEncoder | SingleHeadEncoder,
-                 progress_head: ProgressHead | None) -> None:
+                 progress_head: ProgressHead | None, *, head_input: str = "embeddings") -> None:
         super().__init__()
+        if head_input not in HEAD_INPUTS:
+            raise ValueError(f"head_input must be one of {HEAD_INPUTS}, got {head_input!r}")
         self.encoder = encoder
         self.progress_head = progress_head
+        self.head_input = head_input   # what the head reads (`head_features`)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> EncoderOutput:
         return self.encoder(x, mask)
+
+    def head_features(self, out: EncoderOutput) -> torch.Tensor:
+        """The per-frame input of the progress head (B, T, D) in an encoder output: the
+        aligned embeddings, or the base encoder's features (`progress.learnable.input`)."""
+        return out.features if self.head_input == "features" else out.embeddings
 
 
 def set_dense(model: nn.Module, dense: bool = True) -> None:
@@ -75,11 +86,12 @@ def build_model(model: ModelConfig, progress: ProgressConfig | None = None, *,
             drop_layers=drop_layers)
     else:
         encoder = SingleHeadEncoder(base, drop_layers=drop_layers)
-    head = None
+    head, head_input = None, "embeddings"
     if progress is not None and progress.enabled and progress.method == "learnable":
         lc = progress.learnable
         head = build_progress_head(lc.arch, in_dim=model.output_dim,
                                    hidden_dim=lc.hidden_dim, position=lc.position,
                                    learnable_h0=lc.learnable_h0,
                                    frame_count_max=lc.frame_count_max)
-    return AlignmentModel(encoder, head)
+        head_input = lc.input_for(method)
+    return AlignmentModel(encoder, head, head_input=head_input)

@@ -25,6 +25,7 @@ class EncoderOutput:
     mask: torch.Tensor                      # (B, T) bool, True on real frames
     attention: torch.Tensor | None = None   # (B, T, H) head weights, each real row sums to 1
     drop_logits: torch.Tensor | None = None  # (B, D+1) per-video drop classifier (GTCC)
+    features: torch.Tensor | None = None    # (B, T, D) base encoder output, 0 on padded frames
 
 
 def mlp(widths: Sequence[int], activation: type[nn.Module], *, last_activation: bool = False
@@ -118,7 +119,7 @@ class MultiHeadEncoder(nn.Module):
         drop = None
         if self.drop is not None:
             drop = masked_mean(self.drop(emb), mask)                     # (B, D+1)
-        return EncoderOutput(emb, mask, attn, drop)
+        return EncoderOutput(emb, mask, attn, drop, z)
 
 
 class SingleHeadEncoder(nn.Module):
@@ -135,4 +136,4 @@ class SingleHeadEncoder(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> EncoderOutput:
         emb = self.base(x, mask)                                         # (B, T, D)
         drop = masked_mean(self.drop(emb), mask) if self.drop is not None else None
-        return EncoderOutput(emb, mask, None, drop)
+        return EncoderOutput(emb, mask, None, drop, emb)

@@ -46,7 +46,9 @@ class StepOwner(Protocol):
     lam: float                    # balance=fixed
     balance: str                  # "gradient" or "fixed"
     balance_ratio: float
-    alignment_reads_embeddings_only: bool   # no drop branch between embeddings and loss
+    # parameters between the tensor both losses read and the alignment loss (GTCC's drop
+    # branch; the fusion when the head reads the base features)
+    alignment_params: list[nn.Parameter]
     lam_sum: torch.Tensor         # () float64: balance=gradient, the lambdas since validation
     lam_steps: torch.Tensor       # () long: how many
     learnable: bool
@@ -166,29 +168,30 @@ def _inverse(norm: torch.Tensor) -> torch.Tensor:
 def balanced_backward(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor | None,
                       embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """balance=gradient (docs/algorithms.md#balancing-the-objectives): with g_a and g_p the
-    gradients of the alignment and progress losses on the embeddings both read, the encoder
-    gets the gradient of
+    gradients of the alignment and progress losses on the tensor both read (`embeddings`: the
+    head's input), the encoder gets the gradient of
 
         alignment / |g_a| + ratio * progress / |g_p|
 
-    (the weights detached), so the progress gradient on the embeddings is `ratio` times as
-    long as the alignment's and the alignment loss's scale drops out; the head gets
-    grad(progress), its natural scale. Without a progress term the encoder gets the gradient
-    of alignment / |g_a| alone. The step's lambda, in the units of alignment + lambda *
-    progress, is ratio * |g_a| / |g_p| (0 without progress); the total returned is that sum,
-    float64, NaN when a gradient is not finite (the step is then skipped as bad).
+    (the weights detached), so the progress gradient there is `ratio` times as long as the
+    alignment's and the alignment loss's scale drops out; the head gets grad(progress), its
+    natural scale. Without a progress term the encoder gets the gradient of alignment / |g_a|
+    alone. The step's lambda, in the units of alignment + lambda * progress, is
+    ratio * |g_a| / |g_p| (0 without progress); the total returned is that sum, float64, NaN
+    when a gradient is not finite (the step is then skipped as bad).
 
-    No host sync. Every part of the graph is walked once when the alignment loss reads the
-    embeddings alone (`owner.alignment_reads_embeddings_only`); otherwise (GTCC's drop branch
-    sits between the embeddings and the loss) the alignment loss's part is walked twice.
+    Every part of the graph is walked once, with no host sync: g_a comes with the gradients
+    of `owner.alignment_params` (those between `embeddings` and the alignment loss), g_p with
+    the head's, and one backward from `embeddings` with the weighted sum walks the rest.
     """
-    single = owner.alignment_reads_embeddings_only
-    g_align, = torch.autograd.grad(alignment, embeddings, retain_graph=not single)
+    above = [p for p in owner.alignment_params if p.requires_grad]
+    g_align, *g_above = torch.autograd.grad(alignment, [embeddings, *above], allow_unused=True)
     # Norms and weights in float64: a saturated head's progress gradient may be tiny, and
     # ratio / |g_p| and lambda must not overflow.
     norm_align = torch.linalg.vector_norm(g_align, dtype=torch.float64)
     w_align = _inverse(norm_align)
-    g_emb = g_align * w_align.to(g_align.dtype) if single else None
+    _accumulate(above, g_above, w_align)
+    g_emb = g_align * w_align.to(g_align.dtype)
     lam = torch.zeros((), dtype=torch.float64, device=norm_align.device)
     finite = torch.isfinite(norm_align)
     total = alignment.detach().double()
@@ -196,24 +199,28 @@ def balanced_backward(owner: StepOwner, alignment: torch.Tensor, progress: torch
         head = [p for p in owner.head_params if p.requires_grad]
         g_prog, *g_head = torch.autograd.grad(progress, [embeddings, *head], allow_unused=True)
         norm_prog = torch.linalg.vector_norm(g_prog, dtype=torch.float64)
-        g_p = g_prog * (owner.balance_ratio * _inverse(norm_prog)).to(g_prog.dtype)
-        g_emb = g_p if g_emb is None else g_emb + g_p
-        for p, g in zip(head, g_head):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad + g
+        g_emb = g_emb + g_prog * (owner.balance_ratio * _inverse(norm_prog)).to(g_prog.dtype)
+        _accumulate(head, g_head, None)
         lam = owner.balance_ratio * norm_align * _inverse(norm_prog)
         finite = finite & torch.isfinite(norm_prog)
         total = total + lam * progress.detach().double()
-    if single:
-        torch.autograd.backward([embeddings], [g_emb])
-    else:
-        # One walk of the encoder still: the alignment root and the embeddings' gradient
-        # meet at the embeddings before the engine goes on into the encoder.
-        roots, grads = [alignment * w_align.to(alignment.dtype)], [None]
-        if g_emb is not None:
-            roots, grads = roots + [embeddings], grads + [g_emb]
-        torch.autograd.backward(roots, grads)
+    torch.autograd.backward([embeddings], [g_emb])
     return torch.where(finite, total, torch.nan), lam
+
+
+def _accumulate(params: list[nn.Parameter], grads: list[torch.Tensor | None],
+                weight: torch.Tensor | None) -> None:
+    """Add `grads` (times `weight`, a device scalar, when given) to the parameters' .grad,
+    laid out as the parameter (autograd.grad may return another stride order, which the fused
+    Adam refuses; a backward's accumulation would have matched it)."""
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if weight is not None:
+            g = g * weight.to(g.dtype)
+        if g.stride() != p.stride():
+            g = torch.empty_like(p).copy_(g)
+        p.grad = g if p.grad is None else p.grad + g
 
 
 def total_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:

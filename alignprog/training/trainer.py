@@ -17,7 +17,7 @@ from alignprog.evaluation import evaluate_progress
 from alignprog.losses import ALIGNMENT_LOSSES
 from alignprog.losses.progress import (cumulative_l2_loss, progress_loss,
                                        segment_path_lengths)
-from alignprog.models import AlignmentModel, build_model, set_dense
+from alignprog.models import AlignmentModel, EncoderOutput, build_model, set_dense
 from alignprog.runtime import (autocast, fused_optimizer, seed_everything, to_device,
                                trusted_inputs)
 from alignprog.sampling import SegmentSamples, gather_frames, gather_segments, sample_segments
@@ -57,6 +57,16 @@ def rank_seed(seed: int, rank: int = 0, step: int = 0) -> int:
     draws what it always drew); other ranks, which restart their streams on resume (only rank
     0's are checkpointed), also fold in the step they resume at."""
     return seed if rank == 0 else seed + RANK_SEED_STRIDE * rank + step
+
+
+def alignment_parameters(model: AlignmentModel, learnable: bool) -> list[nn.Parameter]:
+    """The encoder's parameters between the progress loss's input (`Trainer.head_point`) and
+    the alignment loss: GTCC's drop branch (it reads the embeddings), and when the head reads
+    the base encoder's features, everything after the base (the MCN heads and fusion)."""
+    encoder = model.encoder
+    if learnable and model.head_input == "features":
+        return [p for name, p in encoder.named_parameters() if not name.startswith("base.")]
+    return list(encoder.drop.parameters()) if encoder.drop is not None else []
 
 
 def training_generators(seed: int) -> dict[str, torch.Generator]:
@@ -103,13 +113,14 @@ class Trainer:
         # Without a progress objective there is nothing to balance: the plain backward.
         self.balance = pc.balance if pc.enabled else "fixed"
         self.balance_ratio = pc.balance_ratio
-        # GTCC's loss also reads the drop logits, computed from the embeddings
-        self.alignment_reads_embeddings_only = tc.method != "gtcc"
         # balance=gradient: the sum and count of the steps' lambdas since the last validation,
         # on the device (their mean weighs the validation total)
         self.lam_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.lam_steps = torch.zeros((), dtype=torch.long, device=device)
         self.learnable = pc.enabled and pc.method == "learnable"
+        # balance=gradient measures the two gradients on the tensor both losses read, the
+        # head's input (`head_point`); these parameters lie between it and the alignment loss
+        self.alignment_params = alignment_parameters(self.model, self.learnable)
         self.generators = training_generators(rank_seed(tc.seed, dist.rank))
         # cumulative_l2 with class normalisers: running mean path length per label
         self.class_paths = torch.zeros(len(dataset.labels))
@@ -158,13 +169,21 @@ class Trainer:
         `batch`); giving it spares the copies back from the device."""
         out = self.forward(batch)
         emb = out.embeddings.float()                          # losses run in fp32
+        point = self.head_point(out, emb)
         drop = None if out.drop_logits is None else out.drop_logits.float()
         alignment = self.alignment_loss(emb, drop, batch.mask, epoch=epoch, step=step,
                                         generators=generators)
-        progress, n_samples = self.progress_loss(emb, batch, host or batch,
+        progress, n_samples = self.progress_loss(point, batch, host or batch,
                                                  generators=generators)
         return {"alignment": alignment, "progress": progress, "samples": n_samples,
-                "embeddings": emb}
+                "embeddings": point}
+
+    def head_point(self, out: EncoderOutput, emb: torch.Tensor) -> torch.Tensor:
+        """What the progress loss reads, fp32 (B, T, D): the head's input
+        (`progress.learnable.input`), else the embeddings `emb` (cumulative_l2, no head)."""
+        if self.learnable and self.model.head_input == "features":
+            return out.features.float()
+        return emb
 
     def forward(self, batch: Batch):
         """The encoder on a device batch (`EncoderOutput`), in the configured precision."""
@@ -191,7 +210,8 @@ class Trainer:
     def progress_loss(self, emb: torch.Tensor, batch: Batch, host: Batch, *,
                       generators: dict[str, torch.Generator] | None = None
                       ) -> tuple[torch.Tensor | None, int]:
-        """(progress loss or None, number of head samples) of fp32 embeddings (B, T, D)."""
+        """(progress loss or None, number of head samples) of what it reads, fp32 (B, T, D):
+        the head's input or, for cumulative_l2, the embeddings (`head_point`)."""
         cfg, tc = self.cfg, self.cfg.train
         lc = cfg.progress.learnable
         generators = generators or self.generators
@@ -316,18 +336,19 @@ class Trainer:
             with autocast(self.device, self.cfg.train.precision):
                 out = self.model(inputs.features, inputs.mask)
             emb = out.embeddings.float()
+            point = self.head_point(out, emb)
             drop = None if out.drop_logits is None else out.drop_logits.float()
             alignment = self.alignment_loss(emb, drop, inputs.mask, step=inputs.step)
             progress = None
             if self.learnable:
-                seg = gather_frames(emb, inputs.video, inputs.start, inputs.length,
+                seg = gather_frames(point, inputs.video, inputs.start, inputs.length,
                                     inputs.width)
                 with autocast(self.device, self.cfg.train.precision):
                     pred = self.model.progress_head(seg, inputs.length).float()    # (Qb,)
                 progress = progress_loss(pred, inputs.gt, weighted=lc.weighted_loss,
                                          weight_cap=lc.weight_cap, kind=lc.loss,
                                          valid=inputs.valid)
-        return alignment, progress, emb
+        return alignment, progress, point
 
     def graph_backward(self, inputs: GraphInputs) -> None:
         """The graph losses' backward as the step runs it (the warm-up before a capture)."""

@@ -1,0 +1,169 @@
+"""progress.learnable.input (docs/algorithms.md#head-input-and-gradient-flow): what the head
+reads, its per-method default, training, evaluation and predict on the base features, and saved
+configs from before the setting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from alignprog.cli import app
+from alignprog.config import (HEAD_INPUT, SAVED_DEFAULTS, Config, ModelConfig, ProgressConfig,
+                              load_config, missing_saved_defaults, with_saved_defaults)
+from alignprog.evaluation import online_progress
+from alignprog.export import export_run, load_with_config
+from alignprog.inference import predict_progress
+from alignprog.models import build_model
+from alignprog.training import RunDir
+from alignprog.training.loop import fit
+from alignprog.training.restore import load_trained_model, resolve_checkpoint
+
+from helpers import SETS_TINY, TINY, annotation, tiny_section
+
+
+def test_auto_reads_the_per_method_choice_and_explicit_values_win():
+    assert HEAD_INPUT == {"tcc": "features", "gtcc": "features", "lav": "embeddings",
+                          "vava": "embeddings"}
+    lc = ProgressConfig().learnable
+    assert lc.input == "auto"
+    for method, want in HEAD_INPUT.items():
+        assert lc.input_for(method) == want
+    assert lc.input_for(None) == "embeddings"
+    for value in ("embeddings", "features"):
+        lc = load_config(overrides={"progress.learnable.input": value}).progress.learnable
+        assert all(lc.input_for(m) == value for m in HEAD_INPUT)
+    with pytest.raises(Exception, match="input"):
+        load_config(overrides={"progress.learnable.input": "base"})
+
+
+def _model(head_input: str, *, mcn: bool = True, method: str = "lav",
+           progress: dict | None = None):
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(**tiny_section("model") | {"mcn": mcn})
+    pc = ProgressConfig(**(progress or {}), learnable={"hidden_dim": 8, "input": head_input})
+    return build_model(model_cfg, pc, input_shape=(TINY["data.synthetic.dim"],), num_tasks=2,
+                       method=method)
+
+
+def test_the_head_reads_the_base_features_or_the_embeddings():
+    x = torch.randn(2, 9, TINY["data.synthetic.dim"])
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    model = _model("features")
+    out = model(x, mask)
+    base = model.encoder.base(x, mask)
+    assert model.head_input == "features"
+    torch.testing.assert_close(model.head_features(out), base)
+    assert not torch.allclose(out.embeddings, base)
+    assert float(out.features[1, 6:].detach().abs().max()) == 0.0      # padding stays zero
+    assert _model("embeddings").head_features(out) is out.embeddings
+    # auto, per method
+    assert _model("auto", method="tcc").head_input == "features"
+    assert _model("auto", method="lav").head_input == "embeddings"
+    # without MCN the base output is the embedding: one tensor
+    single = _model("features", mcn=False)
+    out = single(x, mask)
+    assert single.head_features(out) is out.embeddings
+    # no head (cumulative_l2): nothing reads the features
+    assert _model("features", progress={"method": "cumulative_l2"}).head_input == "embeddings"
+
+
+@pytest.fixture(scope="module")
+def features_run(tmp_path_factory) -> tuple[Path, object]:
+    """A TINY TCC run whose head reads the base features (auto for tcc)."""
+    root = tmp_path_factory.mktemp("features")
+    cfg = load_config(overrides=TINY | {"train.method": "tcc", "train.steps": 6})
+    assert cfg.progress.learnable.input == "auto"
+    result = fit(cfg, run=RunDir.create(root, "r"))
+    assert result.model.head_input == "features"
+    return root / "r", result
+
+
+def test_predict_and_the_report_run_the_head_on_the_base_features(features_run, tmp_path):
+    run_dir, result = features_run
+    model = result.model.eval()
+    x = torch.randn(1, 30, TINY["data.synthetic.dim"])
+    ann = annotation([("0", 5), ("a", 15), ("b", 10)])
+    with torch.no_grad():
+        out = model.encoder(x, torch.ones(1, 30, dtype=torch.bool))
+    want = online_progress(model.progress_head, out.features[0], ann).numpy()
+    wrong = online_progress(model.progress_head, out.embeddings[0], ann).numpy()
+    got = predict_progress(model, x[0].numpy(), ann)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(got - wrong).max() > 1e-3
+    # the export builds the same model again: the same predictions
+    path = export_run(run_dir, checkpoint="last", out_dir=tmp_path / "export")
+    loaded, info = load_with_config(path)
+    assert loaded.head_input == "features" and info.progress.learnable.input == "auto"
+    assert "head on the base encoder's features" in (path.parent / "README.md").read_text()
+    np.testing.assert_allclose(predict_progress(loaded, x[0].numpy(), ann), got, rtol=1e-5,
+                               atol=1e-6)
+    # the test report's head row: the head on the base features of each test video
+    assert result.test_report["predictors"]["head"]["metrics"]
+
+
+def test_saved_configs_without_the_setting_keep_the_embeddings(features_run, tmp_path):
+    run_dir, _ = features_run
+    data = Config().model_dump(mode="json")
+    assert missing_saved_defaults(data) == {}
+    del data["progress"]["learnable"]["input"], data["progress"]["balance"]
+    assert missing_saved_defaults(data) == SAVED_DEFAULTS
+    old = with_saved_defaults(data)
+    assert old["progress"]["learnable"]["input"] == "embeddings"
+    assert "input" not in data["progress"]["learnable"]          # the caller's dict unchanged
+    assert with_saved_defaults({"model": {}}) == {"model": {}}    # no section, nothing to fill
+    # An export written before the setting: its TCC head read the embeddings.
+    path = export_run(run_dir, checkpoint="last", out_dir=tmp_path / "export")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["config"])
+    del config["progress"]["learnable"]["input"]
+    save_file(load_file(str(path)), str(path), metadata=metadata | {"config": json.dumps(config)})
+    loaded, _ = load_with_config(path)
+    assert loaded.head_input == "embeddings"
+    # A checkpoint written before it: the same.
+    old_ckpt = tmp_path / "old-checkpoint"
+    shutil.copytree(resolve_checkpoint(run_dir, "last"), old_ckpt)
+    meta = json.loads((old_ckpt / "meta.json").read_text())
+    del meta["meta"]["config"]["progress"]["learnable"]["input"]
+    (old_ckpt / "meta.json").write_text(json.dumps(meta))
+    _, model, _ = load_trained_model(old_ckpt)
+    assert model.head_input == "embeddings"
+
+
+@pytest.mark.parametrize("flag", ["auto", "embeddings", "features"])
+def test_the_cli_flag_trains_with_each_input(flag, tmp_path):
+    args = ["train", "--method", "tcc", "--runs-dir", str(tmp_path), "--name", "r",
+            "--steps", "2", "--head-input", flag, "--quiet", *SETS_TINY]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["progress"]["learnable"]["input"] == flag
+    _, model, _ = load_trained_model(resolve_checkpoint(tmp_path / "r", "last"))
+    assert model.head_input == ("features" if flag == "auto" else flag)
+
+
+def test_resuming_a_run_saved_before_the_setting_keeps_the_embeddings(tmp_path):
+    runner = CliRunner()
+    args = ["train", "--method", "tcc", "--runs-dir", str(tmp_path), "--name", "old", "--quiet",
+            *SETS_TINY]
+    assert runner.invoke(app, [*args, "--steps", "1"]).exit_code == 0
+    saved = tmp_path / "old" / "config.yaml"
+    lines = saved.read_text().splitlines()
+    kept = [ln for ln in lines if not ln.strip().startswith("input:")]
+    assert len(kept) == len(lines) - 1
+    saved.write_text("\n".join(kept) + "\n")
+    res = runner.invoke(app, [*args, "--steps", "2", "--resume"])
+    assert res.exit_code == 0, res.output
+    cfg, model, state = load_trained_model(resolve_checkpoint(tmp_path / "old", "last"))
+    assert state["step"] == 2
+    assert cfg.progress.learnable.input == "embeddings" and model.head_input == "embeddings"
