@@ -88,14 +88,16 @@ def embed(model: AlignmentModel, array: np.ndarray, *, head: bool = False) -> to
 
     The evaluators' embedding pass (`embed_videos`: eval mode, no grad) on the device of the
     model's weights; a model loaded in bf16/fp16 computes in its own dtype."""
-    from alignprog.evaluation import embed_videos
+    from alignprog.evaluation.embed import embed_videos, embed_with_head_inputs
 
     param = next(model.parameters())
     # The pass feeds float32 frames; autocast runs a half-precision model in its dtype.
     autocast = None if param.dtype == torch.float32 else param.dtype
     video = _OneVideo(np.asarray(array, dtype=np.float32))
-    return embed_videos(model, video, [0], device=param.device, batch_size=1,  # type: ignore
-                        autocast_dtype=autocast, head=head)[0]                    # (T, D)
+    kw = dict(device=param.device, batch_size=1, autocast_dtype=autocast)
+    if head:
+        return embed_with_head_inputs(model, video, [0], **kw)[1][0]  # type: ignore  (T, D)
+    return embed_videos(model, video, [0], **kw)[0]  # type: ignore                  (T, D)
 
 
 def predict_progress(model: AlignmentModel, array: np.ndarray,

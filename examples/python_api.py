@@ -17,7 +17,7 @@ from alignprog.data import VideoAnnotation
 from alignprog.inference import predict_progress
 
 if len(sys.argv) < 3 or not all(a.count(":") == 1 for a in sys.argv[3:]):
-    sys.exit(__doc__.strip().splitlines()[2].strip().join(["usage: ", ""]))
+    sys.exit("usage: " + __doc__.strip().splitlines()[2].strip())
 export_dir, video, *actions = sys.argv[1:]
 model = alignprog.load(export_dir)                          # eval mode, on the CPU
 features = np.load(video)                                   # (T, D)

@@ -20,6 +20,7 @@ from alignprog.cli import app
 from alignprog.config import (HEAD_INPUT, SAVED_DEFAULTS, Config, ModelConfig, ProgressConfig,
                               load_config, missing_saved_defaults, with_saved_defaults)
 from alignprog.evaluation import online_progress
+from alignprog.evaluation.embed import embed_videos, embed_with_head_inputs
 from alignprog.export import export_run, load_with_config
 from alignprog.inference import predict_progress
 from alignprog.models import build_model
@@ -27,7 +28,7 @@ from alignprog.training import RunDir
 from alignprog.training.loop import fit
 from alignprog.training.restore import load_trained_model, resolve_checkpoint
 
-from helpers import SETS_TINY, TINY, annotation, tiny_section
+from helpers import SETS_TINY, TINY, annotation, tiny_section, tiny_synthetic
 
 
 def test_auto_reads_the_per_method_choice_and_explicit_values_win():
@@ -167,3 +168,20 @@ def test_resuming_a_run_saved_before_the_setting_keeps_the_embeddings(tmp_path):
     cfg, model, state = load_trained_model(resolve_checkpoint(tmp_path / "old", "last"))
     assert state["step"] == 2
     assert cfg.progress.learnable.input == "embeddings" and model.head_input == "embeddings"
+
+
+def test_one_embedding_pass_gives_the_embeddings_and_the_head_inputs(features_run):
+    model, dataset = features_run[1].model, tiny_synthetic()
+    idx = [0, 3, 5]
+    embs, inputs = embed_with_head_inputs(model, dataset, idx, device="cpu", batch_size=2)
+    for i, e, z in zip(idx, embs, inputs):
+        x = torch.from_numpy(dataset.load(i))[None]
+        with torch.no_grad():
+            out = model.eval().encoder(x, torch.ones(x.shape[:2], dtype=torch.bool))
+        torch.testing.assert_close(e, out.embeddings[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(z, out.features[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(embs, embed_videos(model, dataset, idx, device="cpu", batch_size=2)):
+        torch.testing.assert_close(a, b)
+    lav = _model("embeddings")
+    embs, inputs = embed_with_head_inputs(lav, dataset, idx, device="cpu")
+    assert inputs is embs

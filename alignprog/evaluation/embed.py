@@ -35,21 +35,39 @@ def _eval_mode(module: torch.nn.Module):
 
 def embed_videos(model: torch.nn.Module, dataset: Dataset, indices: Sequence[int], *,
                  device: torch.device | str, batch_size: int = 4,
-                 autocast_dtype: torch.dtype | None = None, head: bool = False
-                 ) -> list[torch.Tensor]:
-    """Each video's aligned embeddings (T_i, D), float32 on the CPU, in ``indices`` order;
-    with ``head``, what the model's progress head reads instead (`head_inputs`).
+                 autocast_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Each video's aligned embeddings (T_i, D), float32 on the CPU, in ``indices`` order.
 
     The model must already live on ``device``. Eval mode and no grad; the model's train/eval
     mode is restored afterwards. Videos are batched by similar length (the encoders are padding
     invariant, so this changes nothing but the padding); each is read and embedded once.
     """
+    return _embed(model, dataset, indices, device, batch_size, autocast_dtype, head=False)[0]
+
+
+def embed_with_head_inputs(model: torch.nn.Module, dataset: Dataset, indices: Sequence[int], *,
+                           device: torch.device | str, batch_size: int = 4,
+                           autocast_dtype: torch.dtype | None = None
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(each video's aligned embeddings, what the model's progress head reads), both (T_i, D)
+    as `embed_videos` gives them, from one encoder pass: the same list twice when the head
+    reads the embeddings, else the base encoder's features (`progress.learnable.input`)."""
+    embeddings, features = _embed(model, dataset, indices, device, batch_size, autocast_dtype,
+                                  head=model.head_input == "features")
+    return embeddings, features if features is not None else embeddings
+
+
+def _embed(model: torch.nn.Module, dataset: Dataset, indices: Sequence[int],
+           device: torch.device | str, batch_size: int, autocast_dtype: torch.dtype | None, *,
+           head: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The embedding pass: the embeddings and, with `head`, the head's input of each video."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     indices = list(indices)
     order = sorted(range(len(indices)), key=lambda j: dataset.videos[indices[j]].num_frames)
-    out: list[torch.Tensor | None] = [None] * len(indices)
+    embs: list[torch.Tensor | None] = [None] * len(indices)
+    feats: list[torch.Tensor | None] | None = [None] * len(indices) if head else None
     with _eval_mode(model), torch.no_grad():
         for lo in range(0, len(order), batch_size):
             rows = order[lo:lo + batch_size]
@@ -63,19 +81,11 @@ def embed_videos(model: torch.nn.Module, dataset: Dataset, indices: Sequence[int
             x, mask = x.to(device), mask.to(device)
             with _autocast(device, autocast_dtype):
                 res = model.encoder(x, mask)
-                emb = model.head_features(res) if head else res.embeddings        # (B, T, D)
-            emb = emb.float().cpu()
-            for b, (j, a) in enumerate(zip(rows, arrays)):
-                out[j] = emb[b, :len(a)].clone()                                  # (T_i, D)
-    return out  # type: ignore[return-value]
-
-
-def head_inputs(model: torch.nn.Module, dataset: Dataset, indices: Sequence[int],
-                embeddings: list[torch.Tensor], **kwargs) -> list[torch.Tensor]:
-    """What the progress head reads for each of ``indices``: ``embeddings`` themselves (the
-    videos' embeddings, in ``indices`` order) when the head reads the aligned embeddings, else
-    one more pass for the base encoder's features (`progress.learnable.input`); ``kwargs`` as
-    `embed_videos`."""
-    if getattr(model, "head_input", "embeddings") == "embeddings":
-        return embeddings
-    return embed_videos(model, dataset, indices, head=True, **kwargs)
+            outputs = [(embs, res.embeddings)]                                    # (B, T, D)
+            if feats is not None:
+                outputs.append((feats, model.head_features(res)))                 # (B, T, D)
+            for out, values in outputs:
+                values = values.float().cpu()
+                for b, (j, a) in enumerate(zip(rows, arrays)):
+                    out[j] = values[b, :len(a)].clone()                           # (T_i, D)
+    return embs, feats  # type: ignore[return-value]

@@ -35,7 +35,7 @@ from alignprog.evaluation.baselines import (DurationPrior, constant_progress, du
                                             random_progress)
 from alignprog.evaluation.cumulative import (CUMULATIVE_CONVENTIONS, PathLengthPrior,
                                              cumulative_l2_progress)
-from alignprog.evaluation.embed import embed_videos, head_inputs
+from alignprog.evaluation.embed import embed_videos, embed_with_head_inputs
 from alignprog.evaluation.metrics import _average_reports, action_frames, progress_metrics
 from alignprog.evaluation.online import _dense_is_online, online_progress
 from alignprog.evaluation.video_level import GeodesicNormaliser, video_level_report
@@ -96,10 +96,14 @@ def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: st
     head = getattr(model, "progress_head", None) if model is not None else None
     use_embeddings = model is not None and (head is not None or cumulative or video_level)
     embeddings: list[torch.Tensor] | None = None
+    head_inputs: list[torch.Tensor] | None = None    # what the head reads, when there is one
     if use_embeddings and kept:
         t0 = time.perf_counter()
-        embeddings = embed_videos(model, dataset, kept, device=device, batch_size=batch_size,
-                                  autocast_dtype=autocast_dtype)
+        kw = dict(device=device, batch_size=batch_size, autocast_dtype=autocast_dtype)
+        if head is not None:
+            embeddings, head_inputs = embed_with_head_inputs(model, dataset, kept, **kw)
+        else:
+            embeddings = embed_videos(model, dataset, kept, **kw)
         timing["embed_s"] = time.perf_counter() - t0
     train_embeddings: list[torch.Tensor] | None = None
     train_indices = dataset.indices(train_split)
@@ -117,12 +121,10 @@ def evaluate_progress(model: torch.nn.Module | None, dataset: Dataset, split: st
         timing["embed_train_s"] = time.perf_counter() - t0
     train_annotations = [dataset.videos[i].annotation for i in train_indices]
 
-    if head is not None and embeddings is not None:
+    if head is not None and head_inputs is not None:
         t0 = time.perf_counter()
-        inputs = head_inputs(model, dataset, kept, embeddings, device=device,
-                             batch_size=batch_size, autocast_dtype=autocast_dtype)
         per_video["head"] = [online_progress(head, u, ann, chunk_elems=chunk_elems).double().numpy()
-                             for u, ann in zip(inputs, annotations)]
+                             for u, ann in zip(head_inputs, annotations)]
         timing["head_s"] = time.perf_counter() - t0
         dense = _dense_is_online(head)
         predictions["head"] = {

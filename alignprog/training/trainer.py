@@ -59,12 +59,12 @@ def rank_seed(seed: int, rank: int = 0, step: int = 0) -> int:
     return seed if rank == 0 else seed + RANK_SEED_STRIDE * rank + step
 
 
-def alignment_parameters(model: AlignmentModel, learnable: bool) -> list[nn.Parameter]:
+def alignment_parameters(model: AlignmentModel) -> list[nn.Parameter]:
     """The encoder's parameters between the progress loss's input (`Trainer.head_point`) and
     the alignment loss: GTCC's drop branch (it reads the embeddings), and when the head reads
     the base encoder's features, everything after the base (the MCN heads and fusion)."""
     encoder = model.encoder
-    if learnable and model.head_input == "features":
+    if model.head_input == "features":
         return [p for name, p in encoder.named_parameters() if not name.startswith("base.")]
     return list(encoder.drop.parameters()) if encoder.drop is not None else []
 
@@ -120,7 +120,7 @@ class Trainer:
         self.learnable = pc.enabled and pc.method == "learnable"
         # balance=gradient measures the two gradients on the tensor both losses read, the
         # head's input (`head_point`); these parameters lie between it and the alignment loss
-        self.alignment_params = alignment_parameters(self.model, self.learnable)
+        self.alignment_params = alignment_parameters(self.model)
         self.generators = training_generators(rank_seed(tc.seed, dist.rank))
         # cumulative_l2 with class normalisers: running mean path length per label
         self.class_paths = torch.zeros(len(dataset.labels))
@@ -180,8 +180,9 @@ class Trainer:
 
     def head_point(self, out: EncoderOutput, emb: torch.Tensor) -> torch.Tensor:
         """What the progress loss reads, fp32 (B, T, D): the head's input
-        (`progress.learnable.input`), else the embeddings `emb` (cumulative_l2, no head)."""
-        if self.learnable and self.model.head_input == "features":
+        (`progress.learnable.input`), else the embeddings `emb` (cumulative_l2: no head, and
+        `build_model` gives a model without a head the embeddings as its head input)."""
+        if self.model.head_input == "features":
             return out.features.float()
         return emb
 
