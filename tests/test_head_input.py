@@ -185,3 +185,20 @@ def test_one_embedding_pass_gives_the_embeddings_and_the_head_inputs(features_ru
     lav = _model("embeddings")
     embs, inputs = embed_with_head_inputs(lav, dataset, idx, device="cpu")
     assert inputs is embs
+
+
+@pytest.mark.parametrize("method", ["tcc", "gtcc", "lav", "vava"])
+@pytest.mark.parametrize("head_input", ["embeddings", "features"])
+def test_bf16_autocast_trains_with_each_input_and_balance(method, head_input):
+    # Under autocast the features are bf16 and the losses read fp32 copies: the balance point
+    # must be a tensor on both losses' paths (the fp32 copy of the features is not on the
+    # alignment's, and the step failed there with no gradient to measure).
+    for balance in ("gradient", "fixed"):
+        cfg = load_config(overrides=TINY | {
+            "train.method": method, "train.steps": 2, "train.precision": "bf16",
+            "progress.balance": balance, "progress.learnable.input": head_input})
+        res = fit(cfg)
+        steps = [r for r in res.history if r["kind"] == "step"]
+        assert len(steps) == 2
+        assert all(np.isfinite(r["total"]) and r["grad_encoder"] > 0 and r["grad_head"] > 0
+                   for r in steps), (balance, steps)

@@ -191,7 +191,9 @@ def balanced_backward(owner: StepOwner, alignment: torch.Tensor, progress: torch
     norm_align = torch.linalg.vector_norm(g_align, dtype=torch.float64)
     w_align = _inverse(norm_align)
     _accumulate(above, g_above, w_align)
-    g_emb = g_align * w_align.to(g_align.dtype)
+    # the weighted sum in at least fp32 (the point is bf16/fp16 under autocast in features mode)
+    work = torch.promote_types(g_align.dtype, torch.float32)
+    g_emb = g_align.to(work) * w_align.to(work)
     lam = torch.zeros((), dtype=torch.float64, device=norm_align.device)
     finite = torch.isfinite(norm_align)
     total = alignment.detach().double()
@@ -199,12 +201,12 @@ def balanced_backward(owner: StepOwner, alignment: torch.Tensor, progress: torch
         head = [p for p in owner.head_params if p.requires_grad]
         g_prog, *g_head = torch.autograd.grad(progress, [embeddings, *head], allow_unused=True)
         norm_prog = torch.linalg.vector_norm(g_prog, dtype=torch.float64)
-        g_emb = g_emb + g_prog * (owner.balance_ratio * _inverse(norm_prog)).to(g_prog.dtype)
+        g_emb = g_emb + g_prog.to(work) * (owner.balance_ratio * _inverse(norm_prog)).to(work)
         _accumulate(head, g_head, None)
         lam = owner.balance_ratio * norm_align * _inverse(norm_prog)
         finite = finite & torch.isfinite(norm_prog)
         total = total + lam * progress.detach().double()
-    torch.autograd.backward([embeddings], [g_emb])
+    torch.autograd.backward([embeddings], [g_emb.to(embeddings.dtype)])
     return torch.where(finite, total, torch.nan), lam
 
 

@@ -173,17 +173,19 @@ class Trainer:
         drop = None if out.drop_logits is None else out.drop_logits.float()
         alignment = self.alignment_loss(emb, drop, batch.mask, epoch=epoch, step=step,
                                         generators=generators)
-        progress, n_samples = self.progress_loss(point, batch, host or batch,
+        progress, n_samples = self.progress_loss(point.float(), batch, host or batch,
                                                  generators=generators)
         return {"alignment": alignment, "progress": progress, "samples": n_samples,
                 "embeddings": point}
 
     def head_point(self, out: EncoderOutput, emb: torch.Tensor) -> torch.Tensor:
-        """What the progress loss reads, fp32 (B, T, D): the head's input
-        (`progress.learnable.input`), else the embeddings `emb` (cumulative_l2: no head, and
-        `build_model` gives a model without a head the embeddings as its head input)."""
+        """The tensor (B, T, D) where both losses' gradients meet, which the progress loss
+        reads (as fp32): the head's input (`progress.learnable.input`), else the fp32
+        embeddings `emb` (cumulative_l2: no head, and `build_model` gives a model without a
+        head the embeddings as its head input). The features are returned as the encoder gave
+        them: under bf16/fp16 autocast their fp32 copy is not on the alignment loss's path."""
         if self.model.head_input == "features":
-            return out.features.float()
+            return out.features
         return emb
 
     def forward(self, batch: Batch):
@@ -342,7 +344,7 @@ class Trainer:
             alignment = self.alignment_loss(emb, drop, inputs.mask, step=inputs.step)
             progress = None
             if self.learnable:
-                seg = gather_frames(point, inputs.video, inputs.start, inputs.length,
+                seg = gather_frames(point.float(), inputs.video, inputs.start, inputs.length,
                                     inputs.width)
                 with autocast(self.device, self.cfg.train.precision):
                     pred = self.model.progress_head(seg, inputs.length).float()    # (Qb,)
