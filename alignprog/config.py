@@ -321,35 +321,51 @@ class ModelConfig(StrictModel):
         return self
 
 
-# progress.learnable.input=auto: what the head reads per method. features where it gave the
-# better head with alignment no worse than the embeddings' on the EgoProceL-timeline data
-# (docs/algorithms.md#head-input-and-gradient-flow). Saved configs keep "auto": changing a value
-# here changes what it means for runs and exports already written.
-HEAD_INPUT = {"tcc": "features", "gtcc": "features", "lav": "embeddings", "vava": "embeddings"}
+# progress.learnable.input=auto: what the head reads per method. separate for every method: on
+# the EgoProceL-timeline data its head was as good as or better than one on the shared encoder,
+# and the alignment is that of alignment-only training
+# (docs/algorithms.md#head-input-and-gradient-flow). Training saves the resolved value, never
+# auto (`Config.resolved`), so a change here leaves runs and exports already written alone.
+HEAD_INPUT = {"tcc": "separate", "gtcc": "separate", "lav": "separate", "vava": "separate"}
+
+# What "auto" meant in configs saved before training resolved it: read so in saved configs.
+SAVED_AUTO_INPUT = {"tcc": "features", "gtcc": "features", "lav": "embeddings",
+                    "vava": "embeddings"}
 
 # Settings whose default changed. A saved config (a run's config.yaml, a checkpoint's or an
 # export's) that lacks one was written before the setting existed and ran with this value.
 SAVED_DEFAULTS = {"progress.balance": "fixed", "progress.learnable.input": "embeddings"}
 
 
-def missing_saved_defaults(data: Any) -> dict[str, Any]:
-    """The `SAVED_DEFAULTS` that a saved config's dict `data` lacks, with their old values
-    (a key counts as lacking where its section is there without it)."""
-    missing = {}
+def _node(data: Any, sections: list[str]) -> Any:
+    for section in sections:
+        data = data.get(section) if isinstance(data, dict) else None
+    return data
+
+
+def saved_config_fixes(data: Any) -> dict[str, Any]:
+    """What a saved config's dict `data` ran with where it does not say so itself: the
+    `SAVED_DEFAULTS` it lacks (a key counts as lacking where its section is there without
+    it), with their old values, and for a head input of "auto" the value it meant then
+    (`SAVED_AUTO_INPUT` for `train.method`)."""
+    fixes = {}
     for key, old in SAVED_DEFAULTS.items():
         *sections, name = key.split(".")
-        node = data
-        for section in sections:
-            node = node.get(section) if isinstance(node, dict) else None
+        node = _node(data, sections)
         if isinstance(node, dict) and name not in node:
-            missing[key] = old
-    return missing
+            fixes[key] = old
+    learnable = _node(data, ["progress", "learnable"])
+    if isinstance(learnable, dict) and learnable.get("input") == "auto":
+        method = _node(data, ["train", "method"])
+        fixes["progress.learnable.input"] = SAVED_AUTO_INPUT.get(method, "embeddings") \
+            if isinstance(method, str) else "embeddings"
+    return fixes
 
 
-def with_saved_defaults(data: Any) -> Any:
-    """A saved config's dict with the old values of the settings it lacks filled in
-    (`missing_saved_defaults`); `data` itself is not changed."""
-    missing = missing_saved_defaults(data)
+def with_saved_config_fixes(data: Any) -> Any:
+    """A saved config's dict with `saved_config_fixes` applied; `data` itself is not
+    changed."""
+    missing = saved_config_fixes(data)
     if not missing:
         return data
     data = copy.deepcopy(data)
@@ -374,13 +390,16 @@ class LearnableProgressConfig(StrictModel):
         "config file may also hold the pipeline description's switch use_gru: false is read "
         "as arch mean (an arch other than gru or mean beside it is an error), true changes "
         "nothing; the loaded config keeps arch alone.")
-    input: Literal["auto", "embeddings", "features"] = Field(
+    input: Literal["auto", "embeddings", "features", "separate"] = Field(
         "auto", description="What the head reads, per frame: embeddings, the aligned "
         "embeddings (the pipeline description's); features, the base encoder's output before "
         "the attention fusion (the same width; with model.mcn=false the two are one), so the "
-        "fusion answers to the alignment loss alone; auto, the measured choice per method: "
-        "features for tcc and gtcc, embeddings for lav and vava "
-        "(docs/algorithms.md#head-input-and-gradient-flow).")
+        "fusion answers to the alignment loss alone; separate, a base encoder of the head's "
+        "own (the same architecture, its own weights, trained by the progress loss alone), so "
+        "the whole alignment encoder answers to the alignment loss alone and lambda and the "
+        "balance change nothing; auto, the measured choice per method, now separate for "
+        "every method (docs/algorithms.md#head-input-and-gradient-flow). Training saves the "
+        "value auto stood for.")
     hidden_dim: int = Field(64, ge=1, le=MAX_WIDTH, description="Width of the head: GRU hidden "
                             "size, first MLP width of mean, d_model of transformer, channels of "
                             "dilated_conv.")
@@ -616,6 +635,17 @@ class Config(StrictModel):
                                      description="Progress learning.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Alignment losses.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training run.")
+
+    def resolved(self) -> "Config":
+        """This config with the per-method choices written out (progress.learnable.input
+        auto: its value for train.method), as training saves it: a saved config then says
+        what ran, whatever `HEAD_INPUT` later says."""
+        lc = self.progress.learnable
+        if lc.input != "auto":
+            return self
+        cfg = self.model_copy(deep=True)
+        cfg.progress.learnable.input = lc.input_for(self.train.method)
+        return cfg
 
     @model_validator(mode="after")
     def _encoder_reads_layout(self) -> "Config":

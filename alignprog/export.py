@@ -3,12 +3,14 @@
 An export is a directory of three files (the convention of model hubs)::
 
     <out>/model.safetensors   the weights: AlignmentModel.state_dict() names, so every tensor sits
-                              under one of two stable prefixes
+                              under one of three stable prefixes
                                 encoder.*        the base encoder (encoder.base.*), the MCN heads
                                                  and attention (encoder.heads.*,
                                                  encoder.attention.*), the GTCC drop branch
                                 progress_head.*  the learnable progress head (absent when the run
                                                  trained none)
+                                progress_base.*  the head's own base encoder (only with
+                                                 progress.learnable.input=separate)
                               metadata (string -> string, readable with plain `safe_open`):
                                 format          "alignprog-export"
                                 format_version  "1"
@@ -44,7 +46,7 @@ from pydantic import ValidationError
 
 import alignprog
 from alignprog.config import (DEFAULT_BACKGROUND, ModelConfig, ProgressConfig,
-                              with_saved_defaults)
+                              with_saved_config_fixes)
 from alignprog.errors import AlignprogError
 from alignprog.fileio import fsync_file, load_json_text, replace_dir
 from alignprog.models import ENCODER_LAYOUT, AlignmentModel, build_model
@@ -54,7 +56,7 @@ FORMAT_VERSION = "1"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-PREFIXES = ("encoder.", "progress_head.")
+PREFIXES = ("encoder.", "progress_head.", "progress_base.")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
                   "half": "fp16"}
@@ -226,8 +228,9 @@ def model_card(config: Mapping[str, Any], model: AlignmentModel, *, run_meta: Ma
         lc = pc["learnable"]
         arch = "mean" if not lc.get("use_gru", True) else lc["arch"]
         online = "streams frame by frame" if head.streamable else "re-runs each prefix online"
-        reads = ("the base encoder's features" if model.head_input == "features"
-                 else "the aligned embeddings")
+        reads = {"features": "the base encoder's features",
+                 "separate": "its own base encoder (trained by the progress loss alone)"}.get(
+                     model.head_input, "the aligned embeddings")
         head_line = (f"learnable `{arch}` head on {reads}, width {lc['hidden_dim']}, position "
                      f"feature `{lc['position']}` ({online})")
     elif pc.get("enabled") and pc.get("method") == "cumulative_l2":
@@ -278,8 +281,9 @@ def model_card(config: Mapping[str, Any], model: AlignmentModel, *, run_meta: Ma
         lines.append("The run holds no evaluation report (eval_test.json).")
     lines += [
         "", "## Files", "",
-        f"- `{MODEL_FILE}`: tensors named as `AlignmentModel.state_dict()`, under `encoder.` "
-        "and `progress_head.`; metadata `format_version`, `config` (JSON), `dtype`",
+        f"- `{MODEL_FILE}`: tensors named as `AlignmentModel.state_dict()`, under `encoder.`, "
+        "`progress_head.` and (a head with its own base encoder) `progress_base.`; metadata "
+        "`format_version`, `config` (JSON), `dtype`",
         f"- `{CONFIG_FILE}`: the same config",
         "", "## Use", "",
         "```python", "import alignprog", 'model = alignprog.load("THIS_DIR")', "```", "",
@@ -385,7 +389,8 @@ def _parse_metadata(path: Path, metadata: Mapping[str, str]) -> ExportInfo:
     try:
         model_cfg = ModelConfig.model_validate(config["model"])
         progress_cfg = ProgressConfig.model_validate(
-            with_saved_defaults({"progress": config["progress"]})["progress"])
+            with_saved_config_fixes({"progress": config["progress"],
+                                     "train": {"method": config["method"]}})["progress"])
     except ValidationError as exc:
         problems = "; ".join(
             ".".join(str(p) for p in e["loc"]) + ": " * bool(e["loc"])

@@ -23,6 +23,11 @@ from alignprog.training.trainer import Trainer
 
 from helpers import SETS_TINY, TINY
 
+# The balance weighs the two losses on a tensor both read: a head on the shared encoder (the
+# default head has a base encoder of its own, where nothing is balanced; tests/test_head_input.py)
+SHARED = TINY | {"progress.learnable.input": "embeddings"}
+SETS_SHARED = [*SETS_TINY, "--head-input", "embeddings"]
+
 
 class Toy:
     """A linear 'encoder' E = X W (n, d), an alignment loss s * sum((E a)^2) with a per-column
@@ -176,7 +181,7 @@ def test_balance_needs_the_embeddings():
 
 
 def _trainer(**extra) -> tuple[Trainer, object]:
-    cfg = load_config(overrides=TINY | {"train.clip_mode": "none"} | extra)
+    cfg = load_config(overrides=SHARED | {"train.clip_mode": "none"} | extra)
     trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cpu"))
     loader = make_loader(trainer.dataset, "train", batch_size=2, shuffle=False, drop_last=True)
     return trainer, next(iter(loader))
@@ -273,7 +278,7 @@ def test_validation_total_weighs_by_the_epochs_mean_lambda():
 @pytest.mark.parametrize("balance", ["gradient", "fixed"])
 @pytest.mark.parametrize("method", ["tcc", "gtcc", "lav", "vava"])
 def test_each_method_trains_with_each_balance(method, balance):
-    cfg = load_config(overrides=TINY | {"train.method": method, "progress.balance": balance,
+    cfg = load_config(overrides=SHARED | {"train.method": method, "progress.balance": balance,
                                         "train.steps": 3})
     result = fit(cfg)
     steps = [h for h in result.history if h["kind"] == "step"]
@@ -284,14 +289,14 @@ def test_each_method_trains_with_each_balance(method, balance):
 
 
 def test_head_only_stage_and_cumulative_l2_under_the_gradient_balance():
-    two = load_config(overrides=TINY | {"train.steps": 2, "train.two_stage": True,
+    two = load_config(overrides=SHARED | {"train.steps": 2, "train.two_stage": True,
                                         "train.head_epochs": 1})
     result = fit(two)
     head = [h for h in result.history if h["kind"] == "step" and h.get("stage") == "head"]
     assert head and not any(s["skipped"] for s in head)
     joint = [h for h in result.history if h["kind"] == "step" and h.get("stage") != "head"]
     assert joint and all(s["lambda"] > 0 for s in joint)   # the balanced path ran
-    cum = load_config(overrides=TINY | {"train.steps": 2, "progress.method": "cumulative_l2"})
+    cum = load_config(overrides=SHARED | {"train.steps": 2, "progress.method": "cumulative_l2"})
     steps = [h for h in fit(cum).history if h["kind"] == "step"]
     assert len(steps) == 2 and all(np.isfinite(s["total"]) and s["lambda"] > 0 for s in steps)
 
@@ -322,12 +327,12 @@ def test_cli_flags(tmp_path: Path):
     res = runner.invoke(app, ["train", "--balance", "gradient", "--lambda", "5"])
     assert res.exit_code != 0 and "--balance fixed" in res.output
     res = runner.invoke(app, ["train", "--runs-dir", str(tmp_path), "--name", "b", "--steps",
-                              "2", "--balance", "fixed", *SETS_TINY])
+                              "2", "--balance", "fixed", *SETS_SHARED])
     assert res.exit_code == 0, res.output
     steps = [r for r in _records(tmp_path / "b") if r["kind"] == "step"]
     assert len(steps) == 2 and all(r["lambda"] == 1e6 for r in steps)
     res = runner.invoke(app, ["train", "--runs-dir", str(tmp_path), "--name", "r", "--steps",
-                              "2", "--balance-ratio", "3", *SETS_TINY])
+                              "2", "--balance-ratio", "3", *SETS_SHARED])
     assert res.exit_code == 0, res.output
     steps = [r for r in _records(tmp_path / "r") if r["kind"] == "step"]
     assert len(steps) == 2 and all(r["lambda"] != 1e6 and r["lambda"] > 0 for r in steps)
@@ -339,7 +344,7 @@ def _records(run: Path) -> list[dict]:
 
 def test_resuming_a_run_saved_before_the_balance_setting_keeps_its_fixed_lambda(tmp_path: Path):
     runner = CliRunner()
-    args = ["train", "--runs-dir", str(tmp_path), "--name", "old", *SETS_TINY]
+    args = ["train", "--runs-dir", str(tmp_path), "--name", "old", *SETS_SHARED]
     assert runner.invoke(app, [*args, "--steps", "1"]).exit_code == 0
     saved = tmp_path / "old" / "config.yaml"
     text = saved.read_text()

@@ -42,13 +42,14 @@ def batch(trained):
 
 
 def outputs(model, x, mask):
-    """The encoder's embeddings and the head's dense and last-frame outputs on each video."""
+    """The encoder's embeddings, the head's input and its dense and last-frame outputs on each
+    video (the default head reads its own base encoder, which must round-trip too)."""
     with torch.no_grad():
-        out = model.encoder(x.to(next(model.parameters()).dtype), mask)
+        out = model(x.to(next(model.parameters()).dtype), mask)
         lengths = mask.sum(1)                                                     # (B,)
-        emb, head = out.embeddings, model.progress_head                          # (B, T, D)
-        return tuple(y.float() for y in (emb, head(emb, lengths, dense=True),
-                                         head(emb, lengths), out.attention))
+        inp, head = model.head_features(out), model.progress_head                # (B, T, D)
+        return tuple(y.float() for y in (out.embeddings, inp, head(inp, lengths, dense=True),
+                                         head(inp, lengths), out.attention))
 
 
 def test_round_trip_fp32_is_exact(trained, batch, tmp_path: Path):
@@ -81,10 +82,12 @@ def test_file_is_plain_safetensors_with_config_metadata(trained, tmp_path: Path)
     assert config["model"]["output_dim"] == 16
     assert config["progress"]["learnable"]["hidden_dim"] == 8
     assert config["source"]["step"] == 3
-    # Stable names: the model's state_dict names, under encoder. and progress_head.
+    # Stable names: the model's state_dict names, under encoder., progress_head. and (the
+    # default head input, separate) progress_base.
     assert sorted(names) == sorted(model.state_dict())
-    assert all(n.startswith(("encoder.", "progress_head.")) for n in names)
+    assert all(n.startswith(("encoder.", "progress_head.", "progress_base.")) for n in names)
     assert any(n.startswith("progress_head.") for n in names)
+    assert any(n.startswith("progress_base.") for n in names)
     card = (tmp_path / "ex" / "README.md").read_text()
     assert f"`{cfg.train.method}`" in card and "3 optimizer steps" in card
     assert "| head |" in card and "constant_0.5" in card  # the run's eval_test.json numbers
@@ -227,7 +230,8 @@ def test_wrong_architecture_lists_the_mismatched_tensors(exported, tmp_path: Pat
         load(path)
     msg = str(err.value)
     assert "do not match the architecture" in msg and "mismatched" in msg
-    assert "mismatched 10: encoder.base.convs.2.weight expected (8, 16, 3) got (16, 16, 3)" in msg
+    assert "mismatched 15: encoder.base.convs.2.weight expected (8, 16, 3) got (16, 16, 3)" in msg
+    assert "progress_base.convs.3.weight expected (8, 8, 3) got (16, 16, 3)" in msg
     assert "progress_head.gru.weight_ih_l0 expected (24, 9) got (24, 17)" in msg
     assert "\n" not in msg
     assert_cli_error(path, "mismatched", tmp_path)

@@ -26,7 +26,9 @@ SETS = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TINY.items()), [])
 
 
 def cfg_of(method: str, **extra) -> Config:
-    return load_config(overrides={"train.method": method, "model.num_heads": 16} | extra)
+    """The model PER_FRAME was measured with: 16 heads, the head on the embeddings."""
+    return load_config(overrides={"train.method": method, "model.num_heads": 16,
+                                  "progress.learnable.input": "embeddings"} | extra)
 
 
 @pytest.mark.parametrize("method", ["tcc", "gtcc", "lav", "vava"])
@@ -37,6 +39,20 @@ def test_the_estimate_is_the_documented_formula(method, kind):
     by_hand = (PER_FRAME[kind][method] * 3 * 700 + PER_ELEMENT[kind][method] * 6 * 701 ** 2
                + 2 * 3 * 700 * 2048 * 4)
     assert got == int(by_hand)
+
+
+def test_the_heads_own_base_encoder_adds_its_width_per_frame():
+    # Per frame of the default model: base 256 * 7 layers, fusion 16 * (512 + 128 + 256 + 128)
+    # + (512 + 1024 + 512 + 512), embeddings 128; the default head input (separate) runs a
+    # second base encoder beside the first.
+    base, fusion, out = 256 * 7, 16 * (512 + 128 + 256 + 128) + 2560, 128
+    separate = load_config(overrides={"train.method": "lav", "model.num_heads": 16})
+    assert separate.progress.learnable.input_for("lav") == "separate"
+    frames = lambda c: (estimate_step_bytes(c, [700, 700], (1,), "cuda")  # noqa: E731
+                        - PER_ELEMENT["cuda"]["lav"] * 2 * 701 ** 2 - 2 * 2 * 700 * 4)
+    ratio = (2 * base + fusion + out) / (base + fusion + out)
+    assert frames(separate) == pytest.approx(ratio * frames(cfg_of("lav")), rel=1e-6)
+    assert frames(cfg_of("lav")) == pytest.approx(PER_FRAME["cuda"]["lav"] * 1400, rel=1e-6)
 
 
 def test_pairs_and_the_quadratic_growth():

@@ -85,15 +85,17 @@ def test_progress_rises_through_each_action(setup):
 
 
 def test_each_frame_is_predicted_from_its_prefix(setup):
-    """Online: frame t of action [s, e] is the head's output on the embeddings of frames s..t
-    alone. (The encoder runs once over the whole video, as in evaluation; its temporal convs see
-    a few frames ahead, so the embeddings themselves are not causal.)"""
+    """Online: frame t of action [s, e] is the head's output on its input (by default its own
+    base encoder's features) of frames s..t alone. (The encoder runs once over the whole video,
+    as in evaluation; its temporal convs see a few frames ahead, so the features themselves are
+    not causal.)"""
     export, root = setup
     # on the CPU, as the loop below: a GPU's kernels differ in the last digits
     out = run_json(export, files(root)[0], "--segments", root / "dataset.json", "--device", "cpu")
     video = out["videos"][0]
     model, info = load_with_config(export)
-    emb = embed(model, np.load(video["file"]))                                   # (T, D)
+    assert model.head_input == "separate"
+    emb = embed(model, np.load(video["file"]), head=True)                        # (T, D)
     seg = max((s for s in video["segments"] if s["foreground"]), key=lambda s: s["frames"])
     s = seg["start"]
     for t in range(s, seg["end"] + 1):

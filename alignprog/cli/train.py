@@ -35,7 +35,9 @@ Precision = config_choices("Precision", TrainConfig, "precision")
 
 # --lambda's default depends on the method: the per-method table.
 LAMBDA_DEFAULTS = ", ".join(f"{m} {show_number(v)}" for m, v in DEFAULT_LAMBDA.items())
-_AUTO_INPUTS = ", ".join(f"{m} {v}" for m, v in HEAD_INPUT.items())
+_AUTO_INPUTS = (f"{next(iter(HEAD_INPUT.values()))} for every method"
+                if len(set(HEAD_INPUT.values())) == 1
+                else ", ".join(f"{m} {v}" for m, v in HEAD_INPUT.items()))
 _CLIPS = (f"encoder at train.encoder_clip = {default_of(Config, 'train.encoder_clip')}, head at "
           f"train.head_clip = {default_of(Config, 'train.head_clip')}")
 
@@ -59,16 +61,17 @@ def _balance(record: dict) -> str:
 
 def _keep_saved_defaults(saved: Path, sets: list[str] | None, flags: dict) -> None:
     """A run saved before a setting of `SAVED_DEFAULTS` existed (progress.balance, the head's
-    input) ran with its old value: resumed, it keeps that value unless a flag or --set says
-    otherwise."""
-    from alignprog.config import missing_saved_defaults, read_config_file
+    input), or with a head input of "auto" saved before training wrote it out, ran with its
+    old value (`saved_config_fixes`): resumed, it keeps that value unless a flag or --set
+    says otherwise."""
+    from alignprog.config import read_config_file, saved_config_fixes
     from alignprog.errors import ConfigError
     try:
         data = read_config_file(saved)
     except ConfigError:
         return   # resolve_config reports it
     given = {item.split("=", 1)[0].strip() for item in sets or []}
-    for key, old in missing_saved_defaults(data).items():
+    for key, old in saved_config_fixes(data).items():
         if flags.get(key) is None and key not in given:
             flags[key] = old
 
@@ -223,8 +226,9 @@ def train(
         help="Progress-head architecture.",
         show_default=default_of(Config, "progress.learnable.arch"))] = None,
     head_input: Annotated[Optional[HeadInput], typer.Option(
-        help="What the head reads: embeddings (the aligned embeddings) or features (the base "
-        f"encoder's output, before the fusion); auto: per method ({_AUTO_INPUTS}).",
+        help="What the head reads: embeddings (the aligned embeddings), features (the base "
+        "encoder's output, before the fusion) or separate (a base encoder of its own, trained "
+        f"by the progress loss alone); auto: per method ({_AUTO_INPUTS}).",
         show_default=default_of(Config, "progress.learnable.input"))] = None,
     clip_mode: Annotated[Optional[ClipMode], typer.Option(
         help=f"Gradient clipping: separate ({_CLIPS}), global (one clip over everything at "

@@ -51,9 +51,10 @@ def embed_with_head_inputs(model: torch.nn.Module, dataset: Dataset, indices: Se
                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(each video's aligned embeddings, what the model's progress head reads), both (T_i, D)
     as `embed_videos` gives them, from one encoder pass: the same list twice when the head
-    reads the embeddings, else the base encoder's features (`progress.learnable.input`)."""
+    reads the embeddings, else the base encoder's features or the head's own base encoder's
+    output (`progress.learnable.input`)."""
     embeddings, features = _embed(model, dataset, indices, device, batch_size, autocast_dtype,
-                                  head=model.head_input == "features")
+                                  head=model.head_input != "embeddings")
     return embeddings, features if features is not None else embeddings
 
 
@@ -80,7 +81,8 @@ def _embed(model: torch.nn.Module, dataset: Dataset, indices: Sequence[int],
                 mask[b, :len(a)] = True
             x, mask = x.to(device), mask.to(device)
             with _autocast(device, autocast_dtype):
-                res = model.encoder(x, mask)
+                # the whole model when the head's input is asked for: it may have its own base
+                res = model(x, mask) if head else model.encoder(x, mask)
             outputs = [(embs, res.embeddings)]                                    # (B, T, D)
             if feats is not None:
                 outputs.append((feats, model.head_features(res)))                 # (B, T, D)

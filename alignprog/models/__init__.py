@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -19,27 +20,41 @@ __all__ = ["ENCODER_LAYOUT", "AlignmentModel", "BaseEncoder", "EncoderOutput", "
            "build_progress_head"]
 
 
-HEAD_INPUTS = ("embeddings", "features")
+HEAD_INPUTS = ("embeddings", "features", "separate")
 
 
 class AlignmentModel(nn.Module):
-    """The encoder and the progress head, trained together (the pipeline description's design)."""
+    """The encoder and the progress head, trained together (the pipeline description's design).
+
+    With head_input "separate" the head reads `progress_base`, a base encoder of its own (the
+    alignment encoder's architecture, its own weights) that only the progress loss trains."""
 
     def __init__(self, encoder: MultiHeadEncoder | SingleHeadEncoder,
-                 progress_head: ProgressHead | None, *, head_input: str = "embeddings") -> None:
+                 progress_head: ProgressHead | None, *, head_input: str = "embeddings",
+                 progress_base: BaseEncoder | None = None) -> None:
         super().__init__()
         if head_input not in HEAD_INPUTS:
             raise ValueError(f"head_input must be one of {HEAD_INPUTS}, got {head_input!r}")
+        if (head_input == "separate") != (progress_base is not None):
+            raise ValueError("head_input 'separate' goes with a progress_base, and only it")
         self.encoder = encoder
         self.progress_head = progress_head
+        self.progress_base = progress_base
         self.head_input = head_input   # what the head reads (`head_features`)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> EncoderOutput:
-        return self.encoder(x, mask)
+        """The encoder's output; with a `progress_base`, its output as `progress_features`."""
+        out = self.encoder(x, mask)
+        if self.progress_base is not None:
+            out = replace(out, progress_features=self.progress_base(x, mask))
+        return out
 
     def head_features(self, out: EncoderOutput) -> torch.Tensor:
-        """The per-frame input of the progress head (B, T, D) in an encoder output: the
-        aligned embeddings, or the base encoder's features (`progress.learnable.input`)."""
+        """The per-frame input of the progress head (B, T, D) in an output of `forward`: the
+        aligned embeddings, the base encoder's features, or the head's own base encoder's
+        output (`progress.learnable.input`)."""
+        if self.head_input == "separate":
+            return out.progress_features
         return out.features if self.head_input == "features" else out.embeddings
 
 
@@ -66,6 +81,32 @@ def build_model(model: ModelConfig, progress: ProgressConfig | None = None, *,
     if len(input_shape) != rank:
         raise ValueError(f"encoder '{model.encoder}' reads the {layout} layout, frames of rank "
                          f"{rank}, got frames of shape {tuple(input_shape)}")
+    base = _build_base(model, input_shape)
+    dropping = model.dropping if model.dropping is not None else method == "gtcc"
+    drop_layers = model.drop_layers if dropping else None
+    if model.mcn:
+        encoder: MultiHeadEncoder | SingleHeadEncoder = MultiHeadEncoder(
+            base, model.num_heads or num_tasks, out_dim=model.output_dim,
+            head_layers=model.head_layers, attn_layers=model.attn_layers,
+            drop_layers=drop_layers)
+    else:
+        encoder = SingleHeadEncoder(base, drop_layers=drop_layers)
+    head, head_input, progress_base = None, "embeddings", None
+    if progress is not None and progress.enabled and progress.method == "learnable":
+        lc = progress.learnable
+        head = build_progress_head(lc.arch, in_dim=model.output_dim,
+                                   hidden_dim=lc.hidden_dim, position=lc.position,
+                                   learnable_h0=lc.learnable_h0,
+                                   frame_count_max=lc.frame_count_max)
+        head_input = lc.input_for(method)
+        if head_input == "separate":
+            # built after the encoder: the encoder's initial weights do not depend on it
+            progress_base = _build_base(model, input_shape)
+    return AlignmentModel(encoder, head, head_input=head_input, progress_base=progress_base)
+
+
+def _build_base(model: ModelConfig, input_shape: Sequence[int]) -> BaseEncoder:
+    """The base encoder of `model` (frames of shape `input_shape`), freshly initialised."""
     if model.encoder == "resnet50":
         base = build_encoder("resnet50", in_channels=input_shape[0],
                              temporal_depth=model.temporal_depth, out_dim=model.output_dim,
@@ -77,21 +118,4 @@ def build_model(model: ModelConfig, progress: ProgressConfig | None = None, *,
         base = build_encoder("stacking", in_dim=input_shape[0], channels=model.conv_channels,
                              out_dim=model.output_dim, temporal_depth=model.temporal_depth,
                              num_layers=model.stacking_layers)
-    dropping = model.dropping if model.dropping is not None else method == "gtcc"
-    drop_layers = model.drop_layers if dropping else None
-    if model.mcn:
-        encoder: MultiHeadEncoder | SingleHeadEncoder = MultiHeadEncoder(
-            base, model.num_heads or num_tasks, out_dim=model.output_dim,
-            head_layers=model.head_layers, attn_layers=model.attn_layers,
-            drop_layers=drop_layers)
-    else:
-        encoder = SingleHeadEncoder(base, drop_layers=drop_layers)
-    head, head_input = None, "embeddings"
-    if progress is not None and progress.enabled and progress.method == "learnable":
-        lc = progress.learnable
-        head = build_progress_head(lc.arch, in_dim=model.output_dim,
-                                   hidden_dim=lc.hidden_dim, position=lc.position,
-                                   learnable_h0=lc.learnable_h0,
-                                   frame_count_max=lc.frame_count_max)
-        head_input = lc.input_for(method)
-    return AlignmentModel(encoder, head, head_input=head_input)
+    return base

@@ -26,6 +26,9 @@ class EncoderOutput:
     attention: torch.Tensor | None = None   # (B, T, H) head weights, each real row sums to 1
     drop_logits: torch.Tensor | None = None  # (B, D+1) per-video drop classifier (GTCC)
     features: torch.Tensor | None = None    # (B, T, D) base encoder output, 0 on padded frames
+    # (B, T, D) the progress head's own base encoder's output (progress.learnable.input =
+    # separate; `AlignmentModel` fills it)
+    progress_features: torch.Tensor | None = None
 
 
 def mlp(widths: Sequence[int], activation: type[nn.Module], *, last_activation: bool = False

@@ -88,6 +88,7 @@ def fit(cfg: Config, *, dataset: Dataset | None = None, run: RunDir | None = Non
 
     `dist`: this process's place in a multi-process run (`alignprog.training.distributed.setup`); it
     trains on `dist.device`, and only rank 0 uses `run` (the others may pass None)."""
+    cfg = cfg.resolved()   # saved as run: auto written out per method
     with deterministic(cfg.train.deterministic), _sigterm_as_interrupt():
         return _fit(cfg, dataset=dataset, run=run, resume=resume, callback=callback, dist=dist)
 

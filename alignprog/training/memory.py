@@ -60,14 +60,20 @@ def _encoder_width(cfg: Config, num_tasks: int = 16) -> int:
     else:
         base = m.conv_channels * m.stacking_layers
     fusion = heads * (sum(m.head_layers) + m.output_dim) + sum(m.attn_layers) if m.mcn else 0
+    pc = cfg.progress
+    if (pc.enabled and pc.method == "learnable"
+            and pc.learnable.input_for(cfg.train.method) == "separate"):
+        base *= 2                              # the head's own base encoder runs beside it
     return base + fusion + m.output_dim
 
 
 @functools.cache
 def _default_width() -> int:
-    """The default model's activation width per frame (16 heads), the unit of PER_FRAME."""
+    """The default model's activation width per frame (16 heads, the head on the embeddings:
+    what PER_FRAME was measured with), the unit of PER_FRAME."""
     from alignprog.config import Config
-    return _encoder_width(Config.model_validate({"model": {"num_heads": 16}}))
+    return _encoder_width(Config.model_validate(
+        {"model": {"num_heads": 16}, "progress": {"learnable": {"input": "embeddings"}}}))
 
 
 def estimate_step_bytes(cfg: Config, lengths: Sequence[int],

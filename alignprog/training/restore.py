@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from alignprog.checks import check_weights
-from alignprog.config import Config, DataConfig, with_saved_defaults
+from alignprog.config import Config, DataConfig, with_saved_config_fixes
 from alignprog.errors import AlignprogError
 from alignprog.models import AlignmentModel, build_model
 from alignprog.training.checkpoint import load_checkpoint, read_checkpoint_meta
@@ -47,7 +47,7 @@ def load_trained_model(checkpoint: Path, *, device: str = "cpu"
         if key not in meta:
             raise AlignprogError(f"{checkpoint}: the checkpoint's meta lacks '{key}' (written by "
                                  "an older alignprog?)")
-    cfg = Config.model_validate(with_saved_defaults(meta["config"]))
+    cfg = Config.model_validate(with_saved_config_fixes(meta["config"]))
     model = build_model(cfg.model, cfg.progress, input_shape=meta["input_shape"],
                         num_tasks=meta["num_tasks"], method=cfg.train.method)
     state = load_checkpoint(checkpoint, model=model, restore_rng=False)

@@ -47,8 +47,9 @@ class StepOwner(Protocol):
     balance: str                  # "gradient" or "fixed"
     balance_ratio: float
     # parameters between the tensor both losses read and the alignment loss (GTCC's drop
-    # branch; the fusion when the head reads the base features)
-    alignment_params: list[nn.Parameter]
+    # branch; the fusion when the head reads the base features); None when the losses read
+    # no tensor in common (the head has its own base encoder)
+    alignment_params: list[nn.Parameter] | None
     lam_sum: torch.Tensor         # () float64: balance=gradient, the lambdas since validation
     lam_steps: torch.Tensor       # () long: how many
     learnable: bool
@@ -149,6 +150,8 @@ def backward(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor |
     scaled as on every other step); balance=fixed and the head-only stage through
     `objective`'s total, whose head gradients `rescale_head` divides by lambda later."""
     if owner.balance == "gradient" and not head_only:
+        if owner.alignment_params is None:
+            return unshared_backward(alignment, progress)
         if embeddings is None:
             raise ValueError("balance=gradient weighs the losses by their gradients on the "
                              "embeddings: pass the embeddings both losses read")
@@ -158,6 +161,19 @@ def backward(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor |
         return None, owner.lam
     total.backward()
     return total.detach(), owner.lam
+
+
+def unshared_backward(alignment: torch.Tensor, progress: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """balance=gradient when no parameter feeds both losses (the head reads a base encoder of
+    its own): each loss's gradient reaches only its own parameters, at its natural scale,
+    from one backward of alignment + progress; nothing to balance, lambda 1 (0 without a
+    progress term). The total is float64, as `balanced_backward`'s."""
+    total = alignment if progress is None else alignment + progress
+    total.backward()
+    lam = torch.full((), 0.0 if progress is None else 1.0, dtype=torch.float64,
+                     device=alignment.device)
+    return total.detach().double(), lam
 
 
 def _inverse(norm: torch.Tensor) -> torch.Tensor:

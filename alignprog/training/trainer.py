@@ -41,8 +41,11 @@ def loss_keywords(cfg: Config) -> dict[str, Any]:
 
 
 def split_parameters(model: AlignmentModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(encoder parameters, progress-head parameters)."""
+    """(encoder parameters, progress-head parameters); the head's own base encoder
+    (progress.learnable.input=separate) counts as the head's."""
     head = list(model.progress_head.parameters()) if model.progress_head is not None else []
+    if model.progress_base is not None:
+        head += list(model.progress_base.parameters())
     ids = {id(p) for p in head}
     return [p for p in model.parameters() if id(p) not in ids], head
 
@@ -59,11 +62,14 @@ def rank_seed(seed: int, rank: int = 0, step: int = 0) -> int:
     return seed if rank == 0 else seed + RANK_SEED_STRIDE * rank + step
 
 
-def alignment_parameters(model: AlignmentModel) -> list[nn.Parameter]:
+def alignment_parameters(model: AlignmentModel) -> list[nn.Parameter] | None:
     """The encoder's parameters between the progress loss's input (`Trainer.head_point`) and
     the alignment loss: GTCC's drop branch (it reads the embeddings), and when the head reads
-    the base encoder's features, everything after the base (the MCN heads and fusion)."""
+    the base encoder's features, everything after the base (the MCN heads and fusion). None
+    when the head has its own base encoder: the losses read no tensor in common."""
     encoder = model.encoder
+    if model.head_input == "separate":
+        return None
     if model.head_input == "features":
         return [p for name, p in encoder.named_parameters() if not name.startswith("base.")]
     return list(encoder.drop.parameters()) if encoder.drop is not None else []
@@ -96,8 +102,7 @@ class Trainer:
             seed_everything(rank_seed(tc.seed, dist.rank))
         self.encoder_params, self.head_params = split_parameters(self.model)
         groups = [{"params": self.encoder_params, "lr": tc.lr}]
-        if self.head_params:
-            groups.append({"params": self.head_params, "lr": tc.head_lr or tc.lr})
+        groups += self.head_groups(tc.head_lr or tc.lr)
         # Adam over all parameters, betas (0.9, 0.999), eps 1e-8, no weight decay
         # (docs/algorithms.md#optimiser).
         # Fused on CUDA: one kernel, capturable in a CUDA graph, and it skips a non-finite
@@ -156,9 +161,20 @@ class Trainer:
         for p in self.encoder_params:
             p.requires_grad_(False)
         fused = fused_optimizer(self.device)
-        self.optimizer = torch.optim.Adam(self.head_params, lr=tc.head_lr or 1e-3,
+        self.optimizer = torch.optim.Adam(self.head_groups(tc.head_lr or 1e-3),
                                           betas=(0.9, 0.999), eps=1e-8, fused=fused or None,
                                           capturable=fused)
+
+    def head_groups(self, head_lr: float) -> list[dict[str, Any]]:
+        """The optimizer groups of the head's side: the head at `head_lr`; its own base encoder
+        (progress.learnable.input=separate), an encoder, at the encoder's learning rate."""
+        base = self.model.progress_base
+        own = {id(p) for p in base.parameters()} if base is not None else set()
+        head = [p for p in self.head_params if id(p) not in own]
+        groups = [{"params": head, "lr": head_lr}] if head else []
+        if base is not None:
+            groups.append({"params": list(base.parameters()), "lr": self.cfg.train.lr})
+        return groups
 
     def losses(self, batch: Batch, *, epoch: int, step: int,
                generators: dict[str, torch.Generator], host: Batch | None = None
@@ -183,9 +199,13 @@ class Trainer:
         reads (as fp32): the head's input (`progress.learnable.input`), else the fp32
         embeddings `emb` (cumulative_l2: no head, and `build_model` gives a model without a
         head the embeddings as its head input). The features are returned as the encoder gave
-        them: under bf16/fp16 autocast their fp32 copy is not on the alignment loss's path."""
+        them: under bf16/fp16 autocast their fp32 copy is not on the alignment loss's path.
+        With a head of its own base encoder the point is that encoder's output, which the
+        alignment loss does not read."""
         if self.model.head_input == "features":
             return out.features
+        if self.model.head_input == "separate":
+            return out.progress_features
         return emb
 
     def forward(self, batch: Batch):
