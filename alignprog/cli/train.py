@@ -171,8 +171,9 @@ class Display:
 
 
 def _result_table(report: dict) -> Table:
-    t = Table(title=f"progress error on the {report.get('split', 'test')} split "
-              "(action-level, online, mean absolute error)", title_justify="left")
+    # the last weights; eval-progress scores the `best` checkpoint by default
+    t = Table(title=f"progress error of the last weights on the {report.get('split', 'test')} "
+              "split (action-level, online, mean absolute error)", title_justify="left")
     t.add_column("predictor", no_wrap=True, min_width=14)
     for col in ("MAE (mean over videos)", "MAE (all frames)", "early", "mid", "late",
                 "monotonic"):
