@@ -565,7 +565,7 @@ class TrainConfig(StrictModel):
 
     method: Literal["tcc", "gtcc", "lav", "vava"] = Field("lav", description="Alignment method.")
     epochs: int = Field(20, ge=1, description="Epochs over the training split (the "
-                        "pipeline description trains 50 on EgoProceL; 20 take about 2 "
+                        "pipeline description trains 50 on EgoProceL; 20 take about 3.5 "
                         "minutes on the synthetic default on 2 CPU cores).")
     steps: int | None = Field(None, ge=1, description="Total optimizer steps; overrides epochs.")
     lr: float = Field(3e-4, gt=0, description="Adam learning rate of the encoder (the "
@@ -573,6 +573,19 @@ class TrainConfig(StrictModel):
                       "measurements behind 3e-4).")
     head_lr: float | None = Field(3e-3, gt=0, description="Adam learning rate of the progress "
                                   "head. Unset: lr.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="How every learning rate moves over a stage's optimizer steps "
+        "after the warm-up: constant, or cosine (down to min_lr_ratio times it at the last "
+        "step).")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps over which every learning "
+                              "rate grows linearly to its value (step k of the warm-up runs at "
+                              "k / warmup_steps of it); 0: none.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the last step's learning "
+                                "rate as a fraction of the configured one.")
+    accumulate: int = Field(1, ge=1, description="Batches whose gradients are averaged into one "
+                            "optimizer step (gradient accumulation: the memory of one batch, "
+                            "the step of accumulate batches). Steps, epochs, warm-up and "
+                            "log_every count optimizer steps.")
     clip_mode: Literal["global", "separate", "none"] = Field(
         "separate", description="global: one clip over all parameters at encoder_clip (the "
         "pipeline description's); separate: encoder at encoder_clip, head at head_clip (see "
@@ -593,6 +606,9 @@ class TrainConfig(StrictModel):
     csv_metrics: bool = Field(False, description="Also write the run's step and epoch "
                               "records as metrics_step.csv and metrics_epoch.csv (one row per "
                               "logged step or epoch, nested values as dotted columns).")
+    tensorboard: bool = Field(False, description="Also write the run's step and epoch "
+                              "records as TensorBoard events under RUN_DIR/tensorboard/ (needs "
+                              "the tensorboard package: pip install 'alignprog[tensorboard]').")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="Replay the whole training step as a CUDA graph, one per shape "
         "bucket (frames rounded up to graph_frame_bucket): removes the per-kernel launch cost "

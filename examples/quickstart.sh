@@ -15,11 +15,11 @@ mkdir -p "$work"
 data="$work/data"
 
 # 1. A dataset root: features/*.npy, dataset.json, splits.json, id2action.txt
-alignprog data synth "$data" --tasks 2 --videos-per-task 12 --dim 256 --overwrite
-alignprog data check "$data"
+alignprog data synth --out "$data" --tasks 2 --videos-per-task 12 --dim 256 --overwrite
+alignprog data check --dataset "$data"
 
 # 2. What the progress head will be taught: the sampled segments per progress bin
-alignprog sample-inspect "$data" --json > "$work/sampling.json"
+alignprog sample-inspect --dataset "$data" --json > "$work/sampling.json"
 
 # 3. Train LAV and the progress head (the run folder is $work/runs/quickstart)
 read -r -a extra <<< "${ALIGNPROG_TRAIN_ARGS:-}"      # flags split on spaces, never globbed

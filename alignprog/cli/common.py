@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Mapping, Optional, get_args
+from typing import Annotated, Any, Callable, Mapping, Optional, Sequence, get_args
 
 import typer
 from rich.console import Console
@@ -102,6 +102,53 @@ def config_choices(name: str, model: type, field: str, *, exclude: tuple[str, ..
 FpsPreset = config_choices("FpsPreset", FpsConfig, "preset")
 # features, frames, or both (one pass writes both).
 Layout = config_choices("Layout", DataConfig, "layout", extra=("both",))
+
+
+# One vocabulary of values across the commands: each command offers the subset it supports.
+SPLITS = ("train", "val", "test")
+DTYPES = ("fp32", "bf16", "fp16")
+# numpy's names, the spelling `data synth --dtype` once took: still accepted, never shown.
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def choice(option: str, values: Sequence[str],
+           aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`typer.Option` keywords of a choice among `values`: `--help` shows <a|b|c>, the value is
+    read case-insensitively (and `aliases` too, unshown), and anything else is a one-line error
+    with exit code 2, not Typer's boxed usage error."""
+    values = tuple(values)
+    aliases = {k: v for k, v in (aliases or {}).items() if v in values}
+
+    def parse(value: str) -> str:
+        key = str(value).strip().lower()
+        key = aliases.get(key, key)
+        if key not in values:
+            fail(f"{option} must be one of {', '.join(values)}, got '{value}'", 2)
+        return key
+
+    def complete(incomplete: str) -> list[str]:
+        return [v for v in values if v.startswith(incomplete)]
+
+    return {"parser": parse, "metavar": f"<{'|'.join(values)}>", "autocompletion": complete}
+
+
+def dtype_choice(*supported: str) -> dict[str, Any]:
+    """`--dtype` among `supported` (in DTYPES' order), the numpy spellings accepted too."""
+    return choice("--dtype", [d for d in DTYPES if d in supported], DTYPE_ALIASES)
+
+
+def split_choice() -> dict[str, Any]:
+    return choice("--split", SPLITS)
+
+
+def one_path(option: str, value: Path | None, positional: Path | None,
+             name: str) -> Path | None:
+    """The path given as `option` or as the positional NAME that it replaces (still accepted);
+    two different paths are a one-line error."""
+    if value is not None and positional is not None and value != positional:
+        fail(f"{option} {value} and the positional {name} {positional} name different paths: "
+             f"give {option} alone", 2)
+    return value if value is not None else positional
 
 
 # Dataset options shared by the commands that read a dataset root.

@@ -13,18 +13,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, Layout, LenientOpt,
-                                   SetOpt, console, default_of, err_console, guarded,
-                                   print_table, report, resolve_config)
+                                   SetOpt, console, default_of, dtype_choice, err_console, fail,
+                                   guarded, one_path, print_table, report, resolve_config)
 from alignprog.config import Config
-from alignprog.errors import DataError
+from alignprog.errors import AlignprogError, DataError
 
 app = typer.Typer(help="Create and validate datasets.", no_args_is_help=True,
                   rich_markup_mode="rich")
 
 
-class Dtype(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
+# --dtype's spelling -> numpy's, which the writer takes.
+NUMPY_DTYPE = {"fp32": "float32", "fp16": "float16"}
 
 
 class Timelines(str, Enum):
@@ -32,12 +31,16 @@ class Timelines(str, Enum):
     egoprocel = "egoprocel"
 
 
-@app.command(epilog="Examples:\n\n  alignprog data synth data/synth --tasks 3 --videos-per-task 10 "
-             "--dim 256\n\n  alignprog data synth data/ego-like --timelines egoprocel --dim 256")
+@app.command(epilog="Examples:\n\n  alignprog data synth --out data/synth --tasks 3 "
+             "--videos-per-task 10 --dim 256\n\n  alignprog data synth --out data/ego-like "
+             "--timelines egoprocel --dim 256 --dtype fp16")
 @guarded
 def synth(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to create (must be new or empty).",
-                                            show_default=False)],
+    out_dir: Annotated[Optional[Path], typer.Argument(
+        help="The same as --out (the shorter spelling).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Folder to create: the dataset root (must be new or empty).",
+        show_default=False)] = None,
     tasks: Annotated[Optional[int], typer.Option(
         help="Number of tasks.", show_default=default_of(Config, "data.synthetic.tasks"))] = None,
     videos_per_task: Annotated[Optional[int], typer.Option(
@@ -48,7 +51,7 @@ def synth(
         show_default=default_of(Config, "data.synthetic.dim"))] = None,
     layout: Annotated[Layout, typer.Option(
         help="Which arrays to write: features (T, D), frames (T, C, S, S) or both. frames is "
-        "large: about 400 KB per frame at 1024x14x14 float16.")] = Layout.features,
+        "large: about 400 KB per frame at 1024x14x14 fp16.")] = Layout.features,
     frame_channels: Annotated[Optional[int], typer.Option(
         help="Channels C of the frames layout.",
         show_default=default_of(Config, "data.synthetic.frame_channels"))] = None,
@@ -58,8 +61,9 @@ def synth(
     seed: Annotated[Optional[int], typer.Option(
         help="Generator seed: the same seed writes the same dataset.",
         show_default=default_of(Config, "data.synthetic.seed"))] = None,
-    dtype: Annotated[Optional[Dtype], typer.Option(
-        help="Array dtype on disk.", show_default="float32 for features, float16 for frames")
+    dtype: Annotated[Optional[str], typer.Option(
+        help="Array dtype on disk.",
+        show_default="fp32 for features, fp16 for frames", **dtype_choice("fp32", "fp16"))
     ] = None,
     timelines: Annotated[Optional[Timelines], typer.Option(
         help="generated: drawn procedures (the quick demo). egoprocel: the real EgoProceL "
@@ -70,7 +74,9 @@ def synth(
         "--cmu/--no-cmu", help="egoprocel timelines: also the CMU tasks (paired by position).",
         show_default=default_of(Config, "data.synthetic.cmu",
                                 {True: "cmu", False: "no-cmu"}))] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it is not empty.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the --out folder if it is not empty (only a dataset root that data synth "
+        "wrote).")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -81,6 +87,9 @@ def synth(
     """
     from alignprog.data.write import write_synthetic_root
 
+    out_dir = one_path("--out", out, out_dir, "OUT_DIR")
+    if out_dir is None:
+        fail("missing --out DIR: the folder to write the dataset root to", 2)
     cfg = resolve_config(config, set_, {
         "data.synthetic.tasks": tasks, "data.synthetic.videos_per_task": videos_per_task,
         "data.synthetic.dim": dim, "data.synthetic.frame_channels": frame_channels,
@@ -89,21 +98,25 @@ def synth(
         "data.synthetic.cmu": cmu,
     })
     layouts = ["features", "frames"] if layout is Layout.both else [layout.value]
-    array_dtype = dtype.value if dtype else ("float16" if layouts == ["frames"] else "float32")
-    with Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as bar:
-        job = bar.add_task("videos", total=None)
-        n = write_synthetic_root(cfg.data, out_dir, layouts=layouts, dtype=array_dtype,
-                                 overwrite=overwrite,
-                                 progress=lambda done, total: bar.update(job, completed=done,
-                                                                         total=total))
+    dtype = dtype or ("fp16" if layouts == ["frames"] else "fp32")
+    try:
+        with Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err_console, transient=True) as bar:
+            job = bar.add_task("videos", total=None)
+            n = write_synthetic_root(cfg.data, out_dir, layouts=layouts,
+                                     dtype=NUMPY_DTYPE[dtype], overwrite=overwrite,
+                                     progress=lambda done, total: bar.update(
+                                         job, completed=done, total=total))
+    except AlignprogError as exc:  # the writer names the folder OUT_DIR: say --out
+        fail(str(exc).replace("OUT_DIR", "--out"), exc.exit_code)
     s = cfg.data.synthetic
     ntasks = s.tasks if s.timelines == "generated" else "EgoProceL"
     console.print(f"wrote {n} videos ({ntasks} tasks, layout {'+'.join(layouts)}, "
-                  f"{array_dtype}, seed {s.seed}) to {escape(str(out_dir))}", highlight=False)
+                  f"{dtype}, seed {s.seed}) to {escape(str(out_dir))}", highlight=False)
 
 
-@app.command(epilog="Examples:\n\n  alignprog data annotate segments.csv data/my-videos\n\n"
+@app.command(epilog="Examples:\n\n  alignprog data annotate segments.csv --dataset data/my-videos"
+             "\n\n"
              "  segments.csv:\n\n    task,video,start,end,label\n    coffee,v01,0,11,SIL\n"
              "    coffee,v01,12,40,grind beans\n    coffee,v01,41,70,pour water")
 @guarded
@@ -111,9 +124,12 @@ def annotate(
     segments: Annotated[Path, typer.Argument(
         help="CSV with a header row: task,video,start,end,label (inclusive feature-frame "
         "indices; rows in any order).", show_default=False)],
-    root: Annotated[Path, typer.Argument(
-        help="The dataset root (e.g. the output of extract-features) to write dataset.json "
-        "and id2action.txt into.", show_default=False)],
+    root: Annotated[Optional[Path], typer.Argument(
+        hidden=True, help="Older spelling of --dataset.", show_default=False)] = None,
+    dataset: Annotated[Optional[Path], typer.Option(
+        "--dataset", help="The dataset root (required; e.g. the --out of extract-features) to "
+        "write dataset.json and id2action.txt into; its features/ give each video's length.",
+        show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         help="Replace an existing dataset.json / id2action.txt.")] = False,
     config: ConfigOpt = None,
@@ -124,10 +140,14 @@ def annotate(
     Every distinct action label gets an id from 1 (id2action.txt), labels in
     data.background_labels ('0', 'SIL', 'background') are background ('0'), and so are gaps
     between segments and, where ROOT/features/<video>.npy exists, the frames after the last
-    segment. Then `alignprog data check ROOT` and `alignprog train --dataset ROOT` read the root.
+    segment. Then `alignprog data check --dataset ROOT` and `alignprog train --dataset ROOT` read
+    the root.
     """
     from alignprog.data.annotate import write_annotations
 
+    root = one_path("--dataset", dataset, root, "ROOT")
+    if root is None:
+        fail("missing --dataset ROOT: the dataset root to write the annotation files into", 2)
     cfg = resolve_config(config, set_, {})
     counts = write_annotations(segments, root, background=cfg.data.background_labels,
                                overwrite=overwrite)
@@ -136,13 +156,15 @@ def annotate(
                   f"segments, {counts['actions']} actions", highlight=False, soft_wrap=True)
 
 
-@app.command(epilog="Examples:\n\n  alignprog data check\n\n  alignprog data check data/synth\n\n"
-             "  alignprog data check data/ego --annotations egoprocel.json "
-             "--fps-preset egoprocel --lenient")
+@app.command(epilog="Examples:\n\n  alignprog data check\n\n  alignprog data check --dataset "
+             "data/synth\n\n  alignprog data check --dataset data/ego --annotations "
+             "egoprocel.json --fps-preset egoprocel --lenient")
 @guarded
 def check(
     root: Annotated[Optional[Path], typer.Argument(
-        help="Dataset root. Omit to check the embedded synthetic dataset.",
+        help="The same as --dataset (the shorter spelling).", show_default=False)] = None,
+    dataset: Annotated[Optional[Path], typer.Option(
+        "--dataset", help="Dataset root to check. Unset: the embedded synthetic dataset.",
         show_default=False)] = None,
     annotations: AnnotationsOpt = None,
     id2action: Annotated[Optional[Path], typer.Option(
@@ -178,7 +200,8 @@ def check(
     from alignprog.data.splits import write_splits
 
     cfg = resolve_config(config, set_, {
-        "data.root": root, "data.annotations": annotations, "data.id2action": id2action,
+        "data.root": one_path("--dataset", dataset, root, "ROOT"),
+        "data.annotations": annotations, "data.id2action": id2action,
         "data.tasks": tasks, "data.strict": False if lenient else None,
         "data.fps.preset": fps_preset.value if fps_preset else None,
         "data.fps.feature": feature_fps, "data.split.file": split_file,

@@ -19,7 +19,8 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from alignprog.cli.common import console, err_console, fail, guarded, print_table, report
+from alignprog.cli.common import (console, err_console, fail, guarded, print_table, report,
+                                   split_choice)
 from alignprog.errors import AlignprogError
 
 EPILOG = ("Examples:\n\n  alignprog eval-progress runs/lav-20240101-120000\n\n"
@@ -27,7 +28,6 @@ EPILOG = ("Examples:\n\n  alignprog eval-progress runs/lav-20240101-120000\n\n"
           "  alignprog eval-progress runs/my-run --alignment --plots figures/my-run\n\n"
           "  alignprog eval-progress runs/my-run --baselines constant_0.5,frame_count,random")
 
-SPLITS = ("test", "val", "train")
 DEFAULT_BASELINES = ("constant_0.5", "frame_count", "random", "constant_0", "constant_0.25",
                      "constant_0.75", "constant_1")
 # Videos whose progress curves --plots draws at most (spread over the split).
@@ -319,8 +319,8 @@ def eval_progress(
     run_dir: Annotated[Path, typer.Argument(
         help="Run directory written by `alignprog train` (runs/NAME).", show_default=False)],
     split: Annotated[str, typer.Option(
-        help="Split to evaluate: test, val or train. Normalisers and priors always come from "
-        "train.")] = "test",
+        help="Split to evaluate: train, val or test. Normalisers and priors always come from "
+        "train.", **split_choice())] = "test",
     dataset: Annotated[Optional[Path], typer.Option(
         help="Dataset root to read instead of the one in the run's config (same videos; the "
         "run's split.json is used).", show_default="the run's")] = None,
@@ -334,8 +334,9 @@ def eval_progress(
     json_: Annotated[bool, typer.Option(
         "--json", help="Print the report as JSON on stdout (diagnostics on stderr).")] = False,
     plots: Annotated[Optional[Path], typer.Option(
-        help=f"Folder for PNG figures: progress curves of up to {PLOT_VIDEOS} videos of the "
-        "split (actions shaded and labelled) and the error per progress bin.",
+        help=f"Folder to write several PNG figures into (--plots DIR; one-figure commands "
+        f"take --plot FILE): progress curves of up to {PLOT_VIDEOS} videos of the split "
+        "(actions shaded and labelled) and the error per progress bin.",
         show_default=False)] = None,
     baselines: Annotated[Optional[list[str]], typer.Option(
         help="Baselines, comma-separated or repeated: constant_<c> (c in [0, 1]), frame_count, "
@@ -353,8 +354,6 @@ def eval_progress(
 
     if not is_main_process():
         return  # under torchrun, rank 0 alone evaluates and writes the report
-    if split not in SPLITS:
-        fail(f"--split must be one of {', '.join(SPLITS)}, got '{split}'", 2)
     if alignment and split == "train":
         fail("--alignment fits its probes on the train split; scoring them on train would "
              "report training accuracy: choose --split val or test", 2)

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from alignprog.cli.common import console, fail, guarded
+from alignprog.cli.common import console, dtype_choice, fail, guarded
 
 EPILOG = ("Examples:\n\n  alignprog export runs/lav-20250101-120000 --out exports/lav\n\n"
           "  alignprog export runs/my-run --out exports/my-run-bf16 --checkpoint last "
           "--dtype bf16 --overwrite\n\n"
           "  alignprog export runs/my-run --out exports/step-500 --checkpoint step-00000500 --json")
-
-
-class Dtype(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 @guarded
@@ -34,9 +27,10 @@ def export(
     checkpoint: Annotated[str, typer.Option(
         help="best (falls back to the latest), last, or a checkpoint directory (a path, or a "
         "name under the run's checkpoints/, e.g. step-00000500).")] = "best",
-    dtype: Annotated[Dtype, typer.Option(
+    dtype: Annotated[str, typer.Option(
         help="Storage dtype of the floating-point weights: fp32 is exact, bf16/fp16 halve the "
-        "file (alignprog.load upcasts them to float32).")] = Dtype.fp32,
+        "file (alignprog.load upcasts them to fp32).", **dtype_choice("fp32", "bf16", "fp16"))
+    ] = "fp32",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace an existing export in --out (a folder that is not an "
         "alignprog export is never replaced).")] = False,
@@ -53,7 +47,7 @@ def export(
     from alignprog.export import CARD_FILE, CONFIG_FILE, export_run, read_export_info
 
     try:
-        path = export_run(run_dir, checkpoint=checkpoint, out_dir=out, dtype=dtype.value,
+        path = export_run(run_dir, checkpoint=checkpoint, out_dir=out, dtype=dtype,
                           overwrite=overwrite)
     except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
         # A meta that no longer validates, a damaged file: one line, not a traceback (as

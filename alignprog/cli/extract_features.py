@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import json
 import time
-from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn)
 
-from alignprog.cli.common import Layout, console, err_console, fail, guarded, report
+from alignprog.cli.common import (Layout, console, dtype_choice, err_console, fail, guarded,
+                                   one_path, report)
+from alignprog.errors import AlignprogError
 
-EPILOG = ("Examples:\n\n  alignprog extract-features videos/ data/ego\n\n"
-          "  alignprog extract-features videos/ data/ego --layout both --fps 4 --device cuda "
-          "--batch-size 64\n\n"
-          "  alignprog extract-features videos/ data/test --weights random --dtype fp32 --json\n\n"
-          "Writes OUT_ROOT/features/<handle>.npy (T, 2048), OUT_ROOT/frames/<handle>.npy "
-          "(T, 1024, 14, 14) and OUT_ROOT/manifest.json; <handle> is the video's file stem. "
+EPILOG = ("Examples:\n\n  alignprog extract-features videos/ --out data/ego\n\n"
+          "  alignprog extract-features videos/ --out data/ego --layout both --fps 4 "
+          "--device cuda --batch-size 64\n\n"
+          "  alignprog extract-features videos/ --out data/test --weights random --dtype fp32 "
+          "--json\n\n"
+          "Writes OUT/features/<handle>.npy (T, 2048), OUT/frames/<handle>.npy "
+          "(T, 1024, 14, 14) and OUT/manifest.json; <handle> is the video's file stem. "
           "Run it again to resume: finished videos are skipped.")
-
-
-class Dtype(str, Enum):
-    fp16 = "fp16"
-    fp32 = "fp32"
 
 
 @guarded
@@ -34,8 +31,11 @@ def extract_features(
     video_dir: Annotated[Path, typer.Argument(
         help="Folder of video files (.mp4, .mkv, .avi, .webm, ...) or a single video.",
         show_default=False)],
-    out_root: Annotated[Path, typer.Argument(
-        help="Dataset root to write into (created if missing).", show_default=False)],
+    out_root: Annotated[Optional[Path], typer.Argument(
+        hidden=True, help="Older spelling of --out.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Dataset root to write into (required; created if missing).",
+        show_default=False)] = None,
     fps: Annotated[float, typer.Option(
         help="Target frame rate: decoded frame c is kept when floor(c mod h) == 0, "
         "h = native fps / FPS.")] = 1.0,
@@ -48,10 +48,10 @@ def extract_features(
     ] = "imagenet",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Frames per network pass.", min=1)] = 32,
-    dtype: Annotated[Dtype, typer.Option(
-        help="Storage dtype of the arrays (the reference fork stores float16); the network runs "
-        "in float32.")
-    ] = Dtype.fp16,
+    dtype: Annotated[str, typer.Option(
+        help="Storage dtype of the arrays (the reference fork stores fp16); the network runs "
+        "in fp32.", **dtype_choice("fp32", "fp16"))
+    ] = "fp16",
     overwrite: Annotated[bool, typer.Option(
         help="Redo videos whose arrays already exist (and accept other settings than the "
         "manifest's).")] = False,
@@ -70,13 +70,16 @@ def extract_features(
     from alignprog.data.video import find_videos
     from alignprog.runtime import resolve_device
 
+    out_root = one_path("--out", out, out_root, "OUT_ROOT")
+    if out_root is None:
+        fail("missing --out DIR: the dataset root to write the arrays into", 2)
     try:
         dev = resolve_device(device)
     except ConfigError as exc:  # its messages name the training setting
         fail(str(exc).replace("train.device", "--device"), exc.exit_code)
     layouts = ("features", "frames") if layout is Layout.both else (layout.value,)
     settings = ExtractSettings(fps=fps, layouts=layouts, weights=weights, batch_size=batch_size,
-                               dtype=dtype.value, overwrite=overwrite)
+                               dtype=dtype, overwrite=overwrite)
     videos = find_videos(video_dir, recursive=recursive)
     if not videos:
         fail(f"{video_dir}: no video files found (looked for common video suffixes"
@@ -109,9 +112,13 @@ def extract_features(
             bar.advance(job)
 
         # A damaged existing array is extracted again: said as one "warning:" line.
-        summary = extract_videos(videos, out_root, settings, device=dev, on_video_start=on_start,
-                                 on_frames=on_frames, on_video=on_video,
-                                 on_warning=lambda message: report("warning", message))
+        try:
+            summary = extract_videos(videos, out_root, settings, device=dev,
+                                     on_video_start=on_start, on_frames=on_frames,
+                                     on_video=on_video,
+                                     on_warning=lambda message: report("warning", message))
+        except AlignprogError as exc:  # the library names the root OUT_ROOT: say --out
+            fail(str(exc).replace("OUT_ROOT", "--out"), exc.exit_code)
     result = summary.to_dict()
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -121,7 +128,7 @@ def extract_features(
         console.print(
             f"{result['done']} extracted, {result['skipped']} already done, "
             f"{result['failed']} failed: {result['frames']} frames at {fps:g} fps{speed}; "
-            f"layout {'+'.join(layouts)}, {dtype.value}, weights {summary.weights or weights} "
+            f"layout {'+'.join(layouts)}, {dtype}, weights {summary.weights or weights} "
             f"-> {escape(str(out_root))}", highlight=False, soft_wrap=True)
     if summary.failed:
         raise typer.Exit(1)

@@ -49,7 +49,7 @@ def predict(
         help="An export directory (alignprog export) or its model.safetensors.",
         show_default=False)],
     features: Annotated[list[Path], typer.Argument(
-        help="Feature files: (T, D) float16/32 .npy, or (T, C, H, W) for a frames model.",
+        help="Feature files: (T, D) .npy in fp32 or fp16, or (T, C, H, W) for a frames model.",
         show_default=False)],
     segments: Annotated[Optional[Path], typer.Option(
         help="JSON of where actions start and end (see below); progress is then per action, "
@@ -57,7 +57,9 @@ def predict(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print everything, full per-frame arrays included, as JSON.")] = False,
     plot: Annotated[Optional[Path], typer.Option(
-        help="Also write a PNG of the progress curves to this file.", show_default=False)] = None,
+        help="Also write one PNG figure of the progress curves (a panel per video) to this "
+        "file (--plot FILE; commands that write several figures take --plots DIR).",
+        show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     max_frames: Annotated[int, typer.Option(
         min=1, help="Refuse a video with more frames than this (read from the .npy header, "

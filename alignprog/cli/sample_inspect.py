@@ -13,8 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, LenientOpt, SetOpt,
-                                   console, guarded, print_table, report, resolve_config,
-                                   write_figure)
+                                   console, guarded, one_path, print_table, report,
+                                   resolve_config, split_choice, write_figure)
 
 BIN_STYLE = {"early": "green", "mid": "magenta", "late": "dark_orange"}
 MODE_STYLE = {True: "bold blue", False: "bold"}
@@ -24,7 +24,8 @@ ACTION_STYLES = ("cyan", "yellow", "blue", "red", "green", "magenta", "bright_cy
                  "bright_yellow", "bright_blue", "bright_red")
 
 EPILOG = ("Examples:\n\n  alignprog sample-inspect\n\n"
-          "  alignprog sample-inspect data/synth --split val --seed 3 --video synth_t1_v04\n\n"
+          "  alignprog sample-inspect --dataset data/synth --split val --seed 3 "
+          "--video synth_t1_v04\n\n"
           "  alignprog sample-inspect --set progress.learnable.min_segment_len=5 --json\n\n"
           "  alignprog sample-inspect --plot sampling.png")
 
@@ -32,10 +33,12 @@ EPILOG = ("Examples:\n\n  alignprog sample-inspect\n\n"
 @guarded
 def sample_inspect(
     root: Annotated[Optional[Path], typer.Argument(
-        help="Dataset root. Omit to inspect the embedded synthetic dataset.",
+        help="The same as --dataset (the shorter spelling).", show_default=False)] = None,
+    dataset: Annotated[Optional[Path], typer.Option(
+        "--dataset", help="Dataset root to inspect. Unset: the embedded synthetic dataset.",
         show_default=False)] = None,
     split: Annotated[str, typer.Option(
-        help="Split to draw from: train, val or test.")] = "train",
+        help="Split to draw from: train, val or test.", **split_choice())] = "train",
     seed: Annotated[int, typer.Option(
         help="Seed of the loader's shuffle and of the sampler's generator (as training's epoch "
         "seed).")] = 0,
@@ -48,8 +51,9 @@ def sample_inspect(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the report as JSON (nothing else on stdout).")] = False,
     plot: Annotated[Optional[Path], typer.Option(
-        help="Also write a PNG figure (histograms and the timeline) to this file. Needs "
-        "matplotlib: pip install 'alignprog\\[plot]'.", show_default=False)] = None,
+        help="Also write one PNG figure (histograms and the timeline) to this file (--plot "
+        "FILE; commands that write several figures take --plots DIR). Needs matplotlib: pip "
+        "install 'alignprog\\[plot]'.", show_default=False)] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -67,7 +71,8 @@ def sample_inspect(
     from alignprog.plots import png_bytes, require_matplotlib, sampling_figure
 
     cfg = resolve_config(config, set_, {
-        "data.root": root, "data.annotations": annotations,
+        "data.root": one_path("--dataset", dataset, root, "ROOT"),
+        "data.annotations": annotations,
         "data.strict": False if lenient else None,
         "data.fps.preset": fps_preset.value if fps_preset else None,
     })

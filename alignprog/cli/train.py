@@ -29,6 +29,7 @@ ProgressMethod = config_choices("ProgressMethod", ProgressConfig, "method", extr
 Head = config_choices("Head", LearnableProgressConfig, "arch")
 HeadInput = config_choices("HeadInput", LearnableProgressConfig, "input")
 ClipMode = config_choices("ClipMode", TrainConfig, "clip_mode")
+LrSchedule = config_choices("LrSchedule", TrainConfig, "lr_schedule")
 Balance = config_choices("Balance", ProgressConfig, "balance")
 Encoder = config_choices("Encoder", ModelConfig, "encoder")
 Precision = config_choices("Precision", TrainConfig, "precision")
@@ -208,6 +209,17 @@ def train(
     head_lr: Annotated[Optional[float], typer.Option(
         help="Learning rate of the progress head.",
         show_default=default_of(Config, "train.head_lr"))] = None,
+    lr_schedule: Annotated[Optional[LrSchedule], typer.Option(
+        help="After --warmup-steps: constant, or cosine down to train.min_lr_ratio times each "
+        "learning rate at the last step (each stage of --two-stage its own).",
+        show_default=default_of(Config, "train.lr_schedule"))] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(
+        help="Optimizer steps of linear learning-rate warm-up (0: none).",
+        show_default=default_of(Config, "train.warmup_steps"))] = None,
+    accumulate: Annotated[Optional[int], typer.Option(
+        help="Batches averaged into one optimizer step (gradient accumulation; one process, "
+        "eager step); --steps counts optimizer steps.",
+        show_default=default_of(Config, "train.accumulate"))] = None,
     progress: Annotated[Optional[ProgressMethod], typer.Option(
         help="Progress predictor trained with the encoder.",
         show_default=default_of(Config, "progress.method"))] = None,
@@ -280,6 +292,8 @@ def train(
         "train.method": method.value if method else None, "data.root": dataset,
         "train.epochs": epochs, "train.steps": steps, "data.batch_size": batch_size,
         "train.lr": lr, "train.head_lr": head_lr,
+        "train.lr_schedule": lr_schedule.value if lr_schedule else None,
+        "train.warmup_steps": warmup_steps, "train.accumulate": accumulate,
         "progress.lambda_fixed": lambda_,
         "progress.balance": balance.value if balance else None,
         "progress.balance_ratio": balance_ratio,
@@ -364,7 +378,7 @@ def _train(cfg, dist, *, resume: bool, overwrite: bool, json_logs: bool, quiet: 
     for line in training_problems(dataset, cfg.data):   # what data check warns about, too
         if dist.is_main and not quiet:
             report("warning", line)
-    check_config(cfg)
+    check_config(cfg, dist)
 
     run, run_name = _create_run(cfg, dist, dataset, device, resume=resume,
                                 overwrite=overwrite)

@@ -54,6 +54,8 @@ def unsupported(cfg: Config, device: torch.device, *, several_processes: bool,
         return "the device is not CUDA"
     if several_processes:
         return "several processes agree on each step on the host"
+    if tc.accumulate > 1:
+        return "train.accumulate > 1 runs the eager step (a graph holds one batch's step)"
     if tc.method not in GRAPH_METHODS:
         return f"{tc.method}'s GMM fits decide on the host how many iterations run"
     if cfg.progress.enabled and cfg.progress.method != "learnable":
@@ -131,6 +133,7 @@ class StepGraphs:
         self.step_count = torch.zeros((), dtype=torch.long, device=device)
         self.failed: str | None = None
         self.replays = 0
+        self.captures = 0   # graphs captured so far, evicted ones included
 
     def replay(self, host: Batch, samples: SegmentSamples | None, step: int
                ) -> dict[str, torch.Tensor] | None:
@@ -193,6 +196,7 @@ class StepGraphs:
                 step: int) -> Graph:
         b, frames, q, width = key
         dev = self.device
+        self.captures += 1
         zeros = lambda dtype: torch.zeros(q, dtype=dtype, device=dev)  # noqa: E731
         inputs = GraphInputs(
             features=torch.zeros((b, frames, *host.features.shape[2:]),

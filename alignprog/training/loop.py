@@ -30,7 +30,7 @@ from alignprog.data import Dataset, load_dataset, make_loader
 from alignprog.errors import ConfigError
 from alignprog.models import AlignmentModel
 from alignprog.runtime import deterministic, device_info, resolve_device
-from alignprog.training import csvlog
+from alignprog.training import csvlog, tblog
 from alignprog.training.distributed import SINGLE, Dist
 from alignprog.training.rundir import RunDir
 from alignprog.training.trainer import Trainer, TrainingError  # noqa: F401 (re-exported)
@@ -121,7 +121,7 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
     """
     emit = callback or (lambda kind, record: None)
     tc = cfg.train
-    check_config(cfg)
+    check_config(cfg, dist)
     device = dist.device if dist.active else resolve_device(tc.device)
     run = run if dist.is_main else None          # rank 0 alone writes the run directory
     dataset = dataset or load_dataset(cfg.data)
@@ -134,40 +134,58 @@ def _fit(cfg: Config, *, dataset: Dataset | None, run: RunDir | None, resume: bo
             run.truncate_metrics_after(trainer.step)
             if cfg.train.csv_metrics:
                 csvlog.rebuild(run.path, run.read_metrics())
+            if cfg.train.tensorboard:
+                tblog.rebuild(run.path, run.read_metrics())
         else:
             run.write_config(cfg)
             run.write_split(dataset.splits)
             run.write_environment(device_info(device) | {"dataset": dataset.name,
                                                          "videos": len(dataset.videos)})
     saved = trainer.sync(saved)   # rank 0's weights, optimizer and counters on every rank
-    return _fit_loop(cfg, trainer, dataset, run, resume, emit, dist, device, saved)
+    tb = tblog.TensorBoardLog(run.path) if run is not None and tc.tensorboard else None
+    try:
+        return _fit_loop(cfg, trainer, dataset, run, resume, emit, dist, device, saved, tb)
+    finally:   # also on an error or an interrupt: no open event file is left behind
+        if tb is not None:
+            tb.close()
 
 
-def check_config(cfg: Config) -> None:
+def check_config(cfg: Config, dist: Dist = SINGLE) -> None:
     """The config errors `fit` raises before any work (the CLI calls this before it creates
     or replaces the run directory); the encoder -> data layout rule is the config's own."""
     if not cfg.data.multi_task:
         raise ConfigError("data.multi_task=false (single-task mode) is not supported by train "
                           "yet; train on one task with --set 'data.tasks=[TASK]' instead")
+    if cfg.train.accumulate > 1 and dist.active:
+        raise ConfigError("train.accumulate > 1 runs in one process only (several processes "
+                          "already average their batches' gradients: use more processes or "
+                          "a larger data.batch_size instead)")
+    if cfg.train.tensorboard:
+        tblog.require()
 
 
 def _fit_loop(cfg: Config, trainer: Trainer, dataset: Dataset, run: RunDir | None, resume: bool,
-              emit: Callback, dist: Dist, device: torch.device, saved: dict) -> FitResult:
+              emit: Callback, dist: Dist, device: torch.device, saved: dict,
+              tb: tblog.TensorBoardLog | None) -> FitResult:
     tc = cfg.train
     loader = make_loader(dataset, "train", batch_size=cfg.data.batch_size, shuffle=True,
                          drop_last=True, seed=tc.seed, num_workers=tc.num_workers,
                          pin_memory=device.type == "cuda", num_replicas=dist.world_size,
                          rank=dist.rank)
-    steps_per_epoch = len(loader)
+    # optimizer steps; with train.accumulate, an epoch's batches beyond a multiple of it drop
+    steps_per_epoch = len(loader) // tc.accumulate
     if steps_per_epoch == 0:
         raise ConfigError("the training split forms no batch (a task needs at least two "
-                          "training videos)")
+                          "training videos)" if len(loader) == 0 else
+                          f"the training split forms {len(loader)} batches an epoch, fewer "
+                          f"than train.accumulate={tc.accumulate}")
     total_steps = tc.steps or tc.epochs * steps_per_epoch
     if resume and not tc.steps and saved.get("world_size", 1) != dist.world_size:
         # Resumed with another number of ranks: the steps done were counted at the old one;
         # finish the remaining epochs at the new one (checkpoints hold the global step).
         total_steps = (trainer.step + (tc.epochs - trainer.epoch) * steps_per_epoch
                        - trainer.batch_in_epoch // dist.world_size)
+    trainer.set_schedule(0, total_steps)
     emit("start", {"steps": total_steps, "epochs": math.ceil(total_steps / steps_per_epoch),
                    "steps_per_epoch": steps_per_epoch, "device": str(device),
                    "lambda": trainer.lam if trainer.balance == "fixed" else None,
@@ -183,6 +201,8 @@ def _fit_loop(cfg: Config, trainer: Trainer, dataset: Dataset, run: RunDir | Non
             run.log_metrics(record | {"kind": kind})
             if tc.csv_metrics:
                 csvlog.append(run.path, kind, record)
+            if tb is not None:
+                tb.append(kind, record)
         emit(kind, record)
 
     clock = StepClock(trainer.step)
@@ -200,6 +220,7 @@ def _fit_loop(cfg: Config, trainer: Trainer, dataset: Dataset, run: RunDir | Non
             # validation error. A resumed stage-2 run arrives with its optimizer rebuilt.
             if trainer.stage != 2:
                 trainer.enter_head_stage()
+            trainer.set_schedule(total_steps, tc.head_epochs * steps_per_epoch)
             while trainer.epoch - trainer.head_start < tc.head_epochs:
                 _train_epoch(trainer, loader, log, run, clock, head_only=True)
                 record = {"step": trainer.step, "epoch": trainer.epoch, "stage": "head"}
@@ -228,16 +249,24 @@ def _train_epoch(trainer: Trainer, loader, log: Callback, run: RunDir | None,
                  clock: StepClock, *, total_steps: int | None = None,
                  head_only: bool = False) -> None:
     """The rest of the current epoch's batches (all of them, or up to `total_steps`), one
-    `step_batch` each, logging every `train.log_every` steps and checkpointing every
+    optimizer step per `train.accumulate` of them (`step_batches`; the epoch's last batches
+    short of that drop), logging every `train.log_every` steps and checkpointing every
     `train.checkpoint_every` steps."""
     tc, dist = trainer.cfg.train, trainer.dist
     loader.batch_sampler.set_epoch(trainer.epoch)
+    batches = loader.batch_sampler.batches()
+    batches = batches[:len(batches) - len(batches) % tc.accumulate]
     # batch_in_epoch counts the batches of all ranks: a run resumed with another number of
-    # ranks redoes at most one batch per rank rather than skipping any.
-    for batch in _iterate(loader, loader.batch_sampler.batches(),
-                          trainer.batch_in_epoch // dist.world_size):
-        metrics = trainer.step_batch(batch, head_only=head_only)
-        trainer.batch_in_epoch += dist.world_size
+    # ranks redoes at most one batch per rank rather than skipping any. Checkpoints fall
+    # between steps, so a resumed epoch starts at a step's first batch.
+    group: list = []
+    for batch in _iterate(loader, batches, trainer.batch_in_epoch // dist.world_size):
+        group.append(batch)
+        if len(group) < tc.accumulate:
+            continue
+        metrics = trainer.step_batches(group, head_only=head_only)
+        trainer.batch_in_epoch += dist.world_size * len(group)
+        group = []
         # Reading the metrics waits for the GPU: only at the logged steps, and every
         # max_bad_steps steps to stop a run that keeps skipping.
         if trainer.step % tc.log_every == 0 or trainer.step == total_steps:

@@ -329,6 +329,42 @@ def take_step(owner: StepOwner, alignment: torch.Tensor, progress: torch.Tensor 
                    release_grads)
 
 
+def finish_accumulated(owner: StepOwner,
+                       parts: list[tuple[StepMetrics, torch.Tensor, torch.Tensor | None,
+                                         torch.Tensor | None, Scalar]],
+                       *, head_only: bool = False) -> StepMetrics:
+    """The one update after the backward of several batches (`train.accumulate`, one process):
+    `parts` holds per batch (host counts, alignment loss, progress loss or None, the total
+    `backward` returned or None, its lambda), their gradients summed in .grad. The gradients
+    become the mean over the batches that had a loss, then head rescale, clipping and Adam as
+    in `take_step`; the step is bad when any batch's total is not finite. The record holds the
+    batches' mean losses, totals and lambdas and their summed counts."""
+    first = parts[0][0]
+    progress = [p for _, _, p, _, _ in parts if p is not None]
+    metrics = first.with_values(
+        videos=sum(info.videos for info, *_ in parts),
+        frames=sum(info.frames for info, *_ in parts),
+        samples=sum(info.samples for info, *_ in parts),
+        alignment=torch.stack([a.float() for _, a, *_ in parts]).mean(),
+        progress=torch.stack([p.float() for p in progress]).mean() if progress else None,
+        extra={"batches": len(parts)})
+    counted = [(total, lam) for *_, total, lam in parts if total is not None]
+    if not counted:   # no batch had anything to learn from: skipped, not bad
+        owner.skipped_steps += 1
+        return metrics.with_values(no_loss=True, bad=torch.ones((), dtype=torch.bool))
+    totals = torch.stack([total.double() for total, _ in counted])
+    lams = [lam for _, lam in counted]
+    lam = (sum(lams) / len(lams) if not any(isinstance(v, torch.Tensor) for v in lams)
+           else torch.stack([torch.as_tensor(v, dtype=torch.float64, device=owner.device)
+                             for v in lams]).mean())
+    grads = [p.grad for p in owner.encoder_params + owner.head_params if p.grad is not None]
+    if grads and len(counted) > 1:
+        torch._foreach_div_(grads, float(len(counted)))
+    bad = ~torch.isfinite(totals).all()
+    return _update(owner, metrics.with_values(total=totals.mean(), lam=lam), bad, head_only,
+                   release_grads=True)
+
+
 def _update(owner: StepOwner, metrics: StepMetrics, bad: torch.Tensor, head_only: bool,
             release_grads: bool) -> StepMetrics:
     rescale_head(owner, head_only)

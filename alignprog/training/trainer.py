@@ -26,7 +26,9 @@ from alignprog.training.checkpoint import (CheckpointError, checkpoint_name, loa
 from alignprog.training.distributed import SINGLE, Dist
 from alignprog.training.graphs import GraphInputs, StepGraphs
 from alignprog.training.rundir import RunDir
-from alignprog.training.step import StepMetrics, backward, objective, take_step
+from alignprog.training.schedule import lr_factor, scheduled, set_learning_rates, use_tensor_rates
+from alignprog.training.step import (StepMetrics, backward, finish_accumulated, objective,
+                                     take_step)
 
 
 class TrainingError(AlignprogError):
@@ -110,6 +112,10 @@ class Trainer:
         fused = fused_optimizer(device)
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8,
                                           fused=fused or None, capturable=fused)
+        # The groups' configured learning rates (the schedule's factor multiplies them) and the
+        # stage's steps the schedule spans (`set_schedule`)
+        self.base_lrs = [g["lr"] for g in groups]
+        self.schedule_start, self.schedule_steps = 0, 1
         # On a GPU the model runs every padded position: no data-dependent shape, no host sync.
         set_dense(self.model, device.type == "cuda")
         self.loss_fn = ALIGNMENT_LOSSES[tc.method]
@@ -161,9 +167,35 @@ class Trainer:
         for p in self.encoder_params:
             p.requires_grad_(False)
         fused = fused_optimizer(self.device)
-        self.optimizer = torch.optim.Adam(self.head_groups(tc.head_lr or 1e-3),
-                                          betas=(0.9, 0.999), eps=1e-8, fused=fused or None,
-                                          capturable=fused)
+        groups = self.head_groups(tc.head_lr or 1e-3)
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-8,
+                                          fused=fused or None, capturable=fused)
+        self.base_lrs = [g["lr"] for g in groups]
+
+    def set_schedule(self, start: int, steps: int) -> None:
+        """The learning-rate schedule of the current stage spans its `steps` optimizer steps
+        from global step `start` (docs/algorithms.md#learning-rate-schedule)."""
+        self.schedule_start, self.schedule_steps = start, max(steps, 1)
+
+    def learning_rate(self) -> float:
+        """The encoder's (first group's) learning rate of the step about to run."""
+        return self.base_lrs[0] * self._lr_factor()
+
+    def _lr_factor(self) -> float:
+        return lr_factor(self.step - self.schedule_start, self.schedule_steps, self.cfg.train)
+
+    def _apply_schedule(self, graphed: bool) -> None:
+        """Set the groups' learning rates for the step about to run. A graphed step reads them
+        from device tensors, made before the first capture (and again after a resume, whose
+        optimizer state brings its own)."""
+        if not scheduled(self.cfg.train):
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        # once on the GPU the tensors stay (captured graphs read their memory); a float or a
+        # CPU tensor (a restored optimizer state) becomes one
+        if graphed and not (isinstance(lr, torch.Tensor) and lr.is_cuda):
+            use_tensor_rates(self.optimizer, self.device)
+        set_learning_rates(self.optimizer, self.base_lrs, self._lr_factor())
 
     def head_groups(self, head_lr: float) -> list[dict[str, Any]]:
         """The optimizer groups of the head's side: the head at `head_lr`; its own base encoder
@@ -289,16 +321,50 @@ class Trainer:
         batch allows it (train.cuda_graphs)."""
         start = time.perf_counter()
         metrics = None
-        if (self.graphs is not None and self.graphs.failed is None and not head_only
-                and self.step > 0 and batch.size >= 2):
+        lr = self.learning_rate()
+        graphed = (self.graphs is not None and self.graphs.failed is None and not head_only
+                   and self.step > 0 and batch.size >= 2)
+        self._apply_schedule(graphed)
+        if graphed:
             metrics = self._graph_step(batch)
         if metrics is None:
             # No gradient left over: a CUDA graph's replay leaves its own buffers in .grad
             self.optimizer.zero_grad(set_to_none=True)
             metrics = self._eager_step(batch, head_only=head_only)
+        return self._finish_step(metrics, lr, start)
+
+    def step_batches(self, batches: list[Batch], *, head_only: bool = False) -> StepMetrics:
+        """One optimizer step from the gradients of several batches (`train.accumulate`): each
+        batch's forward and backward in turn (the memory of one), their gradients averaged,
+        then the one clipping and Adam step of `take_step` (eager: a CUDA graph holds one
+        batch's step). One batch is `step_batch`."""
+        if len(batches) == 1:
+            return self.step_batch(batches[0], head_only=head_only)
+        if self.dist.active:
+            raise TrainingError("train.accumulate > 1 runs in one process only")
+        start = time.perf_counter()
+        lr = self.learning_rate()
+        self._apply_schedule(False)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        parts = []
+        for host in batches:
+            batch = host.to(self.device, non_blocking=True)
+            with trusted_inputs():
+                out = self.losses(batch, epoch=self.epoch, step=self.step,
+                                  generators=self.generators, host=host)
+            total, lam = backward(self, out["alignment"], out["progress"], out["embeddings"],
+                                  head_only=head_only)
+            parts.append((self._info(host, out["samples"]), out["alignment"].detach(),
+                          None if out["progress"] is None else out["progress"].detach(),
+                          total, lam))
+            del out
+        metrics = finish_accumulated(self, parts, head_only=head_only)
+        return self._finish_step(metrics, lr, start)
+
+    def _finish_step(self, metrics: StepMetrics, lr: float, start: float) -> StepMetrics:
         self.step += 1
-        metrics.extra.update(lr=self.optimizer.param_groups[0]["lr"],
-                             seconds=time.perf_counter() - start)
+        metrics.extra.update(lr=lr, seconds=time.perf_counter() - start)
         if self.device.type == "cuda":
             metrics.extra["gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return metrics
