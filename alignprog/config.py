@@ -576,7 +576,7 @@ class TrainConfig(StrictModel):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="How every learning rate moves over a stage's optimizer steps "
         "after the warm-up: constant, or cosine (down to min_lr_ratio times it at the last "
-        "step).")
+        "step). A warm-up or cosine schedule runs the eager step (no CUDA graphs).")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps over which every learning "
                               "rate grows linearly to its value (step k of the warm-up runs at "
                               "k / warmup_steps of it); 0: none.")
@@ -613,13 +613,16 @@ class TrainConfig(StrictModel):
         "auto", description="Replay the whole training step as a CUDA graph, one per shape "
         "bucket (frames rounded up to graph_frame_bucket): removes the per-kernel launch cost "
         "that dominates small models. auto: on for a single CUDA process with a launch-bound "
-        "configuration (stacking or naive encoder; tcc, lav or vava; learnable or no progress); "
-        "on: wherever supported (the reason is printed where not); off: never.")
+        "configuration (stacking or naive encoder; tcc, lav or vava; learnable or no progress), "
+        "capturing a shape the second time it comes and at most max_graphs of them (other "
+        "shapes run eagerly); on: wherever supported (the reason is printed where not), every "
+        "shape at once; off: never.")
     graph_frame_bucket: int = Field(64, ge=1, description="CUDA graphs: a batch's frames are "
                                     "padded up to a multiple of this (fewer graphs, some "
                                     "padding work).")
     max_graphs: int = Field(16, ge=1, description="CUDA graphs kept at once (each holds the "
-                            "memory of one step); the least recently used goes first.")
+                            "memory of one step). cuda_graphs=on: the least recently used "
+                            "goes first; auto: further shapes run eagerly.")
     max_bad_steps: int = Field(20, ge=1, description="Stop after this many consecutive steps "
                                "with a non-finite loss or gradient (each leaves the weights and "
                                "Adam untouched, is counted in skipped_total and still counts as "

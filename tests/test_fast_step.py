@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from alignprog.models.encoders import StackingEncoder
 from alignprog.models.mcn import MultiHeadEncoder
 from alignprog.runtime import checks_values, trusted_inputs
 from alignprog.sampling import gather_frames
-from alignprog.training.graphs import next_power_of_two, round_up, unsupported
+from alignprog.training.graphs import (METRICS, StepGraphs, next_power_of_two, round_up,
+                                       unsupported)
 from alignprog.training.step import StepMetrics, clip_to, total_norm
 from alignprog.training.trainer import Trainer, TrainingError
 
@@ -275,6 +277,57 @@ def test_graph_step_skips_a_non_finite_step_on_the_device():
     assert rec["skipped"] and rec["skipped_total"] == 1 and trainer.graphs.replays == 2
     for p, q in zip(trainer.model.parameters(), before):
         assert torch.equal(p, q)
+
+
+def _graphs(bounded: bool, max_graphs: int = 2) -> tuple[StepGraphs, list]:
+    """StepGraphs on the CPU with capture and replay stubbed: what it would capture, in order."""
+    graphs = StepGraphs(nn.Linear(1, 1), None, None, None, torch.device("cpu"),
+                        frame_bucket=64, max_graphs=max_graphs, samples_per_video=10,
+                        bounded=bounded)
+    captured: list = []
+
+    def capture(key, host, samples, step):
+        captured.append(key)
+        return SimpleNamespace(graph=SimpleNamespace(replay=lambda: None), inputs=None,
+                               metrics=torch.zeros(len(METRICS)))
+
+    graphs.capture, graphs.fill = capture, lambda *args: None
+    return graphs, captured
+
+
+def _batch(frames: int, longest: int, videos: int = 2, samples: int = 20):
+    class Samples(SimpleNamespace):
+        def __len__(self):
+            return len(self.segment_length)
+
+    host = SimpleNamespace(size=videos, features=torch.zeros(videos, frames, 1))
+    return host, Samples(segment_length=torch.tensor([longest] * samples))
+
+
+def test_graph_keys_pad_samples_to_the_most_and_widths_to_64():
+    graphs, _ = _graphs(bounded=True)
+    # 13 samples of 2 videos pad to 10 x 2 = 20, then to a multiple of 16; width >= 64
+    assert graphs.key(*_batch(100, 3, samples=13)) == (2, 128, 32, 64)
+    assert graphs.key(*_batch(100, 70)) == (2, 128, 32, 128)
+    assert graphs.key(*_batch(40, 30)) == (2, 64, 32, 64)       # never wider than the frames
+    assert graphs.key(*_batch(600, 300, videos=3, samples=30)) == (3, 640, 32, 512)
+
+
+def test_auto_captures_a_shape_the_second_time_and_never_evicts():
+    graphs, captured = _graphs(bounded=True)
+    a, b, c = _batch(100, 5), _batch(200, 5), _batch(300, 5)
+    got = [graphs.replay(*x, step=1) is not None for x in (a, a, b, c, b, c, c, a, b)]
+    # a: eager, captured; b: eager; c: eager; b captured; c: both graphs held, so eager for good
+    assert got == [False, True, False, False, True, False, False, True, True]
+    assert captured == [graphs.key(*a), graphs.key(*b)] and graphs.replays == 4
+
+
+def test_on_captures_every_shape_and_evicts_the_least_recently_used():
+    graphs, captured = _graphs(bounded=False)
+    a, b, c = _batch(100, 5), _batch(200, 5), _batch(300, 5)
+    assert all(graphs.replay(*x, step=1) is not None for x in (a, b, c, a))
+    assert captured == [graphs.key(*x) for x in (a, b, c, a)]   # c evicted a; a came back
+    assert list(graphs.graphs) == [graphs.key(*c), graphs.key(*a)]
 
 
 def test_cuda_graphs_switch_reads_yaml_on_off():

@@ -233,42 +233,14 @@ def test_cli_refuses_bad_schedule_values(tmp_path: Path, args, words):
     assert words in err and "Traceback" not in err
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_steps_follow_the_schedule():
-    # The replay reads the learning rate from a device tensor: graphed and eager steps take
-    # the same scheduled rates and end at the same weights (tolerances as in test_fast_step).
-    from alignprog.runtime import deterministic
-    from test_fast_step import GPU, batches
-
-    def run(graphs: str, schedule: str):
-        cfg = load_config(overrides=GPU | {
-            "train.method": "lav", "train.cuda_graphs": graphs, "loss.reduction": "mean",
-            "progress.learnable.input": "embeddings", "train.lr_schedule": schedule,
-            "train.warmup_steps": 2, "train.lr": 1e-3})
-        with deterministic(True):
-            trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cuda"))
-            trainer.set_schedule(0, 5)
-            data = [b.pin_memory() for b in batches(trainer, 5)]
-            records, held = [], []
-            for b in data:
-                records.append(trainer.read(trainer.step_batch(b)))
-                held.append(trainer.optimizer.param_groups[0]["lr"])
-        if graphs == "on":
-            # from the first replay on, one tensor: the captured graphs read its memory
-            assert all(lr is held[1] for lr in held[1:])
-        return trainer, records
-
-    eager, rec_e = run("off", "cosine")
-    graph, rec_g = run("on", "cosine")
-    assert graph.graphs is not None and graph.graphs.replays == len(rec_g) - 1 >= 3
-    assert isinstance(graph.optimizer.param_groups[0]["lr"], torch.Tensor)
-    assert [r["lr"] for r in rec_g] == [r["lr"] for r in rec_e]
-    assert float(graph.optimizer.param_groups[0]["lr"]) == pytest.approx(0.0, abs=1e-9)
-    for p, q in zip(eager.model.parameters(), graph.model.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-3, atol=1.5e-3)
-    # the rates reached the replays: a constant-rate graphed run ends elsewhere
-    const, _ = run("on", "constant")
-    moved = max(float((p - q).abs().max())
-                for p, q in zip(const.model.parameters(), graph.model.parameters()))
-    assert moved > 1e-3
+def test_a_schedule_or_accumulation_runs_the_eager_step():
+    # a CUDA graph holds the learning rate it was captured with, and one batch's step
+    from alignprog.training.graphs import unsupported
+    cuda = torch.device("cuda")   # unsupported() reads the device type only
+    plain = cfg_of(**{"train.device": "cpu"})
+    assert unsupported(plain, cuda, several_processes=False, mode="on") is None
+    for extra, words in (({"train.warmup_steps": 3}, "schedule"),
+                         ({"train.lr_schedule": "cosine"}, "schedule"),
+                         ({"train.accumulate": 2}, "accumulate")):
+        reason = unsupported(cfg_of(**extra), cuda, several_processes=False, mode="auto")
+        assert reason is not None and words in reason

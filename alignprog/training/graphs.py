@@ -12,10 +12,17 @@ outside the graph: batching, the progress sampler (the same generator and draws 
 step) and the copies of the batch into the graph's input buffers.
 
 Shapes are static inside a graph, so each batch is padded: frames up to a multiple of
-`train.graph_frame_bucket`, progress samples up to a multiple of 16 (padding samples carry no
-weight), the gathered segment width up to a power of two. Masks keep the padding out of every
-value and gradient, so a replay computes what the eager step computes (tested on a GPU). At most
-`train.max_graphs` graphs are kept (least recently used out).
+`train.graph_frame_bucket`, progress samples up to the most a batch can draw
+(`samples_per_video` x videos, a multiple of 16; padding samples carry no weight), the gathered
+segment width up to a power of two of at least 64. Masks keep the padding out of every value
+and gradient, so a replay computes what the eager step computes (tested on a GPU). The key of a
+graph is then (videos, frames, samples, width): on variable-length data mostly the frames.
+
+How many graphs: a capture costs about as much as 10-20 eager steps, so capturing a shape that
+never comes back loses time. `train.cuda_graphs=auto` captures a shape the second time it comes
+and holds at most `train.max_graphs` graphs, never evicting one: a shape beyond them runs
+eagerly. `on` captures every shape at once and evicts the least recently used graph beyond
+`train.max_graphs` (fixed-shape data, benchmarks).
 
 Not captured (the step runs eagerly, also sync-free): GTCC (its GMM fits decide on the host
 how many L-BFGS iterations run), cumulative_l2 progress, several processes (the ranks agree on
@@ -43,6 +50,8 @@ if TYPE_CHECKING:  # pragma: no cover
 GRAPH_METHODS = ("tcc", "lav", "vava")
 LAUNCH_BOUND_ENCODERS = ("stacking", "naive")
 SAMPLE_BUCKET = 16
+MIN_WIDTH = 64          # the narrowest gathered segment width of a graph
+CAPTURE_AFTER = 2       # auto: a shape is captured the time it comes this often
 METRICS = StepMetrics.TENSORS   # the captured step's device values, in this order
 
 
@@ -56,6 +65,8 @@ def unsupported(cfg: Config, device: torch.device, *, several_processes: bool,
         return "several processes agree on each step on the host"
     if tc.accumulate > 1:
         return "train.accumulate > 1 runs the eager step (a graph holds one batch's step)"
+    if tc.lr_schedule != "constant" or tc.warmup_steps > 0:
+        return "a learning-rate schedule runs the eager step (a graph holds its rate)"
     if tc.method not in GRAPH_METHODS:
         return f"{tc.method}'s GMM fits decide on the host how many iterations run"
     if cfg.progress.enabled and cfg.progress.method != "learnable":
@@ -120,15 +131,22 @@ class StepGraphs:
                               stacklevel=2)
             return None
         return cls(model, optimizer, backward, step, device,
-                   frame_bucket=cfg.train.graph_frame_bucket, max_graphs=cfg.train.max_graphs)
+                   frame_bucket=cfg.train.graph_frame_bucket, max_graphs=cfg.train.max_graphs,
+                   samples_per_video=cfg.progress.learnable.samples_per_video,
+                   bounded=mode == "auto")
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  backward: Callable[[GraphInputs], None],
                  step: Callable[[GraphInputs], dict[str, torch.Tensor]], device: torch.device,
-                 *, frame_bucket: int, max_graphs: int) -> None:
+                 *, frame_bucket: int, max_graphs: int, samples_per_video: int = 0,
+                 bounded: bool = False) -> None:
         self.model, self.optimizer, self.backward, self.step_fn = model, optimizer, backward, step
         self.device = device
         self.frame_bucket, self.max_graphs = frame_bucket, max_graphs
+        self.samples_per_video = samples_per_video
+        # auto: capture a shape on its CAPTURE_AFTER-th time, never evict (module docstring)
+        self.bounded = bounded
+        self.seen: dict[tuple, int] = {}
         self.graphs: OrderedDict[tuple, Graph] = OrderedDict()
         self.step_count = torch.zeros((), dtype=torch.long, device=device)
         self.failed: str | None = None
@@ -138,16 +156,17 @@ class StepGraphs:
     def replay(self, host: Batch, samples: SegmentSamples | None, step: int
                ) -> dict[str, torch.Tensor] | None:
         """The step on this batch (and progress samples) as a replay: its device values by
-        METRICS name (clones), or None after a failed capture (the caller runs it eagerly,
-        and every later step too)."""
+        METRICS name (clones), or None where the caller runs this step eagerly (auto: a shape
+        not captured; after a failed capture: every later step too)."""
         if self.failed is not None:
             return None
-        n = len(samples) if samples is not None else 0
-        frames = round_up(host.features.shape[1], self.frame_bucket)
-        width = next_power_of_two(int(samples.segment_length.max())) if n else 1
-        key = (host.size, frames, round_up(max(n, 1), SAMPLE_BUCKET), min(width, frames))
+        key = self.key(host, samples)
         graph = self.graphs.get(key)
         if graph is None:
+            if self.bounded:
+                self.seen[key] = self.seen.get(key, 0) + 1
+                if self.seen[key] < CAPTURE_AFTER or len(self.graphs) >= self.max_graphs:
+                    return None
             while len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
             try:
@@ -165,6 +184,15 @@ class StepGraphs:
         graph.graph.replay()
         self.replays += 1
         return dict(zip(METRICS, graph.metrics.clone()))
+
+    def key(self, host: Batch, samples: SegmentSamples | None) -> tuple[int, int, int, int]:
+        """(videos, padded frames, padded samples, gathered width) of a batch's graph."""
+        n = len(samples) if samples is not None else 0
+        frames = round_up(host.features.shape[1], self.frame_bucket)
+        width = next_power_of_two(int(samples.segment_length.max())) if n else 1
+        most = max(n, 1, self.samples_per_video * host.size)
+        return (host.size, frames, round_up(most, SAMPLE_BUCKET),
+                min(max(width, MIN_WIDTH), frames))
 
     def fill(self, inputs: GraphInputs, host: Batch, samples: SegmentSamples | None,
              step: int) -> None:

@@ -2,9 +2,8 @@
 `train.warmup_steps`, `train.min_lr_ratio`; docs/algorithms.md#learning-rate-schedule).
 
 The schedule is a factor of every group's configured learning rate, a function of the optimizer
-step within the training stage alone, so a resumed run continues it exactly. Where the step is a
-CUDA-graph replay the groups hold their learning rate as a device tensor, which the replay reads
-and `set_learning_rates` refills in place (no host sync, no recapture).
+step within the training stage alone, so a resumed run continues it exactly. A scheduled run
+takes the eager step: a CUDA graph holds the learning rate it was captured with.
 """
 
 from __future__ import annotations
@@ -38,19 +37,6 @@ def lr_factor(step: int, steps: int, tc: TrainConfig) -> float:
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, base: list[float],
                        factor: float) -> None:
-    """Every group's learning rate to its `base` value times `factor`: a tensor learning rate
-    (a CUDA graph reads it) in place, a float replaced."""
+    """Every group's learning rate to its `base` value times `factor`."""
     for group, lr in zip(optimizer.param_groups, base, strict=True):
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr * factor)
-        else:
-            group["lr"] = lr * factor
-
-
-def use_tensor_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Hold every group's learning rate as a float32 0-dim tensor on `device` (the fused,
-    capturable Adam accepts one), so that a captured step reads the current value."""
-    for group in optimizer.param_groups:
-        lr = group["lr"]
-        value = float(lr) if isinstance(lr, torch.Tensor) else lr
-        group["lr"] = torch.tensor(value, dtype=torch.float32, device=device)
+        group["lr"] = lr * factor

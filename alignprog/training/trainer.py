@@ -26,7 +26,7 @@ from alignprog.training.checkpoint import (CheckpointError, checkpoint_name, loa
 from alignprog.training.distributed import SINGLE, Dist
 from alignprog.training.graphs import GraphInputs, StepGraphs
 from alignprog.training.rundir import RunDir
-from alignprog.training.schedule import lr_factor, scheduled, set_learning_rates, use_tensor_rates
+from alignprog.training.schedule import lr_factor, scheduled, set_learning_rates
 from alignprog.training.step import (StepMetrics, backward, finish_accumulated, objective,
                                      take_step)
 
@@ -184,18 +184,11 @@ class Trainer:
     def _lr_factor(self) -> float:
         return lr_factor(self.step - self.schedule_start, self.schedule_steps, self.cfg.train)
 
-    def _apply_schedule(self, graphed: bool) -> None:
-        """Set the groups' learning rates for the step about to run. A graphed step reads them
-        from device tensors, made before the first capture (and again after a resume, whose
-        optimizer state brings its own)."""
-        if not scheduled(self.cfg.train):
-            return
-        lr = self.optimizer.param_groups[0]["lr"]
-        # once on the GPU the tensors stay (captured graphs read their memory); a float or a
-        # CPU tensor (a restored optimizer state) becomes one
-        if graphed and not (isinstance(lr, torch.Tensor) and lr.is_cuda):
-            use_tensor_rates(self.optimizer, self.device)
-        set_learning_rates(self.optimizer, self.base_lrs, self._lr_factor())
+    def _apply_schedule(self) -> None:
+        """Set the groups' learning rates for the step about to run (a scheduled run has no
+        CUDA graphs: `graphs.unsupported`)."""
+        if scheduled(self.cfg.train):
+            set_learning_rates(self.optimizer, self.base_lrs, self._lr_factor())
 
     def head_groups(self, head_lr: float) -> list[dict[str, Any]]:
         """The optimizer groups of the head's side: the head at `head_lr`; its own base encoder
@@ -322,10 +315,9 @@ class Trainer:
         start = time.perf_counter()
         metrics = None
         lr = self.learning_rate()
-        graphed = (self.graphs is not None and self.graphs.failed is None and not head_only
-                   and self.step > 0 and batch.size >= 2)
-        self._apply_schedule(graphed)
-        if graphed:
+        self._apply_schedule()
+        if (self.graphs is not None and self.graphs.failed is None and not head_only
+                and self.step > 0 and batch.size >= 2):
             metrics = self._graph_step(batch)
         if metrics is None:
             # No gradient left over: a CUDA graph's replay leaves its own buffers in .grad
@@ -344,7 +336,7 @@ class Trainer:
             raise TrainingError("train.accumulate > 1 runs in one process only")
         start = time.perf_counter()
         lr = self.learning_rate()
-        self._apply_schedule(False)
+        self._apply_schedule()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.train()
         parts = []
