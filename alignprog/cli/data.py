@@ -16,7 +16,7 @@ from alignprog.cli.common import (AnnotationsOpt, ConfigOpt, FpsPresetOpt, Layou
                                    SetOpt, console, default_of, dtype_choice, err_console, fail,
                                    guarded, one_path, print_table, report, resolve_config)
 from alignprog.config import Config
-from alignprog.errors import AlignprogError, DataError
+from alignprog.errors import DataError
 
 app = typer.Typer(help="Create and validate datasets.", no_args_is_help=True,
                   rich_markup_mode="rich")
@@ -99,16 +99,13 @@ def synth(
     })
     layouts = ["features", "frames"] if layout is Layout.both else [layout.value]
     dtype = dtype or ("fp16" if layouts == ["frames"] else "fp32")
-    try:
-        with Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err_console, transient=True) as bar:
-            job = bar.add_task("videos", total=None)
-            n = write_synthetic_root(cfg.data, out_dir, layouts=layouts,
-                                     dtype=NUMPY_DTYPE[dtype], overwrite=overwrite,
-                                     progress=lambda done, total: bar.update(
-                                         job, completed=done, total=total))
-    except AlignprogError as exc:  # the writer names the folder OUT_DIR: say --out
-        fail(str(exc).replace("OUT_DIR", "--out"), exc.exit_code)
+    with Progress(TextColumn("writing"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        job = bar.add_task("videos", total=None)
+        n = write_synthetic_root(cfg.data, out_dir, layouts=layouts,
+                                 dtype=NUMPY_DTYPE[dtype], overwrite=overwrite,
+                                 progress=lambda done, total: bar.update(
+                                     job, completed=done, total=total))
     s = cfg.data.synthetic
     ntasks = s.tasks if s.timelines == "generated" else "EgoProceL"
     console.print(f"wrote {n} videos ({ntasks} tasks, layout {'+'.join(layouts)}, "

@@ -14,7 +14,6 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 
 from alignprog.cli.common import (Layout, console, dtype_choice, err_console, fail, guarded,
                                    one_path, report)
-from alignprog.errors import AlignprogError
 
 EPILOG = ("Examples:\n\n  alignprog extract-features videos/ --out data/ego\n\n"
           "  alignprog extract-features videos/ --out data/ego --layout both --fps 4 "
@@ -112,13 +111,9 @@ def extract_features(
             bar.advance(job)
 
         # A damaged existing array is extracted again: said as one "warning:" line.
-        try:
-            summary = extract_videos(videos, out_root, settings, device=dev,
-                                     on_video_start=on_start, on_frames=on_frames,
-                                     on_video=on_video,
-                                     on_warning=lambda message: report("warning", message))
-        except AlignprogError as exc:  # the library names the root OUT_ROOT: say --out
-            fail(str(exc).replace("OUT_ROOT", "--out"), exc.exit_code)
+        summary = extract_videos(videos, out_root, settings, device=dev, on_video_start=on_start,
+                                 on_frames=on_frames, on_video=on_video,
+                                 on_warning=lambda message: report("warning", message))
     result = summary.to_dict()
     if as_json:
         typer.echo(json.dumps(result, indent=2))

@@ -392,7 +392,7 @@ def _check_resume(manifest: dict, settings: ExtractSettings, out_root: Path) -> 
         if old.get(key) != now:
             raise ConfigError(f"{out_root / MANIFEST}: this root was extracted with --{key} "
                               f"{old.get(key)}, this run asks for {now}; use the same setting, "
-                              "another OUT_ROOT, or --overwrite to redo every video")
+                              "another --out, or --overwrite to redo every video")
 
 
 def extract_videos(videos: list[Path], out_root: Path, settings: ExtractSettings, *,

@@ -35,7 +35,7 @@ def write_synthetic_root(cfg: DataConfig, out_dir: Path, *, layouts: Iterable[st
     out_dir = Path(out_dir)
     layouts = list(dict.fromkeys(layouts))
     if out_dir.exists() and not out_dir.is_dir():
-        raise DataError("output exists and is not a directory; choose another OUT_DIR",
+        raise DataError("output exists and is not a directory; choose another --out",
                         file=str(out_dir))
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
@@ -43,7 +43,7 @@ def write_synthetic_root(cfg: DataConfig, out_dir: Path, *, layouts: Iterable[st
                             file=str(out_dir))
         if not (out_dir / DATASET_MARKER).is_file():
             raise DataError(f"refusing to overwrite {out_dir}: not written by alignprog (no "
-                            f"{DATASET_MARKER}); delete it yourself or choose another OUT_DIR",
+                            f"{DATASET_MARKER}); delete it yourself or choose another --out",
                             file=str(out_dir))
     if cfg.synthetic.timelines == "egoprocel":
         from alignprog.data.timelines import require_features

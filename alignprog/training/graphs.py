@@ -42,6 +42,7 @@ import torch
 
 from alignprog.data import Batch
 from alignprog.sampling import SegmentSamples
+from alignprog.training.schedule import scheduled
 from alignprog.training.step import StepMetrics
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,7 +66,7 @@ def unsupported(cfg: Config, device: torch.device, *, several_processes: bool,
         return "several processes agree on each step on the host"
     if tc.accumulate > 1:
         return "train.accumulate > 1 runs the eager step (a graph holds one batch's step)"
-    if tc.lr_schedule != "constant" or tc.warmup_steps > 0:
+    if scheduled(tc):
         return "a learning-rate schedule runs the eager step (a graph holds its rate)"
     if tc.method not in GRAPH_METHODS:
         return f"{tc.method}'s GMM fits decide on the host how many iterations run"

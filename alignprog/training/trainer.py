@@ -177,18 +177,15 @@ class Trainer:
         from global step `start` (docs/algorithms.md#learning-rate-schedule)."""
         self.schedule_start, self.schedule_steps = start, max(steps, 1)
 
-    def learning_rate(self) -> float:
-        """The encoder's (first group's) learning rate of the step about to run."""
-        return self.base_lrs[0] * self._lr_factor()
-
-    def _lr_factor(self) -> float:
-        return lr_factor(self.step - self.schedule_start, self.schedule_steps, self.cfg.train)
-
-    def _apply_schedule(self) -> None:
+    def _apply_schedule(self) -> float:
         """Set the groups' learning rates for the step about to run (a scheduled run has no
-        CUDA graphs: `graphs.unsupported`)."""
-        if scheduled(self.cfg.train):
-            set_learning_rates(self.optimizer, self.base_lrs, self._lr_factor())
+        CUDA graphs: `graphs.unsupported`); the encoder's (first group's), which the step
+        logs."""
+        if not scheduled(self.cfg.train):
+            return self.base_lrs[0]
+        factor = lr_factor(self.step - self.schedule_start, self.schedule_steps, self.cfg.train)
+        set_learning_rates(self.optimizer, self.base_lrs, factor)
+        return self.base_lrs[0] * factor
 
     def head_groups(self, head_lr: float) -> list[dict[str, Any]]:
         """The optimizer groups of the head's side: the head at `head_lr`; its own base encoder
@@ -314,8 +311,7 @@ class Trainer:
         batch allows it (train.cuda_graphs)."""
         start = time.perf_counter()
         metrics = None
-        lr = self.learning_rate()
-        self._apply_schedule()
+        lr = self._apply_schedule()
         if (self.graphs is not None and self.graphs.failed is None and not head_only
                 and self.step > 0 and batch.size >= 2):
             metrics = self._graph_step(batch)
@@ -335,16 +331,11 @@ class Trainer:
         if self.dist.active:
             raise TrainingError("train.accumulate > 1 runs in one process only")
         start = time.perf_counter()
-        lr = self.learning_rate()
-        self._apply_schedule()
+        lr = self._apply_schedule()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.train()
         parts = []
         for host in batches:
-            batch = host.to(self.device, non_blocking=True)
-            with trusted_inputs():
-                out = self.losses(batch, epoch=self.epoch, step=self.step,
-                                  generators=self.generators, host=host)
+            out = self._device_losses(host)
             total, lam = backward(self, out["alignment"], out["progress"], out["embeddings"],
                                   head_only=head_only)
             parts.append((self._info(host, out["samples"]), out["alignment"].detach(),
@@ -370,14 +361,18 @@ class Trainer:
     def _eager_step(self, host: Batch, *, head_only: bool = False) -> StepMetrics:
         """Forward and losses on the device, then `take_step` (backward, the ranks' averaging,
         head rescale, clipping, Adam)."""
-        batch = host.to(self.device, non_blocking=True)
-        self.model.train()
-        with trusted_inputs():
-            out = self.losses(batch, epoch=self.epoch, step=self.step,
-                              generators=self.generators, host=host)
+        out = self._device_losses(host)
         return take_step(self, out["alignment"], out["progress"],
                          self._info(host, out["samples"]), embeddings=out["embeddings"],
                          head_only=head_only)
+
+    def _device_losses(self, host: Batch) -> dict[str, Any]:
+        """`losses` of a host batch copied to the device, the model in training mode."""
+        batch = host.to(self.device, non_blocking=True)
+        self.model.train()
+        with trusted_inputs():
+            return self.losses(batch, epoch=self.epoch, step=self.step,
+                               generators=self.generators, host=host)
 
     def _graph_step(self, host: Batch) -> StepMetrics | None:
         """The step as a CUDA-graph replay, or None where it must run eagerly (no progress
