@@ -576,7 +576,7 @@ class TrainConfig(StrictModel):
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="How every learning rate moves over a stage's optimizer steps "
         "after the warm-up: constant, or cosine (down to min_lr_ratio times it at the last "
-        "step). A warm-up or cosine schedule runs the eager step (no CUDA graphs).")
+        "step). CUDA graphs read the scheduled rates from device tensors.")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps over which every learning "
                               "rate grows linearly to its value (step k of the warm-up runs at "
                               "k / warmup_steps of it); 0: none.")

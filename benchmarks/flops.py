@@ -103,7 +103,12 @@ def _grouped_flops(heads: GroupedMLP, frames: int) -> int:
 def model_flops(model: nn.Module, frames: int, *, spatial: tuple[int, int] = (14, 14),
                 training: bool = False) -> int:
     """FLOPs of an AlignmentModel's (or its encoder's) forward over `frames` real frames: the base
-    encoder, the MCN heads and attention network, the drop branch. Not the progress head."""
+    encoder, the MCN heads and attention network, the drop branch, and the progress head's own
+    base encoder where it has one (progress.learnable.input=separate). Not the progress head."""
+    own = getattr(model, "progress_base", None)
+    if own is not None:
+        return (model_flops(model.encoder, frames, spatial=spatial, training=training)
+                + encoder_flops(own, frames, spatial=spatial, training=training))
     encoder = getattr(model, "encoder", model)
     if isinstance(encoder, MultiHeadEncoder):
         base = encoder.base

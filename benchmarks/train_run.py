@@ -7,8 +7,11 @@ Trains with `alignprog.training.loop.fit`, as `alignprog train` does, on the Ego
 synthetic data by default (the real timelines of 161 videos, 121 of them for training, of
 89-1527 frames; `data.synthetic.timelines=egoprocel`, `data.synthetic.dim=256`), once per
 method and per
-`train.cuda_graphs` mode, into a run directory under a temporary folder. The run's wall time is
-split into:
+`train.cuda_graphs` mode, into a run directory under a temporary folder. The mode `compile` is
+`train.cuda_graphs=off` with the model's forward and the alignment loss (not LAV's) under
+`torch.compile` (`dynamic=True`, so that new lengths do not recompile; its compilations count as
+steps). The
+run's wall time is split into:
 
 - start-up: from calling `fit` to its first step (dataset, model, run directory);
 - steps: the training epochs' batches (`_train_epoch`, the GPU waited for at its end);
@@ -69,15 +72,28 @@ class PhaseClock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def compile_trainer(trainer: Trainer) -> None:
+    """The trainer's model forward and alignment loss under `torch.compile` (instance
+    attributes: the module, its state dict and checkpoints stay as they are). LAV's loss stays
+    eager: its soft-DTW is one Triton kernel already, whose launch dynamo cannot trace with
+    symbolic lengths (torch 2.11)."""
+    trainer.model.forward = torch.compile(trainer.model.forward, dynamic=True)
+    if trainer.cfg.train.method != "lav":
+        trainer.alignment_loss = torch.compile(trainer.alignment_loss, dynamic=True)
+
+
 @contextmanager
-def instrumented(clock: PhaseClock, trainers: list):
-    """Time the phases of `fit` by wrapping the trainer's methods and the epoch loop."""
+def instrumented(clock: PhaseClock, trainers: list, *, compiled: bool = False):
+    """Time the phases of `fit` by wrapping the trainer's methods and the epoch loop
+    (`compiled`: every trainer made goes through `compile_trainer`)."""
     originals = {"save": Trainer.save, "validation_losses": Trainer.validation_losses,
                  "evaluate": Trainer.evaluate, "__init__": Trainer.__init__}
     train_epoch = loop_module._train_epoch
 
     def init(self, *args, **kwargs):
         originals["__init__"](self, *args, **kwargs)
+        if compiled:
+            compile_trainer(self)
         trainers.append(self)
 
     def save(self, *args, **kwargs):
@@ -109,7 +125,8 @@ def instrumented(clock: PhaseClock, trainers: list):
 
 def run_one(method: str, mode: str, args, folder: Path) -> dict:
     overrides = (REALISTIC if not args.synthetic_default else {}) | {
-        "train.method": method, "train.cuda_graphs": mode, "train.device": args.device,
+        "train.method": method, "train.cuda_graphs": "off" if mode == "compile" else mode,
+        "train.device": args.device,
         "train.epochs": args.epochs} | parse_overrides(args.set)
     cfg = load_config(overrides=overrides)
     device = torch.device(args.device if args.device != "auto" else
@@ -121,7 +138,7 @@ def run_one(method: str, mode: str, args, folder: Path) -> dict:
 
     run = RunDir.create(folder, f"{method}-{mode}")
     start = time.perf_counter()
-    with instrumented(clock, trainers):
+    with instrumented(clock, trainers, compiled=mode == "compile"):
         result = loop_module.fit(cfg, run=run, callback=callback)
     clock.sync()
     wall = time.perf_counter() - start
@@ -182,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="lav", help="comma list of tcc, gtcc, lav, vava; all")
     p.add_argument("--modes", default="auto,off",
-                   help="train.cuda_graphs values to compare, comma separated")
+                   help="train.cuda_graphs values (auto, on, off) and compile (off with "
+                   "torch.compile), comma separated")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--synthetic-default", action="store_true",
@@ -193,12 +211,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
-    rows = []
+    rows: list[dict] = []
+    out = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "arguments": vars(args) | {"json": str(args.json)},
+           "rows": rows}
+
+    def write() -> None:   # after every row: a later failure or time-out keeps the earlier ones
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2, default=str))
+
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             for mode in args.modes.split(","):
-                row = run_one(method, mode, args, Path(tmp))
+                try:
+                    row = run_one(method, mode, args, Path(tmp))
+                except Exception as exc:   # e.g. torch.compile failing: report, go on
+                    rows.append({"method": method, "cuda_graphs": mode,
+                                 "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                    print(f"{method:5s} {mode}: failed: {rows[-1]['error'][:300]}", flush=True)
+                    write()
+                    continue
                 rows.append(row)
+                write()
                 ph = row["phases_s"]
                 print(f"{method:5s} graphs={mode:4s} wall {row['wall_s']:6.1f} s: "
                       + ", ".join(f"{k} {v:.1f}" for k, v in ph.items())
@@ -207,14 +241,10 @@ def main(argv: list[str] | None = None) -> None:
                       f"graphs {row.get('graphs_held')} held / {row.get('graph_replays')} "
                       f"replays; to quality {row.get('time_to_quality_s', float('nan')):.1f} s"
                       f"; test head {row['test_head_mae']}", flush=True)
-    out = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "arguments": vars(args) | {"json": str(args.json)},
-           "rows": rows}
     if args.startup:
         out["startup"] = startup_times()
         print("start-up:", out["startup"])
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2, default=str))
+    write()
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def test_graph_step_skips_a_non_finite_step_on_the_device():
 def _graphs(bounded: bool, max_graphs: int = 2) -> tuple[StepGraphs, list]:
     """StepGraphs on the CPU with capture and replay stubbed: what it would capture, in order."""
     graphs = StepGraphs(nn.Linear(1, 1), None, None, None, torch.device("cpu"),
-                        frame_bucket=64, max_graphs=max_graphs, samples_per_video=10,
+                        frame_bucket=64, max_graphs=max_graphs, targets_per_video=50,
                         bounded=bounded)
     captured: list = []
 
@@ -306,11 +306,39 @@ def _batch(frames: int, longest: int, videos: int = 2, samples: int = 20):
 
 def test_graph_keys_pad_samples_to_the_most_and_widths_to_64():
     graphs, _ = _graphs(bounded=True)
-    # 13 samples of 2 videos pad to 10 x 2 = 20, then to a multiple of 16; width >= 64
-    assert graphs.key(*_batch(100, 3, samples=13)) == (2, 128, 32, 64)
-    assert graphs.key(*_batch(100, 70)) == (2, 128, 32, 128)
-    assert graphs.key(*_batch(40, 30)) == (2, 64, 32, 64)       # never wider than the frames
-    assert graphs.key(*_batch(600, 300, videos=3, samples=30)) == (3, 640, 32, 512)
+    # 13 samples of 2 videos pad to 10 draws x 5 targets x 2 = 100, then to a multiple of 16;
+    # the width to a power of two >= 64
+    assert graphs.key(*_batch(100, 3, samples=13)) == (2, 128, 112, 64)
+    assert graphs.key(*_batch(100, 70)) == (2, 128, 112, 128)
+    assert graphs.key(*_batch(40, 30)) == (2, 64, 112, 64)       # never wider than the frames
+    assert graphs.key(*_batch(600, 300, videos=3, samples=30)) == (3, 640, 160, 512)
+
+
+def test_real_batches_share_one_sample_padding(monkeypatch):
+    # On EgoProceL timelines a batch draws 48-100 progress samples: padded to the most any
+    # batch can draw, they all share one sample size, so the keys differ in frames (and width)
+    # only. The graphs from the config pad to draws x targets per draw.
+    from alignprog.sampling import sample_segments
+    from alignprog.training import graphs as graphs_module
+    cfg = load_config(overrides={"data.synthetic.timelines": "egoprocel",
+                                 "data.synthetic.dim": 16})
+    monkeypatch.setattr(graphs_module, "unsupported", lambda *args, **kwargs: None)
+    graphs = StepGraphs.create(nn.Linear(1, 1), None, None, None, cfg, torch.device("cpu"))
+    lc = cfg.progress.learnable
+    assert graphs.targets_per_video == lc.samples_per_video * lc.frames_per_segment == 50
+    ds = load_dataset(cfg.data)
+    loader = make_loader(ds, "train", batch_size=2, shuffle=True, drop_last=True)
+    gen = torch.Generator().manual_seed(0)
+    counts, keys = set(), set()
+    for indices in loader.batch_sampler.batches()[:40]:
+        host = loader.collate_fn([loader.dataset[i] for i in indices])
+        samples = sample_segments(host.seg_start, host.seg_end, host.seg_foreground,
+                                  host.seg_mask, generator=gen)
+        key = graphs.key(host, samples)
+        assert key[2] >= len(samples) and key[1] >= host.features.shape[1]
+        counts.add(len(samples))
+        keys.add(key)
+    assert len(counts) > 3 and {k[2] for k in keys} == {112}
 
 
 def test_auto_captures_a_shape_the_second_time_and_never_evicts():

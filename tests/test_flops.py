@@ -122,6 +122,23 @@ def test_whole_model_matches_the_counter(mcn, method):
         assert model_flops(model, 11) == base + heads + attention
 
 
+def test_the_heads_own_base_encoder_counts_too():
+    # progress.learnable.input=separate (the default): a second base encoder, trained by the
+    # progress loss alone, runs every frame as well
+    from alignprog.config import ProgressConfig
+    cfg = ModelConfig(encoder="naive", naive_layers=[16], output_dim=8, num_heads=3)
+    torch.manual_seed(0)
+    model = build_model(cfg, ProgressConfig(), input_shape=(20,), method="tcc")
+    assert model.progress_base is not None
+    x, mask = one_video(11, 20)
+    own = 2 * 11 * (20 * 16 + 16 * 8)
+    assert model_flops(model, 11) == model_flops(model.encoder, 11) + own
+    with FlopCounterMode(display=False) as counter:
+        out = model.train()(x, mask)
+        (out.embeddings.square().sum() + out.progress_features.square().sum()).backward()
+    assert model_flops(model, 11, training=True) == counter.get_total_flops()
+
+
 def test_unknown_encoder_is_refused():
     with pytest.raises(TypeError, match="no FLOP count for Linear"):
         encoder_flops(torch.nn.Linear(2, 2), 3)

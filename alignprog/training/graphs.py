@@ -7,16 +7,18 @@ or LAV; ~1700 for VAVA) for ~5 ms of GPU work: launched one by one from Python, 
 What is captured: forward (encoder and heads in the configured precision), alignment loss,
 gather of the progress samples, progress head and loss, the balanced backward (or the fixed
 lambda's backward and head-gradient rescale), clipping, the fused Adam step (skipped on the
-device when a loss or gradient is not finite) and the skip counters. What stays on the host,
-outside the graph: batching, the progress sampler (the same generator and draws as the eager
-step) and the copies of the batch into the graph's input buffers.
+device when a loss or gradient is not finite; under a learning-rate schedule it reads the rates
+from device tensors that the trainer refills before each replay) and the skip counters. What
+stays on the host, outside the graph: batching, the progress sampler (the same generator and
+draws as the eager step) and the copies of the batch into the graph's input buffers.
 
 Shapes are static inside a graph, so each batch is padded: frames up to a multiple of
 `train.graph_frame_bucket`, progress samples up to the most a batch can draw
-(`samples_per_video` x videos, a multiple of 16; padding samples carry no weight), the gathered
-segment width up to a power of two of at least 64. Masks keep the padding out of every value
-and gradient, so a replay computes what the eager step computes (tested on a GPU). The key of a
-graph is then (videos, frames, samples, width): on variable-length data mostly the frames.
+(`samples_per_video` x `frames_per_segment` x videos, then a multiple of 16; padding samples
+carry no weight), the gathered segment width up to a power of two of at least 64. Masks keep
+the padding out of every value and gradient, so a replay computes what the eager step computes
+(tested on a GPU). The key of a graph is then (videos, frames, samples, width): on
+variable-length data mostly the frames (the width is 64 for most batches).
 
 How many graphs: a capture costs about as much as 10-20 eager steps, so capturing a shape that
 never comes back loses time. `train.cuda_graphs=auto` captures a shape the second time it comes
@@ -25,10 +27,11 @@ eagerly. `on` captures every shape at once and evicts the least recently used gr
 `train.max_graphs` (fixed-shape data, benchmarks).
 
 Not captured (the step runs eagerly, also sync-free): GTCC (its GMM fits decide on the host
-how many L-BFGS iterations run), cumulative_l2 progress, several processes (the ranks agree on
-the host), the head-only stage, the first step (it creates Adam's state outside any graph), a
-batch without progress samples. `train.cuda_graphs=auto` also leaves the resnet50 encoder eager:
-its step is compute-bound, a graph would save nothing and hold ~5 GB per bucket.
+how many L-BFGS iterations run), cumulative_l2 progress, gradient accumulation (a graph holds
+one batch's step), several processes (the ranks agree on the host), the head-only stage, the
+first step (it creates Adam's state outside any graph), a batch without progress samples.
+`train.cuda_graphs=auto` also leaves the resnet50 encoder eager: its step is compute-bound, a
+graph would save nothing and hold ~5 GB per bucket.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ import torch
 
 from alignprog.data import Batch
 from alignprog.sampling import SegmentSamples
-from alignprog.training.schedule import scheduled
 from alignprog.training.step import StepMetrics
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,8 +68,6 @@ def unsupported(cfg: Config, device: torch.device, *, several_processes: bool,
         return "several processes agree on each step on the host"
     if tc.accumulate > 1:
         return "train.accumulate > 1 runs the eager step (a graph holds one batch's step)"
-    if scheduled(tc):
-        return "a learning-rate schedule runs the eager step (a graph holds its rate)"
     if tc.method not in GRAPH_METHODS:
         return f"{tc.method}'s GMM fits decide on the host how many iterations run"
     if cfg.progress.enabled and cfg.progress.method != "learnable":
@@ -133,18 +133,20 @@ class StepGraphs:
             return None
         return cls(model, optimizer, backward, step, device,
                    frame_bucket=cfg.train.graph_frame_bucket, max_graphs=cfg.train.max_graphs,
-                   samples_per_video=cfg.progress.learnable.samples_per_video,
+                   targets_per_video=(cfg.progress.learnable.samples_per_video
+                                      * cfg.progress.learnable.frames_per_segment),
                    bounded=mode == "auto")
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  backward: Callable[[GraphInputs], None],
                  step: Callable[[GraphInputs], dict[str, torch.Tensor]], device: torch.device,
-                 *, frame_bucket: int, max_graphs: int, samples_per_video: int = 0,
+                 *, frame_bucket: int, max_graphs: int, targets_per_video: int = 0,
                  bounded: bool = False) -> None:
         self.model, self.optimizer, self.backward, self.step_fn = model, optimizer, backward, step
         self.device = device
         self.frame_bucket, self.max_graphs = frame_bucket, max_graphs
-        self.samples_per_video = samples_per_video
+        # the most progress samples a video can give a step: its draws x targets per draw
+        self.targets_per_video = targets_per_video
         # auto: capture a shape on its CAPTURE_AFTER-th time, never evict (module docstring)
         self.bounded = bounded
         self.seen: dict[tuple, int] = {}
@@ -191,7 +193,7 @@ class StepGraphs:
         n = len(samples) if samples is not None else 0
         frames = round_up(host.features.shape[1], self.frame_bucket)
         width = next_power_of_two(int(samples.segment_length.max())) if n else 1
-        most = max(n, 1, self.samples_per_video * host.size)
+        most = max(n, 1, self.targets_per_video * host.size)
         return (host.size, frames, round_up(most, SAMPLE_BUCKET),
                 min(max(width, MIN_WIDTH), frames))
 

@@ -2,8 +2,9 @@
 `train.warmup_steps`, `train.min_lr_ratio`; docs/algorithms.md#learning-rate-schedule).
 
 The schedule is a factor of every group's configured learning rate, a function of the optimizer
-step within the training stage alone, so a resumed run continues it exactly. A scheduled run
-takes the eager step: a CUDA graph holds the learning rate it was captured with.
+step within the training stage alone, so a resumed run continues it exactly. Where the step is a
+CUDA-graph replay the groups hold their learning rates as device tensors, which the replay reads
+and `set_learning_rates` refills in place (no host sync, no recapture).
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ def lr_factor(step: int, steps: int, tc: TrainConfig) -> float:
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, base: list[float],
                        factor: float) -> None:
-    """Every group's learning rate to its `base` value times `factor`."""
+    """Every group's learning rate to its `base` value times `factor`: a tensor rate (a CUDA
+    graph reads its memory) in place, a float replaced."""
     for group, lr in zip(optimizer.param_groups, base, strict=True):
-        group["lr"] = lr * factor
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr * factor)
+        else:
+            group["lr"] = lr * factor
+
+
+def use_tensor_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Hold every group's learning rate as a float32 0-dim tensor on `device` (the fused,
+    capturable Adam takes one), so that a captured step reads the current rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)

@@ -26,7 +26,7 @@ from alignprog.training.checkpoint import (CheckpointError, checkpoint_name, loa
 from alignprog.training.distributed import SINGLE, Dist
 from alignprog.training.graphs import GraphInputs, StepGraphs
 from alignprog.training.rundir import RunDir
-from alignprog.training.schedule import lr_factor, scheduled, set_learning_rates
+from alignprog.training.schedule import lr_factor, scheduled, set_learning_rates, use_tensor_rates
 from alignprog.training.step import (StepMetrics, backward, finish_accumulated, objective,
                                      take_step)
 
@@ -177,12 +177,17 @@ class Trainer:
         from global step `start` (docs/algorithms.md#learning-rate-schedule)."""
         self.schedule_start, self.schedule_steps = start, max(steps, 1)
 
-    def _apply_schedule(self) -> float:
-        """Set the groups' learning rates for the step about to run (a scheduled run has no
-        CUDA graphs: `graphs.unsupported`); the encoder's (first group's), which the step
-        logs."""
+    def _apply_schedule(self, graphed: bool = False) -> float:
+        """Set the groups' learning rates for the step about to run; the encoder's (first
+        group's), which the step logs. A step that may replay a CUDA graph (`graphed`) reads
+        them from device tensors: made before the first capture (or after a resume, whose
+        optimizer state brings its own), then refilled in place, as captured graphs read
+        their memory."""
         if not scheduled(self.cfg.train):
             return self.base_lrs[0]
+        held = self.optimizer.param_groups[0]["lr"]
+        if graphed and not (isinstance(held, torch.Tensor) and held.is_cuda):
+            use_tensor_rates(self.optimizer, self.device)
         factor = lr_factor(self.step - self.schedule_start, self.schedule_steps, self.cfg.train)
         set_learning_rates(self.optimizer, self.base_lrs, factor)
         return self.base_lrs[0] * factor
@@ -311,9 +316,10 @@ class Trainer:
         batch allows it (train.cuda_graphs)."""
         start = time.perf_counter()
         metrics = None
-        lr = self._apply_schedule()
-        if (self.graphs is not None and self.graphs.failed is None and not head_only
-                and self.step > 0 and batch.size >= 2):
+        graphed = (self.graphs is not None and self.graphs.failed is None and not head_only
+                   and self.step > 0 and batch.size >= 2)
+        lr = self._apply_schedule(graphed)
+        if graphed:
             metrics = self._graph_step(batch)
         if metrics is None:
             # No gradient left over: a CUDA graph's replay leaves its own buffers in .grad
