@@ -88,6 +88,31 @@ def trusted_inputs():
         _TRUSTED.reset(token)
 
 
+_LENGTHS = contextvars.ContextVar("alignprog_host_lengths", default=None)
+
+
+@contextlib.contextmanager
+def host_lengths(lengths: torch.Tensor):
+    """Within: the frame counts (B,) of the batch being encoded, on the host, as the batcher
+    made them (every video's real frames first). An encoder that runs each video's real frames
+    only (the `resnet50` one on a GPU) takes its rows from them instead of reading the mask
+    back from the device: no host sync, no padding computed. Not inside a CUDA graph, whose
+    shapes must not depend on the batch."""
+    token = _LENGTHS.set(lengths)
+    try:
+        yield
+    finally:
+        _LENGTHS.reset(token)
+
+
+def known_lengths() -> torch.Tensor | None:
+    """The host frame counts `host_lengths` gives, or None (outside it, or while a CUDA graph
+    is being captured)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return None
+    return _LENGTHS.get()
+
+
 def checks_values(tensor: torch.Tensor) -> bool:
     """Whether an input check may read `tensor`'s values on the host: always on the CPU; on a
     GPU not inside `trusted_inputs()` nor while a CUDA graph is being captured."""

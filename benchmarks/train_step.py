@@ -103,18 +103,28 @@ def stats(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
-def time_steps(trainer: Trainer, batch: Batch, steps: int, warmup: int) -> list[float]:
+def time_steps(trainer: Trainer, batch: Batch, steps: int, warmup: int, *,
+               prefetch: bool = True) -> list[float]:
     """Milliseconds of each of `steps` steps after `warmup` untimed ones. On CUDA the steps run
     back to back as in training (the host prepares step n + 1 while the GPU runs step n, no
     sync in between) and a step's time lies between CUDA events recorded around it: the time
-    the GPU needs per step, or the host's where the host is slower."""
-    for _ in range(warmup):
+    the GPU needs per step, or the host's where the host is slower. `prefetch`: as the
+    training loop does, the batch's copy to the GPU for step n + 1 starts on a side stream
+    before step n (`Trainer.prefetch`); otherwise each step copies its batch itself."""
+    def step() -> None:
+        if prefetch:
+            trainer.prefetch([batch])
         trainer.step_batch(batch)
+
+    if prefetch:
+        trainer.prefetch([batch])
+    for _ in range(warmup):
+        step()
     if trainer.device.type != "cuda":
         times = []
         for _ in range(steps):
             begin = time.perf_counter()
-            trainer.step_batch(batch)
+            step()
             times.append((time.perf_counter() - begin) * 1e3)
         return times
     torch.cuda.synchronize()
@@ -122,9 +132,10 @@ def time_steps(trainer: Trainer, batch: Batch, steps: int, warmup: int) -> list[
               for _ in range(steps)]
     for start, end in events:
         start.record()
-        trainer.step_batch(batch)
+        step()
         end.record()
     torch.cuda.synchronize()
+    trainer.uploads.clear()
     return [start.elapsed_time(end) for start, end in events]
 
 
@@ -215,7 +226,8 @@ def _run_one(args, method: str, overrides: dict) -> dict:
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = time_steps(trainer, batch, args.steps, args.warmup)
+    times = time_steps(trainer, batch, args.steps, args.warmup,
+                       prefetch=not args.no_prefetch)
     row = {"method": method, "encoder": args.encoder, "precision": args.precision,
            "lengths": list(args.lengths), "steps": args.steps, **stats(times)}
     if cuda:
@@ -244,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="each step copies its batch to the GPU itself, on the step's stream "
+                   "(the loop starts the next step's copy ahead, on a side stream)")
     p.add_argument("--breakdown", action="store_true", help="time the parts of the step too")
     p.add_argument("--flops", action="store_true", help="compute floor and ratio")
     p.add_argument("--profile", type=Path, default=None, help="write profiler tables here")

@@ -286,7 +286,7 @@ def _graphs(bounded: bool, max_graphs: int = 2) -> tuple[StepGraphs, list]:
                         bounded=bounded)
     captured: list = []
 
-    def capture(key, host, samples, step):
+    def capture(key, host, samples, step, uploaded=None):
         captured.append(key)
         return SimpleNamespace(graph=SimpleNamespace(replay=lambda: None), inputs=None,
                                metrics=torch.zeros(len(METRICS)))

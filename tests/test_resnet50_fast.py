@@ -9,11 +9,16 @@ frames.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from alignprog.models import encoders, stack_sum_triton
 from alignprog.models.encoders import ResNet50Encoder
+from alignprog.runtime import host_lengths, known_lengths
 
 SHAPE = (4, 5, 5)  # (C, H, W) of the small model's frames
 
@@ -116,6 +121,55 @@ def test_dense_rows_give_the_same_values_and_gradients(reference_window):
     assert_same(model, x, mask)
 
 
+@pytest.mark.parametrize("chunk", [3, None])
+def test_host_lengths_run_each_videos_real_rows_only(monkeypatch, chunk):
+    """`dense` with the batch's frame counts given on the host (`runtime.host_lengths`, the
+    trainer's eager step): the same values and gradients, and conv1 runs each video's real
+    frames and its zero frame only (15 rows here), not the 4 x (9 + 1) padded ones."""
+    model = small(chunk_frames=chunk).train()
+    model.dense = True
+    x, mask = batch([7, 1, 0, 4], total=9)
+    rows: list[int] = []
+    conv2d = encoders.F.conv2d
+
+    def counting(inp, weight, *args, **kw):
+        if inp.shape[1] == SHAPE[0]:       # conv1: the frames' channels in
+            rows.append(inp.shape[0])
+        return conv2d(inp, weight, *args, **kw)
+
+    monkeypatch.setattr(encoders.F, "conv2d", counting)
+    with host_lengths(mask.sum(dim=1)):
+        assert_same(model, x, mask)
+    # a chunk of n stacks reads n + 1 rows (its zero or previous frame): R - 1 + chunks
+    def conv1_rows(r: int) -> int:
+        return r - 1 + (-(-(r - 1) // chunk) if chunk else 1)
+
+    assert sum(rows) == conv1_rows(15)
+    rows.clear()
+    assert_same(model, x, mask)                   # without them: every padded position
+    assert sum(rows) == conv1_rows(4 * (9 + 1))
+
+
+def test_known_lengths_only_inside_host_lengths():
+    lengths = torch.tensor([3, 2])
+    assert known_lengths() is None
+    with host_lengths(lengths):
+        assert known_lengths() is lengths
+        with host_lengths(None):
+            assert known_lengths() is None
+        assert known_lengths() is lengths
+    assert known_lengths() is None
+
+
+def test_bf16_autocast_casts_the_input_once_with_the_same_values():
+    """Under autocast the float32 maps are cast to bf16 before the gather: the output equals
+    that of the input given in bf16 already, bit for bit."""
+    model = small(torch.float32, chunk_frames=2).eval()
+    x, mask = batch([6, 3], dtype=torch.float32, fill=0.0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x, mask), model(x.bfloat16(), mask))
+
+
 def test_float32_and_bf16_autocast_follow_the_conv3d_path():
     model = small(torch.float32, chunk_frames=3).eval()
     x, mask = batch([6, 3], dtype=torch.float32)
@@ -175,3 +229,109 @@ def test_cuda_equals_conv3d(reference_window):
             amp = wide(x, mask)
     assert torch.all(amp[~mask] == 0) and torch.isfinite(amp).all()
     torch.testing.assert_close(amp.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_host_lengths_give_the_dense_values_without_a_sync():
+    dev = torch.device("cuda")
+    model = small(torch.float32, chunk_frames=4).train().to(dev)
+    model.dense = True
+    x, mask = batch([9, 2, 6], total=11, fill=0.0, dtype=torch.float32)
+    lengths = mask.sum(dim=1)
+    x, mask = x.to(dev), mask.to(dev)
+    dense = model(x, mask)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with host_lengths(lengths):
+            packed = model(x, mask)
+            packed.square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(packed, dense, atol=1e-5, rtol=1e-5)
+    assert torch.all(packed[~mask] == 0)
+
+
+INTERPRETED = """
+import torch
+from alignprog.models import encoders, stack_sum_triton as kernels
+from alignprog.models.encoders import ResNet50Encoder
+for dtype in (torch.float32, torch.float64):
+    for k in (1, 2, 3):
+        torch.manual_seed(k)
+        model = ResNet50Encoder(in_channels=4, conv_channels=(12, 8), mlp_dim=4, out_dim=4,
+                                temporal_depth=k)
+        terms = model._stack_terms()
+        lo, hi = model.conv1_taps()
+        halo, n = -min(model.window_offsets().tolist()), 5
+        y = torch.randn((n + halo, (hi - lo + 1) * 12, 3, 2), dtype=dtype)
+        y = y.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        b = torch.randn(k * 12, dtype=dtype, requires_grad=True)
+        h = encoders._StackSum.apply(y, b, terms, n, False)
+        grad = torch.randn(h.shape, dtype=dtype)
+        h.backward(grad)
+        g = torch.ops.aten.threshold_backward(grad, h.detach(), 0)
+        assert torch.equal(kernels.stack_sum_forward(y.detach(), b.detach(), terms, n), h)
+        assert torch.equal(kernels.stack_sum_backward(g, terms, y.shape), y.grad)
+print("ok")
+"""
+
+
+def test_triton_stack_sums_equal_the_torch_ops_in_the_interpreter():
+    """The kernels of `stack_sum_triton`, run on the CPU by Triton's interpreter: equal to the
+    torch ops bit for bit in float32 and float64, for windows of 1-3 frames."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_stack_sums_equal_the_torch_ops(k, dtype):
+    """The stack sums' kernels (`stack_sum_triton`) against the torch ops, on widths and row
+    counts that fill no tile exactly: the forward, and the backward of the same gradient.
+    float32: the terms add in the same order, equal; bf16: the kernels round once, the torch
+    ops after every add."""
+    dev = torch.device("cuda")
+    torch.manual_seed(k)
+    model = ResNet50Encoder(in_channels=24, conv_channels=(72, 40), mlp_dim=16, out_dim=8,
+                            temporal_depth=k)
+    terms = model._stack_terms()
+    lo, hi = model.conv1_taps()
+    halo, n = -min(model.window_offsets().tolist()), 37
+    y = torch.randn((n + halo, (hi - lo + 1) * 72, 5, 7), device=dev, dtype=dtype)
+    y = y.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    bias = torch.randn(k * 72, device=dev, dtype=dtype, requires_grad=True)
+    h = encoders._StackSum.apply(y, bias, terms, n, False)
+    grad = torch.randn(h.shape, device=dev, dtype=dtype)
+    h.backward(grad)
+    g = torch.ops.aten.threshold_backward(grad, h.detach(), 0)
+    fused_h = stack_sum_triton.stack_sum_forward(y.detach(), bias.detach(), terms, n)
+    fused_gy = stack_sum_triton.stack_sum_backward(g, terms, y.shape)
+    assert fused_h.is_contiguous(memory_format=torch.channels_last)
+    tol = {"atol": 0.0, "rtol": 0.0} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(fused_h.float(), h.detach().float(), **tol)
+    torch.testing.assert_close(fused_gy.float(), y.grad.float(), **tol)
+    # and through the autograd function: the kernels' backward of the kernels' forward
+    yy, bb = y.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+    out = encoders._StackSum.apply(yy, bb, terms, n, True)
+    out.backward(grad)
+    assert torch.equal(out, fused_h)
+    torch.testing.assert_close(
+        yy.grad, stack_sum_triton.stack_sum_backward(
+            torch.ops.aten.threshold_backward(grad, out.detach(), 0), terms, y.shape))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fused_stacks_follow_the_conv3d_path():
+    dev = torch.device("cuda")
+    model = small(chunk_frames=4).train().to(dev)
+    assert model.fused_stacks
+    x, mask = batch([9, 2, 6], total=11)
+    assert_same(model, x.to(dev), mask.to(dev))   # float64 through the kernels

@@ -56,10 +56,13 @@ class Batch:
 
 class Collator:
     """Turns ``[(index, float32 array), ...]`` of one task into a `Batch` (picklable for
-    workers)."""
+    workers). `pin`: in the main process the features are collated straight into page-locked
+    memory, from which a GPU copy is asynchronous (workers leave it to the DataLoader's
+    `pin_memory`: page-locked memory does not cross processes)."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, *, pin: bool = False) -> None:
         self.dataset = dataset
+        self.pin = pin
         self.label_index = {lab: i for i, lab in enumerate(dataset.labels)}
 
     def __call__(self, items: Sequence[tuple[int, np.ndarray]]) -> Batch:
@@ -71,7 +74,9 @@ class Collator:
         b, t_max = len(items), max(lengths)
         k_max = max(v.annotation.num_segments for v in videos)
         feat_shape = items[0][1].shape[1:]
-        features = torch.zeros((b, t_max, *feat_shape), dtype=torch.float32)  # (B, T, *F)
+        pin = self.pin and torch.utils.data.get_worker_info() is None
+        features = torch.zeros((b, t_max, *feat_shape), dtype=torch.float32,
+                               pin_memory=pin)                                 # (B, T, *F)
         mask = torch.zeros((b, t_max), dtype=torch.bool)                      # (B, T)
         frame_labels = torch.full((b, t_max), -1, dtype=torch.int64)          # (B, T)
         foreground = torch.zeros((b, t_max), dtype=torch.bool)                # (B, T)
@@ -206,7 +211,8 @@ def make_loader(dataset: Dataset, split: str | None, *, batch_size: int, shuffle
         groups.setdefault(dataset.videos[i].task, []).append(i)
     sampler = TaskBatchSampler(groups, batch_size, shuffle=shuffle, drop_last=drop_last,
                                seed=seed, num_replicas=num_replicas, rank=rank)
-    return DataLoader(_Arrays(dataset), batch_sampler=sampler, collate_fn=Collator(dataset),
+    return DataLoader(_Arrays(dataset), batch_sampler=sampler,
+                      collate_fn=Collator(dataset, pin=pin_memory),
                       num_workers=num_workers, pin_memory=pin_memory)
 
 

@@ -23,6 +23,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from alignprog.runtime import known_lengths
+
 
 class BaseEncoder(nn.Module):
     """Per-frame encoder of a padded batch; subclasses set `out_dim` and implement `forward`."""
@@ -68,6 +70,9 @@ class ResNet50Encoder(BaseEncoder):
     `reference_window=True` it holds r-k .. r-1 as the reference does, which never reads frame r
     and makes frame 0 independent of the input; use it only to reproduce published numbers.
     Frames before 0 (and, defensively, any frame whose mask is False) enter the stack as zero maps.
+    In `dense` mode (a GPU) it runs every padded position, unless the caller gives the batch's
+    frame counts on the host (`alignprog.runtime.host_lengths`, the trainer's eager step): then
+    each video's real frames only, as off the GPU, with no host sync.
 
     `conv_channels` and `mlp_dim` default to the documented fixed widths (1024, 512) and 512; they
     exist so tests can build a small model. `out_dim` is honoured (the reference always emits
@@ -130,6 +135,9 @@ class ResNet50Encoder(BaseEncoder):
         self.out_dim = out_dim
         self.reference_window = reference_window
         self.chunk_frames = chunk_frames
+        # The stack sums as Triton kernels on a GPU (`stack_sum_triton`); False: torch ops
+        # there too (the tests compare the two). Not a parameter.
+        self.fused_stacks = True
         # Run every padded position (True; padding as zero maps, outputs dropped) instead of
         # each video's frames only: the same values with no host sync and shapes fixed by
         # (B, T), for CUDA graphs, at the cost of the padding's FLOPs. Not a parameter.
@@ -232,7 +240,17 @@ class ResNet50Encoder(BaseEncoder):
         # False inside a video; never made by the batcher) run as zero maps and their outputs
         # are dropped; padding after a video's last real frame is never read.
         col = torch.arange(frames + halo, device=mask.device)            # (T + halo,)
-        if self.dense:  # every position: no data-dependent shape, no host sync
+        known = known_lengths() if self.dense else None
+        if known is not None and known.shape == (batch,):
+            # the host knows each video's frames (runtime.host_lengths): its real rows only,
+            # indices made on the host, so no padding computed and no host sync
+            length = known.to("cpu", torch.long).clamp(0, frames)         # (B,) on the host
+            col_h = torch.arange(frames + halo)
+            grid = (col_h[None, :] < (length + halo)[:, None]) & (length > 0)[:, None]
+            pin = mask.is_cuda   # page-locked: an asynchronous copy that never waits
+            b_row, c_row = ((i.pin_memory() if pin else i).to(mask.device, non_blocking=True)
+                            for i in grid.nonzero(as_tuple=True))         # (R,), (R,)
+        elif self.dense:  # every position: no data-dependent shape, no host sync
             b_row = torch.arange(batch, device=mask.device).repeat_interleave(frames + halo)
             c_row = col.repeat(batch)                                     # (R,) = (B*(T+halo),)
         else:
@@ -246,6 +264,10 @@ class ResNet50Encoder(BaseEncoder):
         x_cl = x.permute(0, 1, 3, 4, 2).flatten(0, 1)                    # (B*T, H, W, C) view
         amp = torch.is_autocast_enabled(x.device.type)
         w1, b1, w2 = self._weights(torch.get_autocast_dtype(x.device.type) if amp else None)
+        if amp and x.dtype != w1.dtype:
+            # cast once, in the layout the convolutions read (one pass over x, where the gather,
+            # zeroing and autocast's cast of every chunk would each be one): the same values
+            x_cl = torch.empty(x_cl.shape, dtype=w1.dtype, device=x.device).copy_(x_cl)
         elem = torch.finfo(w1.dtype if amp else x.dtype).bits // 8
         terms = self._stack_terms()
         rows = b_row.numel()
@@ -259,7 +281,7 @@ class ResNet50Encoder(BaseEncoder):
             xs = x_cl.index_select(0, src[start - halo:stop])             # (n+halo, H, W, C)
             xs.masked_fill_(~real[start - halo:stop, None, None, None], 0.0)  # zero frames
             y = F.conv2d(xs.permute(0, 3, 1, 2), w1, padding=1)           # (n+halo, J*c1, H, W)
-            h = _StackSum.apply(y, b1, terms, stop - start)               # (n, k*c1, H, W)
+            h = _StackSum.apply(y, b1, terms, stop - start, self.fused_stacks)  # (n, k*c1, H, W)
             z = F.conv2d(h, w2, padding=1)                                 # (n, k*c2, H, W)
             # Global max over (depth, H, W); channels-last puts depth next to c2
             z = z.permute(0, 2, 3, 1).reshape(stop - start, -1, w2.shape[0] // k)  # (n, HWk, c2)
@@ -281,12 +303,22 @@ class ResNet50Encoder(BaseEncoder):
 class _StackSum(torch.autograd.Function):
     """relu(b1 + the k row-shifted channel slices of conv1's per-frame taps Y): conv1's output
     on every stack of a chunk (see ResNet50Encoder). Written out so that backward builds dY in
-    one buffer; autograd's slice backward would allocate and fill a full dY per slice."""
+    one buffer; autograd's slice backward would allocate and fill a full dY per slice. With
+    `fused` on a GPU both directions are one Triton kernel each (`stack_sum_triton`)."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, bias: torch.Tensor, terms: list[tuple[int, int, int, int]],
-                n: int) -> torch.Tensor:
+                n: int, fused: bool = False) -> torch.Tensor:
         # y: (n + halo, J*c1, H, W), bias: (k*c1,) -> h: (n, k*c1, H, W)
+        ctx.terms, ctx.y_shape = terms, y.shape
+        ctx.kernels = None
+        if fused and y.is_cuda:
+            from alignprog.models import stack_sum_triton
+            if stack_sum_triton.available(y):
+                ctx.kernels = stack_sum_triton
+                h = stack_sum_triton.stack_sum_forward(y, bias, terms, n)
+                ctx.save_for_backward(h)
+                return h
         kc = bias.numel()
         b = bias.view(1, kc, 1, 1)                                        # (1, k*c1, 1, 1)
         row, y_lo, h_lo, w = terms[0]
@@ -300,7 +332,6 @@ class _StackSum(torch.autograd.Function):
             h[:, h_lo:h_lo + w] += y[row:row + n, y_lo:y_lo + w]
         h = h.relu_()
         ctx.save_for_backward(h)
-        ctx.terms, ctx.y_shape = terms, y.shape
         return h
 
     @staticmethod
@@ -311,12 +342,14 @@ class _StackSum(torch.autograd.Function):
         g = torch.ops.aten.threshold_backward(grad, h, 0)                 # (n, k*c1, H, W) relu'
         gb = g.sum(dim=(0, 2, 3)) if ctx.needs_input_grad[1] else None    # (k*c1,)
         gy = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.kernels is not None:
+            gy = ctx.kernels.stack_sum_backward(g, ctx.terms, ctx.y_shape)
+        elif ctx.needs_input_grad[0]:
             gy = torch.empty(ctx.y_shape, dtype=g.dtype, device=g.device,
                              memory_format=torch.channels_last).zero_()  # (n+halo, J*c1, H, W)
             for row, y_lo, h_lo, w in ctx.terms:
                 gy[row:row + n, y_lo:y_lo + w] += g[:, h_lo:h_lo + w]
-        return gy, gb, None, None
+        return gy, gb, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

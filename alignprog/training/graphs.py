@@ -156,11 +156,12 @@ class StepGraphs:
         self.replays = 0
         self.captures = 0   # graphs captured so far, evicted ones included
 
-    def replay(self, host: Batch, samples: SegmentSamples | None, step: int
-               ) -> dict[str, torch.Tensor] | None:
+    def replay(self, host: Batch, samples: SegmentSamples | None, step: int,
+               uploaded: Batch | None = None) -> dict[str, torch.Tensor] | None:
         """The step on this batch (and progress samples) as a replay: its device values by
         METRICS name (clones), or None where the caller runs this step eagerly (auto: a shape
-        not captured; after a failed capture: every later step too)."""
+        not captured; after a failed capture: every later step too). `uploaded`: the batch's
+        device copy if one was made ahead (`training.uploads`), which the buffers copy from."""
         if self.failed is not None:
             return None
         key = self.key(host, samples)
@@ -173,7 +174,7 @@ class StepGraphs:
             while len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
             try:
-                graph = self.capture(key, host, samples, step)
+                graph = self.capture(key, host, samples, step, uploaded)
             except RuntimeError as exc:   # e.g. an op that syncs: run eagerly from now on
                 self.failed = str(exc).splitlines()[0]
                 warnings.warn(f"CUDA graph capture failed ({self.failed}); the training step "
@@ -182,7 +183,7 @@ class StepGraphs:
                 return None
             self.graphs[key] = graph          # captured with this batch in its buffers
         else:
-            self.fill(graph.inputs, host, samples, step)
+            self.fill(graph.inputs, host, samples, step, uploaded)
         self.graphs.move_to_end(key)
         graph.graph.replay()
         self.replays += 1
@@ -198,13 +199,19 @@ class StepGraphs:
                 min(max(width, MIN_WIDTH), frames))
 
     def fill(self, inputs: GraphInputs, host: Batch, samples: SegmentSamples | None,
-             step: int) -> None:
-        """Copy the batch (and the samples) into the graph's buffers, asynchronously."""
+             step: int, uploaded: Batch | None = None) -> None:
+        """Copy the batch (from its device copy `uploaded` if there is one) and the samples
+        into the graph's buffers, asynchronously."""
         b, t = host.mask.shape
-        inputs.features[:, :t].copy_(_pinned(host.features), non_blocking=True)
-        mask = torch.zeros(inputs.mask.shape, dtype=torch.bool)
-        mask[:, :t] = host.mask
-        inputs.mask.copy_(_pinned(mask), non_blocking=True)
+        if uploaded is not None:
+            inputs.features[:, :t].copy_(uploaded.features)
+            inputs.mask[:, t:] = False
+            inputs.mask[:, :t].copy_(uploaded.mask)
+        else:
+            inputs.features[:, :t].copy_(_pinned(host.features), non_blocking=True)
+            mask = torch.zeros(inputs.mask.shape, dtype=torch.bool)
+            mask[:, :t] = host.mask
+            inputs.mask.copy_(_pinned(mask), non_blocking=True)
         if samples is not None:
             q = len(samples)
             cols = torch.zeros((5, inputs.video.shape[0]), dtype=torch.float64)
@@ -224,7 +231,7 @@ class StepGraphs:
         inputs.step.fill_(step)
 
     def capture(self, key: tuple, host: Batch, samples: SegmentSamples | None,
-                step: int) -> Graph:
+                step: int, uploaded: Batch | None = None) -> Graph:
         b, frames, q, width = key
         dev = self.device
         self.captures += 1
@@ -237,7 +244,7 @@ class StepGraphs:
             gt=zeros(torch.float32) + 1, valid=zeros(torch.bool), width=width,
             step=self.step_count)
         graph = Graph(inputs=inputs, metrics=torch.zeros(len(METRICS), device=dev))
-        self.fill(inputs, host, samples, step)
+        self.fill(inputs, host, samples, step, uploaded)
         self.model.train()
         # Warm-up on a side stream (the lazy set-up of cuDNN, cuBLAS and autograd must not
         # happen during capture): forward and backward only, so the parameters do not move.

@@ -80,6 +80,16 @@ def _iterate(loader, batches: list[list[int]], skip: int):
         yield loader.collate_fn([loader.dataset[i] for i in indices])
 
 
+def _groups(batches, size: int):
+    """Consecutive lists of `size` batches (a shorter last one is left out)."""
+    group: list = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
 def fit(cfg: Config, *, dataset: Dataset | None = None, run: RunDir | None = None,
         resume: bool = False, callback: Callback | None = None,
         dist: Dist = SINGLE) -> FitResult:
@@ -259,14 +269,17 @@ def _train_epoch(trainer: Trainer, loader, log: Callback, run: RunDir | None,
     # batch_in_epoch counts the batches of all ranks: a run resumed with another number of
     # ranks redoes at most one batch per rank rather than skipping any. Checkpoints fall
     # between steps, so a resumed epoch starts at a step's first batch.
-    group: list = []
-    for batch in _iterate(loader, batches, trainer.batch_in_epoch // dist.world_size):
-        group.append(batch)
-        if len(group) < tc.accumulate:
-            continue
+    # Each step's batches are loaded, and their GPU copies started (`prefetch`), while the
+    # step before them runs.
+    groups = _groups(_iterate(loader, batches, trainer.batch_in_epoch // dist.world_size),
+                     tc.accumulate)
+    upcoming = next(groups, None)
+    while upcoming is not None:
+        group, upcoming = upcoming, next(groups, None)
+        if upcoming is not None:
+            trainer.prefetch(upcoming)
         metrics = trainer.step_batches(group, head_only=head_only)
         trainer.batch_in_epoch += dist.world_size * len(group)
-        group = []
         # Reading the metrics waits for the GPU: only at the logged steps, and every
         # max_bad_steps steps to stop a run that keeps skipping.
         if trainer.step % tc.log_every == 0 or trainer.step == total_steps:
@@ -278,6 +291,7 @@ def _train_epoch(trainer: Trainer, loader, log: Callback, run: RunDir | None,
             trainer.save(run)
         if total_steps is not None and trainer.step >= total_steps:
             break
+    trainer.uploads.clear()   # a copy started for a step that did not run
 
 
 def _end_epoch(trainer: Trainer, log: Callback, run: RunDir | None, clock: StepClock,

@@ -18,8 +18,8 @@ from alignprog.losses import ALIGNMENT_LOSSES
 from alignprog.losses.progress import (cumulative_l2_loss, progress_loss,
                                        segment_path_lengths)
 from alignprog.models import AlignmentModel, EncoderOutput, build_model, set_dense
-from alignprog.runtime import (autocast, fused_optimizer, seed_everything, to_device,
-                               trusted_inputs)
+from alignprog.runtime import (autocast, fused_optimizer, host_lengths, seed_everything,
+                               to_device, trusted_inputs)
 from alignprog.sampling import SegmentSamples, gather_frames, gather_segments, sample_segments
 from alignprog.training.checkpoint import (CheckpointError, checkpoint_name, load_checkpoint,
                                            save_checkpoint)
@@ -27,6 +27,7 @@ from alignprog.training.distributed import SINGLE, Dist
 from alignprog.training.graphs import GraphInputs, StepGraphs
 from alignprog.training.rundir import RunDir
 from alignprog.training.schedule import lr_factor, scheduled, set_learning_rates, use_tensor_rates
+from alignprog.training.uploads import Uploads
 from alignprog.training.step import (StepMetrics, backward, finish_accumulated, objective,
                                      take_step)
 
@@ -118,6 +119,8 @@ class Trainer:
         self.schedule_start, self.schedule_steps = 0, 1
         # On a GPU the model runs every padded position: no data-dependent shape, no host sync.
         set_dense(self.model, device.type == "cuda")
+        # Batches copied to the GPU ahead of their step (`prefetch`), beside the compute
+        self.uploads = Uploads(device)
         self.loss_fn = ALIGNMENT_LOSSES[tc.method]
         self.loss_kw = loss_keywords(cfg)
         self.lam = pc.lambda_for(tc.method) if pc.enabled else 0.0   # balance=fixed
@@ -309,6 +312,12 @@ class Trainer:
         norm = torch.where(self.class_seen[labels], self.class_paths[labels], paths)
         return norm.to(emb.device)
 
+    def prefetch(self, batches: list[Batch]) -> None:
+        """Start copying the batches of a later step to the GPU on a side stream, so that the
+        copy overlaps the steps before it (`training.uploads`); the step that gets these host
+        batches takes the copies. Does nothing off CUDA."""
+        self.uploads.start(batches)
+
     def step_batch(self, batch: Batch, *, head_only: bool = False) -> StepMetrics:
         """One optimizer step (skipped on the device when the loss or a gradient is not
         finite); its metrics, device scalars where they come from the GPU: `read()` them (one
@@ -319,12 +328,13 @@ class Trainer:
         graphed = (self.graphs is not None and self.graphs.failed is None and not head_only
                    and self.step > 0 and batch.size >= 2)
         lr = self._apply_schedule(graphed)
+        uploaded = self.uploads.take(batch, copy_now=False)   # the copy `prefetch` began
         if graphed:
-            metrics = self._graph_step(batch)
+            metrics = self._graph_step(batch, uploaded)
         if metrics is None:
             # No gradient left over: a CUDA graph's replay leaves its own buffers in .grad
             self.optimizer.zero_grad(set_to_none=True)
-            metrics = self._eager_step(batch, head_only=head_only)
+            metrics = self._eager_step(batch, uploaded, head_only=head_only)
         return self._finish_step(metrics, lr, start)
 
     def step_batches(self, batches: list[Batch], *, head_only: bool = False) -> StepMetrics:
@@ -364,24 +374,28 @@ class Trainer:
                            videos=host.size, frames=int(host.lengths.sum()),
                            alignment=torch.zeros(()))
 
-    def _eager_step(self, host: Batch, *, head_only: bool = False) -> StepMetrics:
-        """Forward and losses on the device, then `take_step` (backward, the ranks' averaging,
-        head rescale, clipping, Adam)."""
-        out = self._device_losses(host)
+    def _eager_step(self, host: Batch, uploaded: Batch | None = None, *,
+                    head_only: bool = False) -> StepMetrics:
+        """Forward and losses on the device (of the batch's device copy `uploaded` where
+        `prefetch` made one), then `take_step` (backward, the ranks' averaging, head rescale,
+        clipping, Adam)."""
+        out = self._device_losses(host, uploaded)
         return take_step(self, out["alignment"], out["progress"],
                          self._info(host, out["samples"]), embeddings=out["embeddings"],
                          head_only=head_only)
 
-    def _device_losses(self, host: Batch) -> dict[str, Any]:
-        """`losses` of a host batch copied to the device, the model in training mode."""
-        batch = host.to(self.device, non_blocking=True)
+    def _device_losses(self, host: Batch, uploaded: Batch | None = None) -> dict[str, Any]:
+        """`losses` of a host batch on the device (`uploaded`, else the copy `prefetch` began,
+        else a copy now), the model in training mode."""
+        batch = uploaded if uploaded is not None else self.uploads.take(host)
         self.model.train()
-        with trusted_inputs():
+        with trusted_inputs(), host_lengths(host.lengths):
             return self.losses(batch, epoch=self.epoch, step=self.step,
                                generators=self.generators, host=host)
 
-    def _graph_step(self, host: Batch) -> StepMetrics | None:
-        """The step as a CUDA-graph replay, or None where it must run eagerly (no progress
+    def _graph_step(self, host: Batch, uploaded: Batch | None = None) -> StepMetrics | None:
+        """The step as a CUDA-graph replay (its buffers filled from `uploaded`, the batch's
+        device copy, where there is one), or None where it must run eagerly (no progress
         sample this step, or a capture that failed). The progress samples are drawn here, on
         the host, with the generator and draws of the eager step."""
         gen = self.generators["sampling"]
@@ -392,7 +406,7 @@ class Trainer:
             if len(samples) == 0:   # no progress term this step: the eager step draws again
                 gen.set_state(state)
                 return None
-        values = self.graphs.replay(host, samples, self.step)
+        values = self.graphs.replay(host, samples, self.step, uploaded)
         if values is None:
             gen.set_state(state)
             return None

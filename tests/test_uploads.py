@@ -1,0 +1,129 @@
+"""Batches copied to the GPU ahead of their step (`alignprog.training.uploads`): the training
+loop starts each step's copy during the step before, a step takes the copy made for its own
+batches, and the numbers are those of a step that copies its batch itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignprog.config import load_config
+from alignprog.data import load_dataset, make_loader
+from alignprog.training.loop import _groups, fit
+from alignprog.training.trainer import Trainer
+from alignprog.training.uploads import Uploads
+
+from helpers import TINY
+
+GPU = dict(TINY, **{"train.device": "cuda", "data.synthetic.dim": 64, "model.num_heads": 4,
+                    "train.graph_frame_bucket": 32})
+
+
+def train_batches(cfg, n: int, **loader_kw):
+    data = load_dataset(cfg.data)
+    loader = make_loader(data, "train", batch_size=2, shuffle=False, drop_last=True,
+                         **loader_kw)
+    return data, list(loader)[:n]
+
+
+def test_groups_are_consecutive_and_drop_a_short_tail():
+    assert list(_groups(iter(range(7)), 3)) == [[0, 1, 2], [3, 4, 5]]
+    assert list(_groups(iter(range(4)), 1)) == [[0], [1], [2], [3]]
+    assert list(_groups(iter(range(2)), 3)) == []
+
+
+def test_off_cuda_nothing_is_started_and_take_copies():
+    cfg = load_config(overrides=TINY)
+    _, (batch,) = train_batches(cfg, 1)
+    uploads = Uploads(torch.device("cpu"))
+    uploads.start([batch])
+    assert not uploads.pending
+    assert uploads.take(batch, copy_now=False) is None
+    got = uploads.take(batch)
+    assert torch.equal(got.features, batch.features) and torch.equal(got.mask, batch.mask)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_fit_starts_each_steps_copies_during_the_step_before(monkeypatch, accumulate):
+    """The order of the loop's calls: the batches of step n + 1 are prefetched before step n
+    runs (none before the first step of an epoch), and nothing is left pending after."""
+    calls: list[tuple[str, tuple]] = []
+    prefetch, step_batches = Trainer.prefetch, Trainer.step_batches
+    trainers: list[Trainer] = []
+
+    def recording_prefetch(self, batches):
+        calls.append(("prefetch", tuple(b.indices for b in batches)))
+        return prefetch(self, batches)
+
+    def recording_step(self, batches, **kw):
+        trainers.append(self)
+        calls.append(("step", tuple(b.indices for b in batches)))
+        return step_batches(self, batches, **kw)
+
+    monkeypatch.setattr(Trainer, "prefetch", recording_prefetch)
+    monkeypatch.setattr(Trainer, "step_batches", recording_step)
+    cfg = load_config(overrides=TINY | {"train.epochs": 2, "train.accumulate": accumulate})
+    fit(cfg)
+    steps = [c for c in calls if c[0] == "step"]
+    assert len(steps) >= 4
+    assert all(len(c[1]) == accumulate for c in steps)
+    # each prefetch comes right before a step and names the batches of the step after it
+    for i, (kind, batches) in enumerate(calls):
+        if kind == "prefetch":
+            assert calls[i + 1][0] == "step"
+            assert next(c for c in calls[i + 2:] if c[0] == "step") == ("step", batches)
+    # and every step but an epoch's first was prefetched
+    prefetched = [c[1] for c in calls if c[0] == "prefetch"]
+    assert len(prefetched) == len(steps) - cfg.train.epochs
+    assert set(prefetched) <= {c[1] for c in steps}
+    assert not trainers[-1].uploads.pending
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graphs", ["off", "on"])
+def test_a_prefetched_step_equals_a_step_that_copies_its_batch(graphs):
+    """Bit for bit, eagerly and as CUDA-graph replays (whose buffers then copy from the
+    batch's device copy instead of the host)."""
+    from alignprog.runtime import deterministic
+    cfg = load_config(overrides=GPU | {"train.cuda_graphs": graphs})
+    models = []
+    with deterministic(True):
+        for ahead in (False, True):
+            data, host = train_batches(cfg, 5, pin_memory=True)
+            trainer = Trainer(cfg, data, torch.device("cuda"))
+            for i, batch in enumerate(host):
+                if ahead and i + 1 < len(host):
+                    trainer.prefetch([host[i + 1]])
+                trainer.step_batch(batch)
+            assert not trainer.uploads.pending
+            if graphs == "on":
+                assert trainer.graphs.replays == len(host) - 1
+            models.append(trainer.model)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_take_returns_the_copy_started_for_the_batch_and_drops_older_ones():
+    cfg = load_config(overrides=GPU)
+    _, (b1, b2, b3) = train_batches(cfg, 3, pin_memory=True)
+    uploads = Uploads(torch.device("cuda"))
+    uploads.start([b1, b2])
+    got = uploads.take(b2)
+    assert got.features.is_cuda and torch.equal(got.features.cpu(), b2.features)
+    assert torch.equal(got.seg_start.cpu(), b2.seg_start)
+    assert not uploads.pending                     # b1's copy, started before, is dropped
+    assert uploads.take(b1, copy_now=False) is None
+    assert torch.equal(uploads.take(b3).features.cpu(), b3.features)   # not started: copied
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_loader_collates_into_page_locked_memory():
+    cfg = load_config(overrides=GPU)
+    _, (pinned,) = train_batches(cfg, 1, pin_memory=True)
+    _, (plain,) = train_batches(cfg, 1)
+    assert pinned.features.is_pinned() and not plain.features.is_pinned()
+    assert torch.equal(pinned.features, plain.features)
