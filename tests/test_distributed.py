@@ -72,7 +72,10 @@ def without_foreground(batch):
 
 
 def _steps_worker(rank: int, world: int, port: int, out: str, device: str,
-                  no_foreground_rank: int | None, balance: str = "gradient") -> None:
+                  no_foreground_rank: int | None, balance: str = "gradient",
+                  nan_step: tuple[int, int] | None = None) -> None:
+    """STEPS steps on this rank's share; `nan_step` (rank, step): that rank's batch of that
+    step (from 1) holds NaN features."""
     torchrun_env(rank, world, port)
     from alignprog.training import distributed
     with (distributed.process_group(device, timeout=timedelta(seconds=60)) as dist,
@@ -91,7 +94,19 @@ def _steps_worker(rank: int, world: int, port: int, out: str, device: str,
                 batch = loader.collate_fn([loader.dataset[i] for i in indices])
                 if rank == no_foreground_rank:
                     batch = without_foreground(batch)
-                records.append(trainer.read(trainer.step_batch(batch)))
+                if nan_step == (rank, trainer.step + 1):
+                    batch.features.fill_(float("nan"))
+                if device == "cuda" and trainer.step > 0:
+                    # after the first step (Adam's state made): no host-device sync in a step
+                    batch = batch.pin_memory()
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    metrics = trainer.step_batch(batch)
+                finally:
+                    if device == "cuda":
+                        torch.cuda.set_sync_debug_mode("default")
+                records.append(trainer.read(metrics))
                 used.append(indices)
                 for i, p in enumerate(trainer.model.parameters()):
                     snapshots[f"{trainer.step}.{i}"] = p.detach().cpu().clone()
@@ -99,8 +114,8 @@ def _steps_worker(rank: int, world: int, port: int, out: str, device: str,
                     break
             trainer.epoch += 1
         save_file(snapshots, Path(out) / f"params-{rank}.safetensors")
-        (Path(out) / f"run-{rank}.json").write_text(json.dumps({"batches": used,
-                                                                "records": records}))
+        (Path(out) / f"run-{rank}.json").write_text(json.dumps({
+            "batches": used, "records": records, "skipped": int(trainer.skipped_steps)}))
 
 
 def _fit_worker(rank: int, world: int, port: int, runs: str, name: str, steps: int,
@@ -294,6 +309,24 @@ def test_a_rank_without_progress_samples_does_not_hang_the_others(tmp_path: Path
     assert samples[1::2] == [0] * STEPS and all(samples[0::2])
 
 
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path):
+    """Rank 1's second batch is NaN: its loss and gradients are not finite, the all_reduce
+    carries that to rank 0, and both skip the update on the device (no host agreement); the
+    next step trains again, the ranks still equal."""
+    spawn(_steps_worker, str(tmp_path), "cpu", None, "gradient", (1, 2))
+    params = [load_file(tmp_path / f"params-{r}.safetensors") for r in range(WORLD)]
+    runs = [json.loads((tmp_path / f"run-{r}.json").read_text()) for r in range(WORLD)]
+    names = sorted({k.split(".", 1)[1] for k in params[0]}, key=int)
+    for r in range(WORLD):
+        assert [rec["skipped"] for rec in runs[r]["records"]] == [False, True, False]
+        assert runs[r]["skipped"] == 1
+        assert runs[r]["records"][1]["total"] is None
+        for i in names:
+            assert torch.equal(params[r][f"2.{i}"], params[r][f"1.{i}"])   # no update
+            assert torch.equal(params[r][f"3.{i}"], params[0][f"3.{i}"])   # ranks agree
+    assert any(not torch.equal(params[0][f"3.{i}"], params[0][f"2.{i}"]) for i in names)
+
+
 def test_fit_on_two_ranks_resumes_with_another_number_of_ranks(tmp_path: Path):
     runs = tmp_path / "runs"
     # 1 process, 2 steps; then 2 ranks resume it to 4: rank 0 reads the checkpoint and the
@@ -335,6 +368,7 @@ def test_cli_under_torchrun_rank_0_names_and_writes_the_run(tmp_path: Path):
 def test_two_gpu_ranks_equal_one_process_averaging_by_hand(tmp_path: Path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
+    # every step after the first runs with any host-device sync raising an error
     spawn(_steps_worker, str(tmp_path), "cuda", None)
     # the reference runs on cuda:0; NCCL's sum and cuDNN may round differently
     check_against_reference(tmp_path, "cuda", None, rtol=1e-4, atol=1e-6)

@@ -157,6 +157,8 @@ def test_no_graphs_on_the_cpu_and_the_reasons():
     assert trainer.graphs is None
     assert unsupported(cfg, torch.device("cpu"), several_processes=False,
                        mode="auto") == "the device is not CUDA"
+    reason = unsupported(cfg, torch.device("cuda"), several_processes=True, mode="on")
+    assert reason is not None and "several processes" in reason
     assert round_up(450, 64) == 512 and round_up(448, 64) == 448
     assert [next_power_of_two(n) for n in (1, 2, 3, 5, 8, 9)] == [2, 2, 4, 8, 8, 16]
 

@@ -12,8 +12,12 @@ segments sampled from each batch, and a rank whose batch gives no foreground sam
 touches it: DDP's per-parameter readiness bookkeeping needs the head inside the wrapped forward
 and `find_unused_parameters` to survive that. The explicit reduction is the exact average
 (a missing gradient counts as zero), runs on every rank on every step whatever its batch held,
-and carries the step's loss statistics in the same message, so that the ranks also agree on
-skipping a step with a non-finite loss. It does not overlap communication with backward as DDP
+and carries the step's loss statistics in the same message. Nothing of it is read on the host:
+a non-finite loss or gradient on one rank makes the summed gradients non-finite on every rank,
+which then all skip the step on the device, as one process does. What the ranks must agree on
+before the reduction (which ranks have a loss, which parameters have a gradient anywhere, the
+batch counts) is known on each host and summed over a gloo group, which waits for the other
+ranks but not for the GPU. It does not overlap communication with backward as DDP
 does; for the pipeline description's model (7 M parameters, 28 MB of fp32 gradients per step,
 against a step of ~20 ms) one flat reduction after backward is a small share of the step.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator
 
@@ -57,6 +61,8 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device | None = None  # where collectives run: cuda:LOCAL_RANK or cpu
+    # the gloo group of host values (`host_sum`); None: the default group (itself gloo on CPUs)
+    host_group: Any = field(default=None, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -114,34 +120,44 @@ class Dist:
             received.append(self.broadcast_(buf).to(home))
         return obj if self.is_main else _decode(tree, received)
 
-    def average_gradients(self, params: list[nn.Parameter], stats: torch.Tensor) -> list[float]:
-        """Average the gradients of `params` over the ranks, in place, and return the sum over
-        the ranks of the small vector `stats`, in one all_reduce.
-
-        A parameter without a gradient on some rank (the progress head on a rank whose batch gave
-        no progress sample) counts as a zero gradient there, as DDP counts an unused parameter;
-        one without a gradient on every rank keeps none, as in a single process."""
+    def host_sum(self, values: list[int]) -> list[int]:
+        """The sum over the ranks of a few host integers (which ranks have a loss, which
+        parameters have a gradient, the batch counts), through the host group: the ranks wait
+        for each other, not for their GPUs."""
         if not self.active:
-            return stats.tolist()
+            return list(values)
+        buf = torch.tensor(values, dtype=torch.int64)
+        tdist.all_reduce(buf, group=self.host_group)
+        return buf.tolist()
+
+    def average_gradients(self, params: list[nn.Parameter], anywhere: list[bool],
+                          stats: torch.Tensor) -> torch.Tensor:
+        """Average the gradients of `params` over the ranks, in place, and return the sum over
+        the ranks of the small device vector `stats`, in one all_reduce and without reading
+        the device.
+
+        `anywhere[i]`: whether some rank has a gradient of `params[i]` (`host_sum` of the
+        ranks' `p.grad is not None`). A rank without one (the progress head on a rank whose
+        batch gave no progress sample) sends zeros, as DDP counts an unused parameter; a
+        parameter without a gradient on every rank keeps none, as in a single process."""
+        if not self.active:
+            return stats
         device = self.device
         pieces = [p.grad.detach().reshape(-1).float() if p.grad is not None     # (numel,)
-                  else torch.zeros(p.numel(), device=device) for p in params]
-        seen = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
-                            device=device)                                       # (P,)
-        flat = torch.cat(pieces + [seen, stats.to(device, torch.float32)])      # (N + P + S,)
+                  else torch.zeros(p.numel(), device=device)
+                  for p, some in zip(params, anywhere, strict=True) if some]
+        flat = torch.cat(pieces + [stats.to(device, torch.float32).reshape(-1)])  # (N + S,)
         tdist.all_reduce(flat)
-        n_grad = flat.numel() - len(params) - len(stats)
-        tail = flat[n_grad:].tolist()                                            # one sync
         offset = 0
-        for p, count in zip(params, tail[:len(params)]):
-            n = p.numel()
-            if count == 0:
+        for p, some in zip(params, anywhere):
+            if not some:
                 p.grad = None
-            else:
-                mean = flat[offset:offset + n].view_as(p).div_(self.world_size)
-                p.grad = mean if mean.dtype == p.dtype else mean.to(p.dtype)
+                continue
+            n = p.numel()
+            mean = flat[offset:offset + n].view_as(p).div_(self.world_size)
+            p.grad = mean if mean.dtype == p.dtype else mean.to(p.dtype)
             offset += n
-        return tail[len(params):]
+        return flat[offset:]
 
 
 SINGLE = Dist()
@@ -159,7 +175,10 @@ def setup(device_spec: str = "auto", *, timeout: timedelta = DEFAULT_TIMEOUT) ->
         tdist.init_process_group(collective_backend(device), rank=rank, world_size=world,
                                  timeout=timeout,
                                  device_id=device if device.type == "cuda" else None)
-    return Dist(rank, world, local_rank, device)
+    host_group = None
+    if tdist.get_backend() != "gloo":   # NCCL moves GPU tensors only: host values go by gloo
+        host_group = tdist.new_group(backend="gloo", timeout=timeout)
+    return Dist(rank, world, local_rank, device, host_group)
 
 
 def shutdown() -> None:

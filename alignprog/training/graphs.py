@@ -28,8 +28,9 @@ eagerly. `on` captures every shape at once and evicts the least recently used gr
 
 Not captured (the step runs eagerly, also sync-free): GTCC (its GMM fits decide on the host
 how many L-BFGS iterations run), cumulative_l2 progress, gradient accumulation (a graph holds
-one batch's step), several processes (the ranks agree on the host), the head-only stage, the
-first step (it creates Adam's state outside any graph), a batch without progress samples.
+one batch's step), several processes (a step with its all_reduce captured is not built yet:
+it needs a multi-GPU machine to test), the head-only stage, the first step (it creates Adam's
+state outside any graph), a batch without progress samples.
 `train.cuda_graphs=auto` also leaves the resnet50 encoder eager: its step is compute-bound, a
 graph would save nothing and hold ~5 GB per bucket.
 """
@@ -65,7 +66,7 @@ def unsupported(cfg: Config, device: torch.device, *, several_processes: bool,
     if device.type != "cuda":
         return "the device is not CUDA"
     if several_processes:
-        return "several processes agree on each step on the host"
+        return "several processes: the step's all_reduce is not captured in a graph yet"
     if tc.accumulate > 1:
         return "train.accumulate > 1 runs the eager step (a graph holds one batch's step)"
     if tc.method not in GRAPH_METHODS:

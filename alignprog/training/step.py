@@ -17,7 +17,6 @@ log (`StepMetrics.read`: one host sync). How the two objectives are balanced is 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -59,8 +58,8 @@ class StepOwner(Protocol):
 
 @dataclass
 class StepMetrics:
-    """One step's numbers: losses and gradient norms as device scalars (the losses are floats
-    after a multi-process step, whose ranks agree on the host), the batch's counts as ints."""
+    """One step's numbers: losses and gradient norms as device scalars (after a multi-process
+    step: the ranks' means), the batch's counts as ints (summed over the ranks)."""
 
     step: int
     epoch: int
@@ -78,7 +77,6 @@ class StepMetrics:
     grad_head_clipped: Scalar | None = None
     no_loss: bool = False                  # skipped without a loss (no progress sample, ...)
     ranks: int | None = None               # several processes: how many
-    bad_terms: list[str] = field(default_factory=list)   # the ranks' non-finite terms
     extra: dict = field(default_factory=dict)            # host values: lr, seconds, ...
 
     TENSORS = ("alignment", "progress", "lam", "total", "bad", "grad_encoder", "grad_head",
@@ -107,8 +105,6 @@ class StepMetrics:
             out["ranks"] = self.ranks
         if self.no_loss:
             out["no_loss"] = True
-            if self.ranks is not None:
-                out["bad_terms"] = list(self.bad_terms)
         skipped = self.no_loss or bool(values["bad"])
         out["total"] = None if skipped else values["total"]
         progress = values["progress"]
@@ -382,42 +378,48 @@ def _update(owner: StepOwner, metrics: StepMetrics, bad: torch.Tensor, head_only
 def _take_step_ranks(owner: StepOwner, metrics: StepMetrics, alignment_loss: torch.Tensor,
                      progress_loss: torch.Tensor | None, embeddings: torch.Tensor | None,
                      head_only: bool, release_grads: bool) -> StepMetrics:
-    """One rank's step of several: the ranks agree on the host (an all_reduce of the losses
-    with the gradients, before the head rescale and the clipping), so a bad step is skipped
-    on every rank, and a step where no rank has a loss is skipped without counting as bad."""
-    alignment = float(metrics.alignment)
-    progress = None if metrics.progress is None else float(metrics.progress)
-    has_loss = progress is not None or not head_only
-    counted = (progress,) if head_only else (alignment, progress)
-    finite = has_loss and all(v is None or math.isfinite(v) for v in counted)
+    """One rank's step of several, without a host sync: every rank with a loss runs its
+    backward (a non-finite one too), one all_reduce averages the gradients and sums the
+    losses, and a non-finite loss or gradient anywhere, which the sum carries to every rank,
+    skips the step on the device everywhere. What only the hosts know (which ranks have a
+    loss and a progress term, which parameters have a gradient, the counts) goes through the
+    host group first (`Dist.host_sum`); a step where no rank has a loss is skipped without
+    counting as bad."""
+    dist, device = owner.dist, owner.device
+    has_loss = progress_loss is not None or not head_only
+    has_progress = progress_loss is not None
     total, lam = None, owner.lam
-    if finite:
+    if has_loss:
         total, lam = backward(owner, alignment_loss, progress_loss, embeddings,
                               head_only=head_only)
-        total, lam = float(total), float(lam)
-        finite = math.isfinite(total)
-    terms = (("alignment", alignment), ("progress", progress))
-    bad_term = [v is not None and not math.isfinite(v) for _, v in terms]
-    stats = torch.tensor([has_loss, has_loss and not finite, *bad_term, alignment,
-                          progress or 0.0, progress is not None,
-                          total if finite else 0.0,
-                          lam if finite and progress is not None else 0.0, metrics.videos,
-                          metrics.frames, metrics.samples], dtype=torch.float64)
     params = [p for p in owner.encoder_params + owner.head_params if p.requires_grad]
-    (n_loss, n_bad, bad_align, bad_prog, align_sum, prog_sum, n_prog, total_sum, lam_sum,
-     videos, frames, samples) = owner.dist.average_gradients(params, stats)
-    ranks = owner.dist.world_size
-    metrics = metrics.with_values(
-        alignment=align_sum / ranks, progress=prog_sum / n_prog if n_prog else None,
-        lam=(lam_sum / n_prog if n_prog and not n_bad
-             else owner.lam if owner.balance == "fixed" else 0.0),
-        videos=int(videos), frames=int(frames), samples=int(samples), ranks=ranks,
-        bad_terms=[n for (n, _), b in zip(terms, (bad_align, bad_prog)) if b])
-    if n_bad or not n_loss:
+    counts = dist.host_sum([int(has_loss), int(has_progress), metrics.videos, metrics.frames,
+                            metrics.samples] + [int(p.grad is not None) for p in params])
+    n_loss, n_prog, videos, frames, samples = counts[:5]
+    metrics = metrics.with_values(videos=videos, frames=frames, samples=samples,
+                                  ranks=dist.world_size)
+
+    if not n_loss:   # nothing to learn from on any rank (head only, no sample): skipped, not bad
         owner.optimizer.zero_grad(set_to_none=True)
         owner.skipped_steps += 1
-        owner.bad_run += int(n_bad > 0)   # no rank with a loss is no bad step
-        return metrics.with_values(no_loss=True, bad=torch.ones((), dtype=torch.bool))
-    metrics = metrics.with_values(total=total_sum / n_loss)
-    return _update(owner, metrics, torch.zeros((), dtype=torch.bool, device=owner.device),
-                   head_only, release_grads)
+        return metrics.with_values(progress=None, no_loss=True,
+                                   bad=torch.ones((), dtype=torch.bool, device=device))
+
+    def scalar(value) -> torch.Tensor:
+        return torch.as_tensor(value, dtype=torch.float64, device=device).detach().reshape(())
+
+    zero = scalar(0.0)
+    total_t = scalar(total) if total is not None else zero
+    # (alignment, progress, total, lambda, non-finite totals) of this rank, summed over ranks
+    stats = torch.stack([scalar(alignment_loss), scalar(progress_loss) if has_progress else zero,
+                         total_t, scalar(lam) if has_progress and has_loss else zero,
+                         (~torch.isfinite(total_t)).double()])
+    summed = dist.average_gradients(params, [c > 0 for c in counts[5:]], stats)
+    align_sum, prog_sum, total_sum, lam_sum, n_bad = summed.double().unbind()
+    fallback = owner.lam if owner.balance == "fixed" else 0.0
+    step_lam = (torch.where(n_bad > 0, fallback, lam_sum / n_prog) if n_prog
+                else scalar(fallback))
+    metrics = metrics.with_values(alignment=align_sum / dist.world_size,
+                                  progress=prog_sum / n_prog if n_prog else None,
+                                  lam=step_lam, total=total_sum / n_loss)
+    return _update(owner, metrics, n_bad > 0, head_only, release_grads)

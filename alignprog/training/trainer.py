@@ -27,9 +27,9 @@ from alignprog.training.distributed import SINGLE, Dist
 from alignprog.training.graphs import GraphInputs, StepGraphs
 from alignprog.training.rundir import RunDir
 from alignprog.training.schedule import lr_factor, scheduled, set_learning_rates, use_tensor_rates
-from alignprog.training.uploads import Uploads
 from alignprog.training.step import (StepMetrics, backward, finish_accumulated, objective,
                                      take_step)
+from alignprog.training.uploads import Uploads
 
 
 class TrainingError(AlignprogError):
