@@ -274,13 +274,20 @@ for dtype in (torch.float32, torch.float64):
         g = torch.ops.aten.threshold_backward(grad, h.detach(), 0)
         assert torch.equal(kernels.stack_sum_forward(y.detach(), b.detach(), terms, n), h)
         assert torch.equal(kernels.stack_sum_backward(g, terms, y.shape), y.grad)
+        # a NaN in Y stays NaN in the stacks (relu keeps it), as with the torch ops
+        y_nan = y.detach().clone()
+        y_nan[1, 0, 0, 0] = float("nan")
+        want = encoders._StackSum.apply(y_nan, b.detach(), terms, n, False)
+        got = kernels.stack_sum_forward(y_nan, b.detach(), terms, n)
+        assert torch.isnan(want).any()
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 print("ok")
 """
 
 
 def test_triton_stack_sums_equal_the_torch_ops_in_the_interpreter():
     """The kernels of `stack_sum_triton`, run on the CPU by Triton's interpreter: equal to the
-    torch ops bit for bit in float32 and float64, for windows of 1-3 frames."""
+    torch ops bit for bit in float32 and float64, for windows of 1-3 frames, NaN included."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True,

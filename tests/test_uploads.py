@@ -43,40 +43,51 @@ def test_off_cuda_nothing_is_started_and_take_copies():
     assert torch.equal(got.features, batch.features) and torch.equal(got.mask, batch.mask)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_fit_starts_each_steps_copies_during_the_step_before(monkeypatch, accumulate):
-    """The order of the loop's calls: the batches of step n + 1 are prefetched before step n
-    runs (none before the first step of an epoch), and nothing is left pending after."""
-    calls: list[tuple[str, tuple]] = []
-    prefetch, step_batches = Trainer.prefetch, Trainer.step_batches
-    trainers: list[Trainer] = []
+def test_take_finds_its_copy_drops_older_ones_and_keeps_later_ones():
+    uploads = Uploads(torch.device("cpu"))
+    a, b, c, d = (object() for _ in range(4))
+    uploads.pending.extend((h, f"copy of {i}", f"event {i}") for i, h in enumerate((a, b, c)))
+    assert uploads._pop(b) == ("copy of 1", "event 1")
+    assert [h for h, *_ in uploads.pending] == [c]      # a's step has passed: dropped
+    assert uploads._pop(d) is None                      # not started: later copies stay
+    assert [h for h, *_ in uploads.pending] == [c]
 
-    def recording_prefetch(self, batches):
-        calls.append(("prefetch", tuple(b.indices for b in batches)))
-        return prefetch(self, batches)
 
-    def recording_step(self, batches, **kw):
-        trainers.append(self)
-        calls.append(("step", tuple(b.indices for b in batches)))
-        return step_batches(self, batches, **kw)
+class HostUploads(Uploads):
+    """Uploads with the CUDA parts stood in for on the CPU: `start` records the batch, `take`
+    finds it as on a GPU; counts the copies started and taken."""
 
-    monkeypatch.setattr(Trainer, "prefetch", recording_prefetch)
-    monkeypatch.setattr(Trainer, "step_batches", recording_step)
-    cfg = load_config(overrides=TINY | {"train.epochs": 2, "train.accumulate": accumulate})
-    fit(cfg)
-    steps = [c for c in calls if c[0] == "step"]
-    assert len(steps) >= 4
-    assert all(len(c[1]) == accumulate for c in steps)
-    # each prefetch comes right before a step and names the batches of the step after it
-    for i, (kind, batches) in enumerate(calls):
-        if kind == "prefetch":
-            assert calls[i + 1][0] == "step"
-            assert next(c for c in calls[i + 2:] if c[0] == "step") == ("step", batches)
-    # and every step but an epoch's first was prefetched
-    prefetched = [c[1] for c in calls if c[0] == "prefetch"]
-    assert len(prefetched) == len(steps) - cfg.train.epochs
-    assert set(prefetched) <= {c[1] for c in steps}
-    assert not trainers[-1].uploads.pending
+    started = taken = 0
+
+    def start(self, batches):
+        for host in batches:
+            self.pending.append((host, host, None))
+            HostUploads.started += 1
+
+    def take(self, host, *, copy_now=True):
+        found = self._pop(host)
+        HostUploads.taken += found is not None
+        return host if found is not None or copy_now else None
+
+
+@pytest.mark.parametrize("accumulate,steps", [(1, None), (2, None), (1, 5)])
+def test_fit_takes_every_copy_it_starts_but_each_epochs_first(monkeypatch, accumulate, steps):
+    """In the loop's order (the next step's batches started before the current step runs),
+    every step but an epoch's first takes its batches' copies, and a run stopped by
+    train.steps starts none for a step it does not run."""
+    monkeypatch.setattr("alignprog.training.trainer.Uploads", HostUploads)
+    HostUploads.started = HostUploads.taken = 0
+    overrides = {"train.epochs": 2, "train.accumulate": accumulate}
+    if steps:
+        overrides["train.steps"] = steps
+    cfg = load_config(overrides=TINY | overrides)
+    data = load_dataset(cfg.data)
+    per_epoch = len(make_loader(data, "train", batch_size=cfg.data.batch_size, shuffle=True,
+                                drop_last=True).batch_sampler.batches()) // accumulate
+    result = fit(cfg, dataset=data)
+    assert result.step == (steps or 2 * per_epoch)
+    epochs = -(-result.step // per_epoch)              # the epochs the steps reached
+    assert HostUploads.taken == HostUploads.started == (result.step - epochs) * accumulate
 
 
 @pytest.mark.gpu
@@ -97,6 +108,7 @@ def test_a_prefetched_step_equals_a_step_that_copies_its_batch(graphs):
                     trainer.prefetch([host[i + 1]])
                 trainer.step_batch(batch)
             assert not trainer.uploads.pending
+            assert trainer.uploads.hits == (len(host) - 1 if ahead else 0)
             if graphs == "on":
                 assert trainer.graphs.replays == len(host) - 1
             models.append(trainer.model)

@@ -61,7 +61,9 @@ class AlignmentModel(nn.Module):
 def set_dense(model: nn.Module, dense: bool = True) -> None:
     """Switch every module of `model` that has a `dense` mode (the MCN heads, the `naive` and
     `resnet50` encoders): True runs every padded position with fixed shapes and no host sync
-    (what the trainer uses on a GPU), False the real frames only (default)."""
+    (what the trainer uses on a GPU; `resnet50` there runs the real frames only where the
+    caller gives the lengths on the host, `runtime.host_lengths`), False the real frames only
+    (default)."""
     for module in model.modules():
         if isinstance(getattr(module, "dense", None), bool):
             module.dense = dense

@@ -107,7 +107,7 @@ if triton is not None:
             ok = m_ok[:, None] & (c_ok & (k >= 0) & (k < w))[None, :]
             src = (m64 + row * hw)[:, None] * cy + (y_lo + k)[None, :]
             acc += tl.load(y_ptr + src, mask=ok, other=0.0).to(acc_t)
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)     # relu that keeps NaN, as torch's does
         dst = m64[:, None] * ch + c[None, :]
         tl.store(h_ptr + dst, acc.to(h_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & c_ok[None, :])

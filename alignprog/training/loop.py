@@ -276,7 +276,7 @@ def _train_epoch(trainer: Trainer, loader, log: Callback, run: RunDir | None,
     upcoming = next(groups, None)
     while upcoming is not None:
         group, upcoming = upcoming, next(groups, None)
-        if upcoming is not None:
+        if upcoming is not None and (total_steps is None or trainer.step + 1 < total_steps):
             trainer.prefetch(upcoming)
         metrics = trainer.step_batches(group, head_only=head_only)
         trainer.batch_in_epoch += dist.world_size * len(group)

@@ -85,9 +85,9 @@ def estimate_step_bytes(cfg: Config, lengths: Sequence[int],
     method = cfg.train.method
     scale = 0.5 if cfg.train.precision == "bf16" else 1.0    # bf16 activations of the encoder
     per_frame = PER_FRAME[kind][method] * _encoder_width(cfg) / _default_width() * scale
-    # two batches of inputs: on a GPU the step's and the next step's, copied ahead
-    # (training/uploads.py); on a CPU the collated batch and what the step makes of it
-    inputs = 2 * b * t * math.prod(input_shape) * 4
+    # the inputs of the step's batch and of the next step's `train.accumulate` batches, copied
+    # ahead on a GPU (training/uploads.py); on a CPU the collated batch and the step's copies
+    inputs = (1 + cfg.train.accumulate) * b * t * math.prod(input_shape) * 4
     matrices = PER_ELEMENT[kind][method] * pair_count(cfg, b) * (t + 1) ** 2
     return int(per_frame * b * t + matrices + inputs)
 

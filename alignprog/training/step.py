@@ -405,8 +405,10 @@ def _take_step_ranks(owner: StepOwner, metrics: StepMetrics, alignment_loss: tor
         return metrics.with_values(progress=None, no_loss=True,
                                    bad=torch.ones((), dtype=torch.bool, device=device))
 
-    def scalar(value) -> torch.Tensor:
-        return torch.as_tensor(value, dtype=torch.float64, device=device).detach().reshape(())
+    def scalar(value) -> torch.Tensor:   # a float becomes a device fill, not a blocking copy
+        if isinstance(value, torch.Tensor):
+            return value.detach().to(device, torch.float64).reshape(())
+        return torch.full((), float(value), dtype=torch.float64, device=device)
 
     zero = scalar(0.0)
     total_t = scalar(total) if total is not None else zero

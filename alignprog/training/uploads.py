@@ -27,6 +27,7 @@ class Uploads:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # (host batch, its device copy, the copy's event), oldest first
         self.pending: deque[tuple[Batch, Batch, torch.cuda.Event]] = deque()
+        self.hits = 0   # steps that took a copy started ahead
 
     def start(self, batches: list[Batch]) -> None:
         """Begin copying `batches` to the device on the side stream. The copy stream does not
@@ -42,19 +43,29 @@ class Uploads:
         """`host` on the device: the copy `start` began for it (the current stream waits for
         that copy alone, and the copy's memory is marked as used there, so that the allocator
         does not hand it out again before this step is done with it), else a copy now on the
-        current stream (None with `copy_now=False`). Copies started for other batches before
-        it are dropped."""
-        while self.pending:
-            started, copy, event = self.pending.popleft()
-            if started is not host:
-                continue
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(event)
-            for value in vars(copy).values():
-                if isinstance(value, torch.Tensor):
-                    value.record_stream(stream)
-            return copy
-        return host.to(self.device, non_blocking=True) if copy_now else None
+        current stream (None with `copy_now=False`)."""
+        found = self._pop(host)
+        if found is None:
+            return host.to(self.device, non_blocking=True) if copy_now else None
+        copy, event = found
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(event)
+        for value in vars(copy).values():
+            if isinstance(value, torch.Tensor):
+                value.record_stream(stream)
+        self.hits += 1
+        return copy
+
+    def _pop(self, host: Batch) -> tuple[Batch, torch.cuda.Event] | None:
+        """The pending (copy, event) of `host`, removed with the copies started before it (for
+        batches whose steps have passed); None, and nothing removed, if none was started: the
+        copies pending are then those of later steps."""
+        for i, (started, copy, event) in enumerate(self.pending):
+            if started is host:
+                for _ in range(i + 1):
+                    self.pending.popleft()
+                return copy, event
+        return None
 
     def clear(self) -> None:
         """Drop the copies not taken (an epoch that stopped early)."""
