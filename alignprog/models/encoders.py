@@ -245,19 +245,16 @@ class ResNet50Encoder(BaseEncoder):
             # the host knows each video's frames (runtime.host_lengths): its real rows only,
             # indices made on the host, so no padding computed and no host sync
             length = known.to("cpu", torch.long).clamp(0, frames)         # (B,) on the host
-            col_h = torch.arange(frames + halo)
-            grid = (col_h[None, :] < (length + halo)[:, None]) & (length > 0)[:, None]
             pin = mask.is_cuda   # page-locked: an asynchronous copy that never waits
             b_row, c_row = ((i.pin_memory() if pin else i).to(mask.device, non_blocking=True)
-                            for i in grid.nonzero(as_tuple=True))         # (R,), (R,)
+                            for i in _video_rows(length, frames, halo))   # (R,), (R,)
         elif self.dense:  # every position: no data-dependent shape, no host sync
             b_row = torch.arange(batch, device=mask.device).repeat_interleave(frames + halo)
             c_row = col.repeat(batch)                                     # (R,) = (B*(T+halo),)
         else:
             length = (mask * (col[None, :frames] + 1)).amax(dim=1) if frames else \
                 col.new_zeros(batch)                                      # (B,) last real + 1
-            grid = (col[None, :] < (length + halo)[:, None]) & (length > 0)[:, None]  # (B, T+h)
-            b_row, c_row = grid.nonzero(as_tuple=True)                    # (R,), (R,)
+            b_row, c_row = _video_rows(length, frames, halo)              # (R,), (R,)
         t_row = (c_row - halo).clamp(min=0)                               # (R,) frame (0 on zeros)
         real = (c_row >= halo) & mask[b_row, t_row]                       # (R,) real frames
         src = b_row * frames + t_row                                      # (R,) row in (B*T)
@@ -298,6 +295,16 @@ class ResNet50Encoder(BaseEncoder):
         out = emb.new_zeros((batch, frames + halo, emb.shape[-1]))       # (B, halo+T, D)
         out = out.index_put((b_row[halo:], c_row[halo:]), emb)
         return out[:, halo:].contiguous()                                 # (B, T, D)
+
+
+def _video_rows(length: torch.Tensor, frames: int, halo: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video, column) of each row conv1 runs, on `length`'s device: per video of `length`
+    frames (B,), its `halo` zero frames and its frames (none for an empty video); column c is
+    frame c - halo."""
+    col = torch.arange(frames + halo, device=length.device)               # (T + halo,)
+    grid = (col[None, :] < (length + halo)[:, None]) & (length > 0)[:, None]  # (B, T + halo)
+    return grid.nonzero(as_tuple=True)                                    # (R,), (R,)
 
 
 class _StackSum(torch.autograd.Function):

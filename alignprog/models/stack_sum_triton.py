@@ -87,6 +87,13 @@ def stack_sum_backward(g: torch.Tensor, terms: list[tuple[int, int, int, int]],
 if triton is not None:
 
     @triton.jit
+    def _term(terms_ptr, t):
+        # term t of the table: (row shift, Y's first channel, the stacks' first channel, width)
+        row = tl.load(terms_ptr + 4 * t).to(tl.int64)
+        return (row, tl.load(terms_ptr + 4 * t + 1), tl.load(terms_ptr + 4 * t + 2),
+                tl.load(terms_ptr + 4 * t + 3))
+
+    @triton.jit
     def _forward_kernel(y_ptr, b_ptr, h_ptr, terms_ptr, rows, hw, cy, ch,
                         NT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
                         F64: tl.constexpr):
@@ -99,10 +106,7 @@ if triton is not None:
         bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(acc_t)
         acc = tl.zeros((BM, BC), dtype=acc_t) + bias[None, :]
         for t in tl.static_range(NT):
-            row = tl.load(terms_ptr + 4 * t).to(tl.int64)
-            y_lo = tl.load(terms_ptr + 4 * t + 1)
-            h_lo = tl.load(terms_ptr + 4 * t + 2)
-            w = tl.load(terms_ptr + 4 * t + 3)
+            row, y_lo, h_lo, w = _term(terms_ptr, t)
             k = c - h_lo                                                 # (BC,) slice channel
             ok = m_ok[:, None] & (c_ok & (k >= 0) & (k < w))[None, :]
             src = (m64 + row * hw)[:, None] * cy + (y_lo + k)[None, :]
@@ -124,10 +128,7 @@ if triton is not None:
         acc_t = tl.float64 if F64 else tl.float32
         acc = tl.zeros((BM, BC), dtype=acc_t)
         for t in tl.static_range(NT):
-            row = tl.load(terms_ptr + 4 * t).to(tl.int64)
-            y_lo = tl.load(terms_ptr + 4 * t + 1)
-            h_lo = tl.load(terms_ptr + 4 * t + 2)
-            w = tl.load(terms_ptr + 4 * t + 3)
+            row, y_lo, h_lo, w = _term(terms_ptr, t)
             m = r64 - row * hw                                           # (BM,) stack pixel rows
             k = c - y_lo                                                 # (BC,) slice channel
             ok = (r_ok & (m >= 0) & (m < rows_h))[:, None] & (c_ok & (k >= 0) & (k < w))[None, :]

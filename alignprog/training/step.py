@@ -414,7 +414,7 @@ def _take_step_ranks(owner: StepOwner, metrics: StepMetrics, alignment_loss: tor
     total_t = scalar(total) if total is not None else zero
     # (alignment, progress, total, lambda, non-finite totals) of this rank, summed over ranks
     stats = torch.stack([scalar(alignment_loss), scalar(progress_loss) if has_progress else zero,
-                         total_t, scalar(lam) if has_progress and has_loss else zero,
+                         total_t, scalar(lam) if has_progress else zero,
                          (~torch.isfinite(total_t)).double()])
     summed = dist.average_gradients(params, [c > 0 for c in counts[5:]], stats)
     align_sum, prog_sum, total_sum, lam_sum, n_bad = summed.double().unbind()
