@@ -615,8 +615,10 @@ class TrainConfig(StrictModel):
         "that dominates small models. auto: on for a single CUDA process with a launch-bound "
         "configuration (stacking or naive encoder; tcc, lav or vava; learnable or no progress), "
         "capturing a shape the second time it comes and at most max_graphs of them (other "
-        "shapes run eagerly); on: wherever supported (the reason is printed where not), every "
-        "shape at once; off: never.")
+        "shapes run eagerly); with the compute-bound resnet50 encoder the step stays eager and "
+        "auto captures VAVA's loss alone (forward and backward, per videos and frame bucket); "
+        "on: wherever supported (the reason is printed where not), every shape at once; off: "
+        "never.")
     graph_frame_bucket: int = Field(64, ge=1, description="CUDA graphs: a batch's frames are "
                                     "padded up to a multiple of this (fewer graphs, some "
                                     "padding work).")

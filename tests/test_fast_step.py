@@ -190,12 +190,16 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(monkeypatch):
 
 GPU = dict(TINY, **{"train.device": "cuda", "data.synthetic.dim": 64, "model.num_heads": 4,
                     "train.graph_frame_bucket": 32})
+# the resnet50 encoder on tiny frame maps
+RESNET50 = {"model.encoder": "resnet50", "data.layout": "frames",
+            "data.synthetic.frame_channels": 8, "data.synthetic.frame_size": 3}
 
 
 def run_steps(method: str, graphs: str, n: int = 5, sync_check: bool = False,
               extra: dict | None = None):
-    """n steps on the first n batches; with `sync_check`, then the same batches again (every
-    bucket's graph captured by then) with any host-device sync raising an error."""
+    """n steps on the first n batches; with `sync_check`, then the same batches twice more,
+    the second time (every bucket's graph captured by then, auto's on a shape's second coming)
+    with any host-device sync raising an error."""
     from alignprog.runtime import deterministic
     cfg = load_config(overrides=GPU | {"train.method": method, "train.cuda_graphs": graphs}
                       | (extra or {}))
@@ -204,6 +208,8 @@ def run_steps(method: str, graphs: str, n: int = 5, sync_check: bool = False,
         data = [b.pin_memory() for b in batches(trainer, n)]
         records = [trainer.step_batch(batch) for batch in data]
         if sync_check:
+            for batch in data:
+                trainer.step_batch(batch)
             # Earlier tests' trainers (and their CUDA graphs) are freed now, not by a garbage
             # collection inside the checked steps: freeing a graph's memory pool syncs.
             gc.collect()
@@ -252,8 +258,7 @@ def test_graph_step_equals_the_eager_step(method, balance, head_input):
     ("vava", "on", {"progress.learnable.input": "features"}),
     ("gtcc", "auto", {"progress.learnable.input": "features"}),
     ("gtcc", "auto", {}), ("lav", "auto", {"model.encoder": "naive"}),
-    ("tcc", "auto", {"model.encoder": "resnet50", "data.layout": "frames",
-                     "data.synthetic.frame_channels": 8, "data.synthetic.frame_size": 3})])
+    ("tcc", "auto", RESNET50), ("vava", "auto", RESNET50), ("lav", "off", RESNET50)])
 def test_steps_do_not_wait_for_the_gpu(method, graphs, extra):
     trainer, records = run_steps(method, graphs, n=5, sync_check=True, extra=extra)
     assert all(not r["skipped"] for r in records)
@@ -262,6 +267,11 @@ def test_steps_do_not_wait_for_the_gpu(method, graphs, extra):
     assert (trainer.graphs is not None and trainer.graphs.replays > 0) == expect_graphs
     if trainer.graphs is not None:
         assert trainer.graphs.failed is None
+    # auto with resnet50: the eager step replays VAVA's loss alone
+    expect_loss_graphs = (graphs == "auto" and method == "vava"
+                          and extra.get("model.encoder") == "resnet50")
+    assert (trainer.loss_graphs is not None
+            and trainer.loss_graphs.replays > 0) == expect_loss_graphs
 
 
 @pytest.mark.gpu

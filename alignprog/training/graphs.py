@@ -32,7 +32,8 @@ one batch's step), several processes (a step with its all_reduce captured is not
 it needs a multi-GPU machine to test), the head-only stage, the first step (it creates Adam's
 state outside any graph), a batch without progress samples.
 `train.cuda_graphs=auto` also leaves the resnet50 encoder eager: its step is compute-bound, a
-graph would save nothing and hold ~5 GB per bucket.
+graph would save nothing and hold ~5 GB per bucket. Beside it VAVA's launch-bound loss alone is
+captured, forward and backward (`training.loss_graphs`).
 """
 
 from __future__ import annotations

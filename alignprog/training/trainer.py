@@ -25,6 +25,7 @@ from alignprog.training.checkpoint import (CheckpointError, checkpoint_name, loa
                                            save_checkpoint)
 from alignprog.training.distributed import SINGLE, Dist
 from alignprog.training.graphs import GraphInputs, StepGraphs
+from alignprog.training.loss_graphs import LossGraphs
 from alignprog.training.rundir import RunDir
 from alignprog.training.schedule import lr_factor, scheduled, set_learning_rates, use_tensor_rates
 from alignprog.training.step import (StepMetrics, backward, finish_accumulated, objective,
@@ -155,6 +156,11 @@ class Trainer:
         self.graphs = StepGraphs.create(
             self.model, self.optimizer, self.graph_backward, self.captured_step, cfg, device,
             several_processes=dist.active)
+        # auto with a compute-bound encoder: the eager step replays VAVA's loss alone as CUDA
+        # graphs; the counter is its phi step, read from the device there
+        self.loss_graphs = LossGraphs.create(cfg, device, self.graphed_loss,
+                                             several_processes=dist.active)
+        self.loss_counter = torch.zeros((), dtype=torch.long, device=device)
 
     def enter_head_stage(self) -> None:
         """Stage 2 of two-stage training (docs/algorithms.md#two-stage-training): freeze the
@@ -207,18 +213,24 @@ class Trainer:
         return groups
 
     def losses(self, batch: Batch, *, epoch: int, step: int,
-               generators: dict[str, torch.Generator], host: Batch | None = None
-               ) -> dict[str, Any]:
+               generators: dict[str, torch.Generator], host: Batch | None = None,
+               graphed: bool = False) -> dict[str, Any]:
         """The forward pass: alignment and progress losses of a batch on the device.
 
         `host`: the same batch on the CPU, where the sampler reads the segments (default
-        `batch`); giving it spares the copies back from the device."""
+        `batch`); giving it spares the copies back from the device. `graphed`: the alignment
+        loss may be a replay of `loss_graphs` (the training step)."""
         out = self.forward(batch)
         emb = out.embeddings.float()                          # losses run in fp32
         point = self.head_point(out, emb)
         drop = None if out.drop_logits is None else out.drop_logits.float()
-        alignment = self.alignment_loss(emb, drop, batch.mask, epoch=epoch, step=step,
-                                        generators=generators)
+        alignment = None
+        if graphed and self.loss_graphs is not None:
+            self.loss_counter.fill_(epoch if self.cfg.loss.compat == "reference" else step)
+            alignment = self.loss_graphs(emb, batch.mask, self.loss_counter)
+        if alignment is None:
+            alignment = self.alignment_loss(emb, drop, batch.mask, epoch=epoch, step=step,
+                                            generators=generators)
         progress, n_samples = self.progress_loss(point.float(), batch, host or batch,
                                                  generators=generators)
         return {"alignment": alignment, "progress": progress, "samples": n_samples,
@@ -259,6 +271,13 @@ class Trainer:
             # (docs/reference-bugs.md#vava-phi-indexed-by-epoch).
             kw.update(global_step=epoch if self.cfg.loss.compat == "reference" else step)
         return self.loss_fn(emb, mask, **kw)
+
+    def graphed_loss(self, emb: torch.Tensor, mask: torch.Tensor, counter: torch.Tensor
+                     ) -> torch.Tensor:
+        """The alignment loss as `loss_graphs` captures it (VAVA: no drop logits, no
+        generator): `counter` is the epoch or step that `alignment_loss` would pass."""
+        with trusted_inputs():
+            return self.alignment_loss(emb, None, mask, epoch=counter, step=counter)
 
     def progress_loss(self, emb: torch.Tensor, batch: Batch, host: Batch, *,
                       generators: dict[str, torch.Generator] | None = None
@@ -391,7 +410,7 @@ class Trainer:
         self.model.train()
         with trusted_inputs(), host_lengths(host.lengths):
             return self.losses(batch, epoch=self.epoch, step=self.step,
-                               generators=self.generators, host=host)
+                               generators=self.generators, host=host, graphed=True)
 
     def _graph_step(self, host: Batch, uploaded: Batch | None = None) -> StepMetrics | None:
         """The step as a CUDA-graph replay (its buffers filled from `uploaded`, the batch's
