@@ -86,21 +86,31 @@ def test_padding_to_the_bucket_keeps_value_and_gradient(method):
 
 
 class _Stub:
-    """make_graphed_callables and the memory counter stubbed: the 'graph' is the function."""
+    """make_graphed_callables and the memory counters stubbed: the 'graph' is the function;
+    each capture reserves `held_per_capture` bytes for good and `warm_up` bytes of cache that
+    emptying the cache gives back."""
 
-    def __init__(self, monkeypatch, held_per_capture: int = 100, fail: bool = False):
-        self.captured, self.allocated, self.fail = [], 0, fail
-        self.held_per_capture = held_per_capture
+    def __init__(self, monkeypatch, held_per_capture: int = 100, warm_up: int = 0,
+                 fail: str | None = None):
+        self.captured, self.fail = [], fail
+        self.reserved, self.cached = 0, 0
+        self.held_per_capture, self.warm_up = held_per_capture, warm_up
         monkeypatch.setattr(torch.cuda, "make_graphed_callables", self.make)
-        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: self.reserved)
+        monkeypatch.setattr(torch.cuda, "empty_cache", self.empty_cache)
+
+    def empty_cache(self):
+        self.reserved -= self.cached
+        self.cached = 0
 
     def make(self, fn, sample):
-        if self.fail:
-            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        if self.fail is not None:
+            raise RuntimeError(self.fail)
         x, mask, counter = sample
         assert x.requires_grad and not mask.requires_grad
         self.captured.append(tuple(x.shape))
-        self.allocated += self.held_per_capture
+        self.reserved += self.held_per_capture + self.warm_up
+        self.cached += self.warm_up
         return fn
 
 
@@ -124,7 +134,7 @@ def test_a_shape_is_captured_the_second_time_and_then_replayed(monkeypatch):
 
 
 def test_at_most_max_graphs_and_the_memory_budget(monkeypatch):
-    stub = _Stub(monkeypatch, held_per_capture=60)
+    stub = _Stub(monkeypatch, held_per_capture=60, warm_up=1000)   # the warm-up is not held
     graphs = LossGraphs(_loss("tcc"), frame_bucket=4, max_graphs=2, memory_budget=1e9)
     counter = torch.tensor(0)
     for lengths in ([3, 2], [3, 2], [6, 5], [6, 5], [10, 9], [10, 9], [10, 9]):
@@ -151,17 +161,37 @@ def test_no_capture_without_a_gradient_to_capture(monkeypatch):
     assert stub.captured == [] and graphs.seen == {}
 
 
-def test_a_failed_capture_warns_once_and_leaves_the_loss_eager(monkeypatch):
-    _Stub(monkeypatch, fail=True)
-    graphs = LossGraphs(_loss("vava"), frame_bucket=8, max_graphs=4, memory_budget=1e9)
-    x, mask = _batch([5, 4])
+def test_a_failed_capture_warns_once_and_stops_new_captures_only(monkeypatch):
+    stub = _Stub(monkeypatch)
+    loss = _loss("vava")
+    graphs = LossGraphs(loss, frame_bucket=8, max_graphs=4, memory_budget=1e9)
     counter = torch.tensor(0)
-    assert graphs(x, mask, counter) is None
-    with pytest.warns(UserWarning, match="capture of the alignment loss failed "
-                                         r"\(operation not permitted when stream is capturing\)"):
-        assert graphs(x, mask, counter) is None
-    assert graphs.failed is not None and graphs.graphed == {}
-    assert graphs(x, mask, counter) is None          # no second attempt, no second warning
+    x, mask = _batch([5, 4])                          # key (2, 8): captured
+    for _ in range(2):
+        graphs(x, mask, counter)
+    assert stub.captured == [(2, 8, 6)]
+    stub.fail = "CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines"
+    y, ymask = _batch([13, 4])                        # key (2, 16): its capture fails
+    assert graphs(y, ymask, counter) is None
+    with pytest.warns(UserWarning, match=r"capture of the alignment loss failed \(CUDA out of "
+                                         r"memory. Tried to allocate 2.00 GiB\)"):
+        assert graphs(y, ymask, counter) is None
+    assert graphs.failed.startswith("CUDA out of memory") and list(graphs.graphed) == [(2, 8)]
+    stub.fail = None
+    assert graphs(y, ymask, counter) is None          # no second attempt, no second warning
+    assert stub.captured == [(2, 8, 6)]
+    # the graph captured before the failure still replays
+    torch.testing.assert_close(graphs(x, mask, counter), loss(x, mask, counter))
+    assert graphs.replays == 2
+
+
+def test_a_failed_capture_without_a_message_is_named_by_its_type(monkeypatch):
+    _Stub(monkeypatch, fail="")
+    graphs = LossGraphs(_loss("tcc"), frame_bucket=8, max_graphs=4, memory_budget=1e9)
+    x, mask = _batch([5, 4])
+    graphs(x, mask, torch.tensor(0))
+    with pytest.warns(UserWarning, match=r"failed \(RuntimeError\)"):
+        assert graphs(x, mask, torch.tensor(0)) is None
 
 
 def test_the_memory_budget_is_a_share_of_the_device(monkeypatch):
@@ -172,6 +202,54 @@ def test_the_memory_budget_is_a_share_of_the_device(monkeypatch):
         loss_graphs.MEMORY_SHARE * 1000)
     assert graphs.frame_bucket == 64 and graphs.max_graphs == 16
     assert LossGraphs.create(_cfg(**{"train.cuda_graphs": "off"}), CUDA, _loss("vava")) is None
+
+
+def _vava_trainer(compat: str) -> Trainer:
+    # no contrastive part (gamma 0): it would dwarf the terms phi weighs
+    cfg = load_config(overrides=TINY | {"train.method": "vava", "loss.compat": compat,
+                                        "loss.vava.gamma": 0.0})
+    trainer = Trainer(cfg, load_dataset(cfg.data), torch.device("cpu"))
+    trainer.epoch, trainer.step = 5, 17
+    return trainer
+
+
+def test_phi_counter_is_the_epoch_in_reference_mode_and_the_step_otherwise():
+    assert _vava_trainer("reference").phi_counter() == 5
+    assert _vava_trainer("fixed").phi_counter() == 17
+    assert _vava_trainer("reference").phi_counter(epoch=2, step=9) == 2
+    assert _vava_trainer("fixed").phi_counter(epoch=2, step=9) == 9
+
+
+@pytest.mark.parametrize("compat", ["reference", "fixed"])
+def test_whole_step_graphs_read_phi_from_their_counter(compat):
+    """A whole-step graph's VAVA loss takes phi from the counter the replay fills (the epoch in
+    reference mode), not from the epoch at capture; the replay is given `phi_counter()`."""
+    from alignprog.training.graphs import GraphInputs
+    from test_fast_step import batches
+    trainer = _vava_trainer(compat)
+    trainer.model.eval()   # no dropout: the two forwards below agree
+    batch = batches(trainer, 1)[0]
+    one = torch.ones(1, dtype=torch.long)
+    inputs = GraphInputs(features=batch.features, mask=batch.mask, video=one * 0,
+                         start=one * 0, length=one, gt=torch.ones(1), valid=one.bool(),
+                         width=1, step=torch.tensor(10**6))
+    graphed, _, _ = trainer.graph_losses(inputs)
+    emb = trainer.forward(batch).embeddings.float()
+    far = trainer.alignment_loss(emb, None, batch.mask, epoch=10**6, step=10**6).detach()
+    now = trainer.alignment_loss(emb, None, batch.mask).detach()   # epoch 5, step 17
+    torch.testing.assert_close(graphed.detach(), far)
+    # phi = 0.999^1000 = 0.37 there, 0.998 or 0.996 now
+    assert abs(float(far - now)) > 1e-3 * abs(float(now))
+
+    class Recorder:   # stands in for StepGraphs: records what the replay is given
+        failed = None
+
+        def replay(self, host, samples, step, uploaded=None):
+            self.step = step
+
+    trainer.graphs = Recorder()
+    assert trainer._graph_step(batch) is None
+    assert trainer.graphs.step == (5 if compat == "reference" else 17)
 
 
 # ---- GPU ----
@@ -202,6 +280,10 @@ def test_cuda_replays_equal_the_eager_loss_and_gradient(method):
         torch.testing.assert_close(g_got[mask], g_want[mask], rtol=2e-3, atol=1e-5)
         assert torch.all(g_got[~mask] == 0)
     assert sorted(graphs.graphed) == [(3, 64)] and graphs.replays == 3
+    # the pools hold at least the saved (P, T+1, T+1) float32 plans of VAVA's 20 Sinkhorn
+    # iterations (P = 6 ordered pairs), 2 log-sum-exps each
+    if method == "vava":
+        assert graphs.held >= 40 * 6 * 65 * 65 * 4
     assert graphs.held > 0
 
 
@@ -215,11 +297,16 @@ def test_cuda_resnet50_step_with_graphed_loss_equals_the_eager_step():
     assert eager.loss_graphs is None
     assert graph.loss_graphs is not None and graph.loss_graphs.failed is None
     assert graph.loss_graphs.replays > 0
+    # as on the CPU (test_the_trainer_step_with_loss_graphs_equals_the_plain_step): the values
+    # agree closely; VAVA's float32 gradient may move by ~1e-3 where its argmax constants
+    # pick another of two near-equal plan entries, and Adam moves a weight whose gradient is
+    # rounding noise by ~lr = 3e-4 a step
     for a, b in zip(rec_e, rec_g):
-        for key in ("alignment", "progress", "total", "grad_encoder", "grad_head"):
-            assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-6), (key, a, b)
+        for key in KEYS:
+            rel = 2e-2 if key.startswith("grad") else 2e-3
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), (key, a, b)
     for p, q in zip(eager.model.parameters(), graph.model.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-3, atol=1.5e-3)
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=3e-3)
 
 
 def _trainer_records(method: str, accumulate: int, bucket: int | None):

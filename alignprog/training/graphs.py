@@ -99,7 +99,7 @@ class GraphInputs:
     gt: torch.Tensor            # (Qb,)
     valid: torch.Tensor         # (Qb,) bool: a real sample
     width: int                  # gathered segment width
-    step: torch.Tensor          # () long: the optimizer step (VAVA's phi)
+    step: torch.Tensor          # () long: VAVA's phi counter (Trainer.phi_counter)
 
 
 @dataclass

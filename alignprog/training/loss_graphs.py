@@ -8,15 +8,18 @@ its backward leaves the GPU waiting on the host. `LossGraphs` captures the loss'
 its backward as two CUDA graphs (`torch.cuda.make_graphed_callables`), one pair per (videos,
 frames rounded up to `train.graph_frame_bucket`), and the eager step calls the replay in place
 of the loss. Measured on an H200 (resnet50 bf16, 2 videos of 450 + 380 frames, one session):
-VAVA 128.7 -> 116.4 ms a step; TCC 113.6 -> 113.1 and LAV 116.3 -> 115.3 ms, too little for
-the ~1 GB their graphs hold, so only VAVA's loss is graphed (LOSS_GRAPH_METHODS).
+VAVA 128.7 -> 116.4 ms a step; TCC 113.6 -> 113.1 and LAV 116.3 -> 115.3 ms, under 1%, not
+worth the memory their graphs hold, so only VAVA's loss is graphed (LOSS_GRAPH_METHODS).
 
 The embeddings are zero-padded and the mask False-padded up to the bucket; the losses read only
 the masked frames, so the value and the gradient of the real frames are those of the eager loss
 up to float rounding (tested on a GPU). Policy, as for whole-step graphs in auto mode: a shape is
-captured the second time it comes, at most `train.max_graphs` pairs, never evicted; shapes beyond
-them, and every step after a failed capture, run the loss eagerly. The graphs keep the loss's
-saved tensors between steps: captures stop once they hold MEMORY_SHARE of the device's memory.
+captured the second time it comes, at most `train.max_graphs` pairs, never evicted; other
+shapes run the loss eagerly, and after a failed capture (an out-of-memory error, say) no new
+shape is captured while the graphs already made still replay. The graphs keep the loss's saved
+tensors in their memory pools between steps: captures stop once the pools hold MEMORY_SHARE of
+the device's memory (measured as the growth of the memory reserved over a capture, the cache
+emptied on both sides of it).
 """
 
 from __future__ import annotations
@@ -82,11 +85,13 @@ class LossGraphs:
         """The loss of embeddings (B, T, D) with mask (B, T) as a replay, or None (run it
         eagerly): no backward to capture (no gradient wanted), a shape not captured, a failed
         capture."""
-        if self.failed is not None or not (torch.is_grad_enabled() and emb.requires_grad):
+        if not (torch.is_grad_enabled() and emb.requires_grad):
             return None
         key = self.key(emb)
         graphed = self.graphed.get(key)
         if graphed is None:
+            if self.failed is not None:
+                return None
             self.seen[key] = self.seen.get(key, 0) + 1
             if (self.seen[key] < CAPTURE_AFTER or len(self.graphed) >= self.max_graphs
                     or self.held >= self.memory_budget):
@@ -98,7 +103,8 @@ class LossGraphs:
                 return None
         self.replays += 1
         # The replay's output is the graph's own buffer, which the next replay overwrites:
-        # the step's metrics keep a copy.
+        # the step's metrics keep a copy. So is the gradient its backward hands to `emb`
+        # (itself when no padding was needed): the step uses it up before the next replay.
         return graphed(emb, mask, counter).clone()
 
     @staticmethod
@@ -113,9 +119,13 @@ class LossGraphs:
 
     def capture(self, key: tuple[int, int], emb: torch.Tensor, mask: torch.Tensor,
                 counter: torch.Tensor) -> LossFn | None:
-        """Capture the pair for `key` with the padded batch as its sample; None (and every
-        later call eager) if the capture fails."""
-        before = torch.cuda.memory_allocated(emb.device)
+        """Capture the pair for `key` with the padded batch as its sample; None (and no
+        further capture) if the capture fails."""
+        # The cache emptied before and after: what the memory reserved grows by is the graphs'
+        # pools (the saved tensors a backward capture frees stay reserved for its replays) and
+        # not the blocks the warm-up left cached on its side stream.
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(emb.device)
         sample = (emb.detach().clone().requires_grad_(True), mask.clone(), counter.clone())
         try:
             with warnings.catch_warnings():
@@ -123,11 +133,13 @@ class LossGraphs:
                 # stream-mismatch notice for the sample's gradient; the capture is unaffected
                 warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
                 graphed = torch.cuda.make_graphed_callables(self.loss, sample)
-        except RuntimeError as exc:   # e.g. an op that syncs: the loss runs eagerly from now on
-            self.failed = str(exc).splitlines()[0]
+        except RuntimeError as exc:   # e.g. out of memory, or an op that syncs
+            self.failed = (str(exc).splitlines() or [type(exc).__name__])[0]
+            torch.cuda.empty_cache()
             warnings.warn(f"CUDA graph capture of the alignment loss failed ({self.failed}); "
-                          "it runs eagerly", stacklevel=3)
+                          "shapes not captured yet run it eagerly", stacklevel=3)
             return None
-        self.held += max(torch.cuda.memory_allocated(emb.device) - before, 0)
+        torch.cuda.empty_cache()
+        self.held += max(torch.cuda.memory_reserved(emb.device) - before, 0)
         self.graphed[key] = graphed
         return graphed

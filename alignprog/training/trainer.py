@@ -226,7 +226,7 @@ class Trainer:
         drop = None if out.drop_logits is None else out.drop_logits.float()
         alignment = None
         if graphed and self.loss_graphs is not None:
-            self.loss_counter.fill_(epoch if self.cfg.loss.compat == "reference" else step)
+            self.loss_counter.fill_(self.phi_counter(epoch=epoch, step=step))
             alignment = self.loss_graphs(emb, batch.mask, self.loss_counter)
         if alignment is None:
             alignment = self.alignment_loss(emb, drop, batch.mask, epoch=epoch, step=step,
@@ -256,10 +256,12 @@ class Trainer:
             return self.model(batch.features, batch.mask)
 
     def alignment_loss(self, emb: torch.Tensor, drop: torch.Tensor | None, mask: torch.Tensor,
-                       *, epoch: int | None = None, step: int | torch.Tensor | None = None,
+                       *, epoch: int | torch.Tensor | None = None,
+                       step: int | torch.Tensor | None = None,
                        generators: dict[str, torch.Generator] | None = None) -> torch.Tensor:
         """The method's alignment loss of fp32 embeddings (B, T, D) with their mask (B, T)
-        (GTCC: and drop logits). `step` may be a device scalar (VAVA's phi in a CUDA graph)."""
+        (GTCC: and drop logits). VAVA's `epoch` and `step` may be device scalars (its phi in a
+        CUDA graph, `phi_counter`)."""
         epoch = self.epoch if epoch is None else epoch
         step = self.step if step is None else step
         generators = generators or self.generators
@@ -271,6 +273,13 @@ class Trainer:
             # (docs/reference-bugs.md#vava-phi-indexed-by-epoch).
             kw.update(global_step=epoch if self.cfg.loss.compat == "reference" else step)
         return self.loss_fn(emb, mask, **kw)
+
+    def phi_counter(self, *, epoch: int | None = None, step: int | None = None) -> int:
+        """What VAVA's phi is indexed by (`alignment_loss`), as a graph's device counter
+        holds it: the epoch with compat=reference, else the optimizer step."""
+        if self.cfg.loss.compat == "reference":
+            return self.epoch if epoch is None else epoch
+        return self.step if step is None else step
 
     def graphed_loss(self, emb: torch.Tensor, mask: torch.Tensor, counter: torch.Tensor
                      ) -> torch.Tensor:
@@ -425,7 +434,7 @@ class Trainer:
             if len(samples) == 0:   # no progress term this step: the eager step draws again
                 gen.set_state(state)
                 return None
-        values = self.graphs.replay(host, samples, self.step, uploaded)
+        values = self.graphs.replay(host, samples, self.phi_counter(), uploaded)
         if values is None:
             gen.set_state(state)
             return None
@@ -453,7 +462,8 @@ class Trainer:
             emb = out.embeddings.float()
             point = self.head_point(out, emb)
             drop = None if out.drop_logits is None else out.drop_logits.float()
-            alignment = self.alignment_loss(emb, drop, inputs.mask, step=inputs.step)
+            alignment = self.alignment_loss(emb, drop, inputs.mask, epoch=inputs.step,
+                                            step=inputs.step)
             progress = None
             if self.learnable:
                 seg = gather_frames(point.float(), inputs.video, inputs.start, inputs.length,
