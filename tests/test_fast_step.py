@@ -370,6 +370,23 @@ def test_on_captures_every_shape_and_evicts_the_least_recently_used():
     assert list(graphs.graphs) == [graphs.key(*c), graphs.key(*a)]
 
 
+def test_a_failed_step_capture_warns_with_its_first_line_or_its_type():
+    for message, shown in (("operation not permitted when stream is capturing\nmore",
+                            "operation not permitted when stream is capturing"),
+                           ("", "RuntimeError")):
+        graphs, _ = _graphs(bounded=False)
+        graphs.optimizer = SimpleNamespace(zero_grad=lambda set_to_none: None)
+
+        def capture(*args, message=message):
+            raise RuntimeError(message)
+
+        graphs.capture = capture
+        with pytest.warns(UserWarning, match=rf"CUDA graph capture failed \({shown}\)"):
+            assert graphs.replay(*_batch(100, 5), step=1) is None
+        assert graphs.failed == shown
+        assert graphs.replay(*_batch(100, 5), step=1) is None   # eager from now on
+
+
 def test_cuda_graphs_switch_reads_yaml_on_off():
     from alignprog.config import parse_overrides
     for raw, want in (("off", "off"), ("on", "on"), ("auto", "auto"), ("false", "off")):

@@ -87,6 +87,17 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 1).bit_length()
 
 
+def comes_again(seen: dict, key) -> bool:
+    """auto's rule: count this coming of `key` in `seen`; True from its CAPTURE_AFTER-th on."""
+    seen[key] = seen.get(key, 0) + 1
+    return seen[key] >= CAPTURE_AFTER
+
+
+def failure(exc: BaseException) -> str:
+    """A failed capture's error in one line (its type where it has no message)."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 @dataclass
 class GraphInputs:
     """A captured step's static input buffers: the padded batch and progress samples."""
@@ -169,16 +180,15 @@ class StepGraphs:
         key = self.key(host, samples)
         graph = self.graphs.get(key)
         if graph is None:
-            if self.bounded:
-                self.seen[key] = self.seen.get(key, 0) + 1
-                if self.seen[key] < CAPTURE_AFTER or len(self.graphs) >= self.max_graphs:
-                    return None
+            if self.bounded and (not comes_again(self.seen, key)
+                                 or len(self.graphs) >= self.max_graphs):
+                return None
             while len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
             try:
                 graph = self.capture(key, host, samples, step, uploaded)
             except RuntimeError as exc:   # e.g. an op that syncs: run eagerly from now on
-                self.failed = str(exc).splitlines()[0]
+                self.failed = failure(exc)
                 warnings.warn(f"CUDA graph capture failed ({self.failed}); the training step "
                               "runs eagerly", stacklevel=2)
                 self.optimizer.zero_grad(set_to_none=True)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from alignprog.training.graphs import CAPTURE_AFTER, LAUNCH_BOUND_ENCODERS, round_up
+from alignprog.training.graphs import LAUNCH_BOUND_ENCODERS, comes_again, failure, round_up
 
 if TYPE_CHECKING:  # pragma: no cover
     from alignprog.config import Config
@@ -92,8 +92,7 @@ class LossGraphs:
         if graphed is None:
             if self.failed is not None:
                 return None
-            self.seen[key] = self.seen.get(key, 0) + 1
-            if (self.seen[key] < CAPTURE_AFTER or len(self.graphed) >= self.max_graphs
+            if (not comes_again(self.seen, key) or len(self.graphed) >= self.max_graphs
                     or self.held >= self.memory_budget):
                 return None
         emb, mask = self.pad(emb, mask, key[1])
@@ -134,7 +133,7 @@ class LossGraphs:
                 warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream")
                 graphed = torch.cuda.make_graphed_callables(self.loss, sample)
         except RuntimeError as exc:   # e.g. out of memory, or an op that syncs
-            self.failed = (str(exc).splitlines() or [type(exc).__name__])[0]
+            self.failed = failure(exc)
             torch.cuda.empty_cache()
             warnings.warn(f"CUDA graph capture of the alignment loss failed ({self.failed}); "
                           "shapes not captured yet run it eagerly", stacklevel=3)

@@ -271,10 +271,11 @@ class Trainer:
         elif self.cfg.train.method == "vava":
             # Reference: phi indexed by the epoch; fixed: by the optimizer step
             # (docs/reference-bugs.md#vava-phi-indexed-by-epoch).
-            kw.update(global_step=epoch if self.cfg.loss.compat == "reference" else step)
+            kw.update(global_step=self.phi_counter(epoch=epoch, step=step))
         return self.loss_fn(emb, mask, **kw)
 
-    def phi_counter(self, *, epoch: int | None = None, step: int | None = None) -> int:
+    def phi_counter(self, *, epoch: int | torch.Tensor | None = None,
+                    step: int | torch.Tensor | None = None) -> int | torch.Tensor:
         """What VAVA's phi is indexed by (`alignment_loss`), as a graph's device counter
         holds it: the epoch with compat=reference, else the optimizer step."""
         if self.cfg.loss.compat == "reference":
